@@ -1,0 +1,287 @@
+"""Rows → cached float64 blocks, and passes over them: the thin Spark layer.
+
+Input rows are converted once (`mapInArrow`) into blocks of a few thousand rows, each one row of the
+cached DataFrame holding the block's float64 values as raw bytes. Every data pass then maps the
+cached blocks straight to numpy, folds the pass's partials per partition in storage order, and
+the driver combines one partial per partition in partition order. Only DataFrame APIs are used on
+the hot path (no `sparkContext`), so the same code runs under Spark Connect.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, functions as F
+
+#: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
+BLOCK_BYTES = 1 << 19
+#: Above this many bytes of partials per pass, the driver combines them in a tree (aggregationDepth).
+TREE_THRESHOLD_BYTES = 32 << 20
+
+BLOCK_SCHEMA = (
+    "pid int, n int, d int, x binary, w binary, wsum double, xmin binary, xmax binary, "
+    "null_rows long, nonfinite_rows long, bad_weight_rows long, dmin int, dmax int"
+)
+SUMMARY_COLUMNS = [
+    "pid", "n", "d", "wsum", "xmin", "xmax",
+    "null_rows", "nonfinite_rows", "bad_weight_rows", "dmin", "dmax",
+]
+PARTIAL_SCHEMA = "pid int, part binary"
+
+
+def block_rows_for(d: int) -> int:
+    return int(min(1 << 16, max(256, BLOCK_BYTES // (8 * max(d, 1)))))
+
+
+def _partition_id() -> int:
+    from pyspark import TaskContext
+
+    return TaskContext.get().partitionId()
+
+
+def _binary_views(column: pa.Array) -> list[np.ndarray]:
+    """Zero-copy uint8 views of each value of a binary (or large binary) Arrow array."""
+    if isinstance(column, pa.ChunkedArray):
+        return [v for chunk in column.chunks for v in _binary_views(chunk)]
+    _, offsets, data = column.buffers()
+    kind = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(offsets, dtype=kind)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    return [data[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+def _block_batch(pid, x, w, counts, dims):
+    """One output row: a block of valid rows plus what the driver needs to validate the input."""
+    n, d = x.shape if x is not None else (0, -1)
+    finite = x if x is not None else np.empty((0, 0))
+    return pa.RecordBatch.from_pydict(
+        {
+            "pid": pa.array([pid], pa.int32()),
+            "n": pa.array([n], pa.int32()),
+            "d": pa.array([d], pa.int32()),
+            "x": pa.array([finite.tobytes()], pa.binary()),
+            "w": pa.array([b"" if w is None else w.tobytes()], pa.binary()),
+            "wsum": pa.array([float(n if w is None else w.sum())], pa.float64()),
+            "xmin": pa.array([finite.min(axis=0).tobytes() if n else b""], pa.binary()),
+            "xmax": pa.array([finite.max(axis=0).tobytes() if n else b""], pa.binary()),
+            "null_rows": pa.array([counts[0]], pa.int64()),
+            "nonfinite_rows": pa.array([counts[1]], pa.int64()),
+            "bad_weight_rows": pa.array([counts[2]], pa.int64()),
+            "dmin": pa.array([dims[0]], pa.int32()),
+            "dmax": pa.array([dims[1]], pa.int32()),
+        }
+    )
+
+
+def _rows_of_batch(batch: pa.RecordBatch, has_weight: bool):
+    """(x, w, [null, nonfinite, bad-weight] counts, (dmin, dmax)) of the valid rows of a batch."""
+    col = batch.column(0)
+    n = len(col)
+    lengths = pc.list_value_length(col).fill_null(-1).to_numpy(zero_copy_only=False)
+    present = lengths >= 0
+    dims = (int(lengths[present].min()), int(lengths[present].max())) if present.any() else (-1, -1)
+    if dims[0] != dims[1]:
+        return None, None, [0, 0, 0], dims
+    d = dims[0]
+    values = col.flatten()
+    element_null = values.is_null().to_numpy(zero_copy_only=False)
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    x = np.empty((n, max(d, 0)))
+    x[present] = flat.reshape(-1, max(d, 0)) if d > 0 else np.empty((present.sum(), 0))
+    null = ~present
+    if element_null.any():
+        null[np.flatnonzero(present)[element_null.reshape(-1, d).any(axis=1)]] = True
+    nonfinite = ~null & ~np.isfinite(np.where(null[:, None], 0.0, x)).all(axis=1)
+    w, bad_weight = None, np.zeros(n, bool)
+    if has_weight:
+        w = batch.column(1).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad_weight = ~null & ~nonfinite & ~(np.isfinite(w) & (w >= 0))
+    keep = ~(null | nonfinite | bad_weight)
+    counts = [int(null.sum()), int(nonfinite.sum()), int(bad_weight.sum())]
+    return x[keep], (w[keep] if has_weight else None), counts, dims
+
+
+def make_packer(has_weight: bool):
+    """The `mapInArrow` function that turns input rows into blocks (and invalid-row counts)."""
+
+    def pack(batches):
+        pid = _partition_id()
+        block_rows = None
+        pending_x, pending_w, pending = [], [], 0
+        counts, dims = np.zeros(3, np.int64), (-1, -1)
+
+        def flush(limit):
+            nonlocal pending_x, pending_w, pending
+            x = np.concatenate(pending_x)
+            w = np.concatenate(pending_w) if has_weight else None
+            for start in range(0, limit, block_rows):
+                stop = min(start + block_rows, limit)
+                yield x[start:stop], (w[start:stop] if has_weight else None)
+            pending_x = [x[limit:]]
+            pending_w = [w[limit:]] if has_weight else []
+            pending = len(x) - limit
+
+        for batch in batches:
+            x, w, c, batch_dims = _rows_of_batch(batch, has_weight)
+            counts += c
+            if batch_dims[0] >= 0:
+                dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
+            if x is None or (pending and x.shape[1] != pending_x[0].shape[1]):
+                # Vectors of different lengths: report, the driver refuses the input.
+                yield _block_batch(pid, None, None, counts.tolist(), dims)
+                return
+            block_rows = block_rows or block_rows_for(x.shape[1])
+            pending_x.append(x)
+            pending_w.append(w)
+            pending += len(x)
+            if pending >= block_rows:
+                full = pending - pending % block_rows
+                for bx, bw in flush(full):
+                    yield _block_batch(pid, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+        if pending:
+            for bx, bw in flush(pending):
+                yield _block_batch(pid, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+        # Counts of invalid rows travel on a row of their own.
+        yield _block_batch(pid, None, None, counts.tolist(), dims)
+
+    return pack
+
+
+def fold_partition(pass_, batches, shift: np.ndarray, has_weight: bool):
+    """Fold `pass_` over the cached blocks of one partition, in storage order."""
+    acc = None
+    for batch in batches:
+        ns = batch.column("n").to_numpy()
+        ds = batch.column("d").to_numpy()
+        xs = _binary_views(batch.column("x"))
+        ws = _binary_views(batch.column("w")) if has_weight else None
+        for i in np.flatnonzero(ns > 0):
+            raw = xs[i].view(np.float64).reshape(ns[i], ds[i])
+            w = ws[i].view(np.float64) if has_weight else None
+            part = pass_.map_block(raw, raw - shift, w)
+            acc = part if acc is None else pass_.combine(acc, part)
+    return acc
+
+
+def make_runner(pass_, shift: np.ndarray, has_weight: bool):
+    def run(batches):
+        acc = fold_partition(pass_, batches, shift, has_weight)
+        if acc is not None:
+            yield pa.RecordBatch.from_pydict(
+                {"pid": pa.array([_partition_id()], pa.int32()), "part": pa.array([acc.tobytes()])}
+            )
+
+    return run
+
+
+def make_combiner(pass_):
+    """`applyInArrow` function combining a group's partials in partition order (one tree level)."""
+
+    def combine(table: pa.Table) -> pa.Table:
+        order = np.argsort(table.column("pid").to_numpy(), kind="stable")
+        parts = _binary_views(table.column("part").combine_chunks())
+        acc = None
+        for i in order:
+            part = parts[i].view(np.float64).copy()
+            acc = part if acc is None else pass_.combine(acc, part)
+        pid = int(table.column("pid").to_numpy()[order[0]])
+        return pa.table({"pid": pa.array([pid], pa.int32()), "part": pa.array([acc.tobytes()])})
+
+    return combine
+
+
+@dataclass
+class InputSummary:
+    rows: int
+    total_weight: float
+    d: int
+    shift: np.ndarray
+    null_rows: int
+    nonfinite_rows: int
+    bad_weight_rows: int
+    dims: tuple[int, int]
+    partitions: int
+
+
+class BlockCache:
+    """The input packed into cached float64 blocks; `reduce` runs a pass over all of them."""
+
+    def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2):
+        has_weight = weight_col is not None
+        columns = [x_col.alias("x")] + ([weight_col.alias("w")] if has_weight else [])
+        self.has_weight = has_weight
+        self.aggregation_depth = aggregation_depth
+        self.blocks = (
+            df.select(*columns)
+            .mapInArrow(make_packer(has_weight), BLOCK_SCHEMA)
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        self.shift = None
+        self.partitions = 0
+
+    def summarize(self) -> InputSummary:
+        """Materialise the cache; count rows, weights and invalid rows; choose the data shift."""
+        t = self.blocks.select(*SUMMARY_COLUMNS).toArrow()
+        n = t.column("n").to_numpy()
+        d_known = t.column("d").to_numpy()[n > 0]
+        dmin = t.column("dmin").to_numpy()
+        dmax = t.column("dmax").to_numpy()
+        seen = dmin >= 0
+        dims = (int(dmin[seen].min()), int(dmax[seen].max())) if seen.any() else (-1, -1)
+        d = int(d_known[0]) if len(d_known) else dims[0]
+        shift = np.zeros(max(d, 0))
+        if len(d_known) and dims[0] == dims[1]:
+            keep = np.flatnonzero(n > 0)
+            xmin = _binary_views(t.column("xmin").combine_chunks())
+            xmax = _binary_views(t.column("xmax").combine_chunks())
+            lo = np.min([xmin[i].view(np.float64) for i in keep], axis=0)
+            hi = np.max([xmax[i].view(np.float64) for i in keep], axis=0)
+            shift = lo / 2 + hi / 2
+        self.shift = shift
+        self.partitions = int(t.column("pid").to_numpy().max()) + 1 if len(t) else 0
+        return InputSummary(
+            rows=int(n.sum()),
+            total_weight=float(t.column("wsum").to_numpy().sum()),
+            d=d,
+            shift=shift,
+            null_rows=int(t.column("null_rows").to_numpy().sum()),
+            nonfinite_rows=int(t.column("nonfinite_rows").to_numpy().sum()),
+            bad_weight_rows=int(t.column("bad_weight_rows").to_numpy().sum()),
+            dims=dims,
+            partitions=self.partitions,
+        )
+
+    def reduce(self, pass_) -> np.ndarray:
+        """Run `pass_` over every block; partials combined in partition order (in a tree if large)."""
+        parts = self.blocks.select("n", "d", "x", "w").mapInArrow(
+            make_runner(pass_, self.shift, self.has_weight), PARTIAL_SCHEMA
+        )
+        fanout = self._tree_fanout(getattr(pass_, "partial_bytes", 0))
+        if fanout:
+            width = 1
+            for _ in range(self.aggregation_depth - 1):
+                width *= fanout
+                group = F.floor(F.col("pid") / F.lit(width))
+                parts = parts.groupBy(group).applyInArrow(make_combiner(pass_), PARTIAL_SCHEMA)
+        table = parts.toArrow()
+        order = np.argsort(table.column("pid").to_numpy(), kind="stable")
+        views = _binary_views(table.column("part").combine_chunks())
+        acc = None
+        for i in order:
+            part = views[i].view(np.float64).copy()
+            acc = part if acc is None else pass_.combine(acc, part)
+        return acc
+
+    def _tree_fanout(self, partial_bytes: int) -> int:
+        """Fan-in of each tree level, or 0 when the driver can combine all partials directly."""
+        if self.aggregation_depth < 2 or self.partitions * partial_bytes <= TREE_THRESHOLD_BYTES:
+            return 0
+        return max(2, math.ceil(self.partitions ** (1.0 / self.aggregation_depth)))
+
+    def unpersist(self) -> None:
+        self.blocks.unpersist()

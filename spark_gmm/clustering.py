@@ -1,0 +1,513 @@
+"""`GaussianMixture` and `GaussianMixtureModel`: a drop-in for pyspark.ml.clustering's, built on
+pyspark.ml's Estimator/Model/Params and the distributed EM in `em` and `blocks`."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import pandas as pd
+from pyspark import keyword_only
+from pyspark.ml import Estimator, Model
+from pyspark.ml.functions import array_to_vector
+from pyspark.ml.linalg import DenseMatrix, DenseVector, Vector, Vectors
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import (
+    HasAggregationDepth,
+    HasFeaturesCol,
+    HasHandleInvalid,
+    HasInputCols,
+    HasMaxIter,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasSeed,
+    HasTol,
+    HasWeightCol,
+)
+from pyspark.ml.stat import MultivariateGaussian
+from pyspark.sql import DataFrame, SparkSession, functions as F
+from pyspark.sql.functions import pandas_udf
+
+from . import em, persistence
+from .blocks import BlockCache
+from .inputs import InvalidInputError, feature_array, weight_column
+from .kernels import log_sum_exp, weighted_log_joint
+from .mixture import Mixture
+
+log = logging.getLogger("spark_gmm")
+
+#: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
+DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
+INIT_MODES = ("k-means||", "random")
+
+
+class _GaussianMixtureParams(
+    HasFeaturesCol,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasMaxIter,
+    HasTol,
+    HasSeed,
+    HasAggregationDepth,
+    HasWeightCol,
+    HasInputCols,
+    HasHandleInvalid,
+):
+    k = Param(Params._dummy(), "k", "Number of components (> 0).", TypeConverters.toInt)
+    regCovar = Param(
+        Params._dummy(),
+        "regCovar",
+        "Non-negative value added to each covariance diagonal, so covariances stay positive definite.",
+        TypeConverters.toFloat,
+    )
+    initMode = Param(
+        Params._dummy(),
+        "initMode",
+        "Initialisation: 'k-means||' (scalable k-means++ then Lloyd) or 'random' (random rows).",
+        TypeConverters.toString,
+    )
+    logLikelihoodCol = Param(
+        Params._dummy(),
+        "logLikelihoodCol",
+        "If set, transform adds each row's log density log p(x) in this column.",
+        TypeConverters.toString,
+    )
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._setDefault(
+            k=2,
+            tol=0.01,
+            maxIter=100,
+            seed=DEFAULT_SEED,
+            aggregationDepth=2,
+            regCovar=1e-6,
+            initMode="k-means||",
+            handleInvalid="error",
+        )
+
+    def getK(self) -> int:
+        return self.getOrDefault(self.k)
+
+    def getRegCovar(self) -> float:
+        return self.getOrDefault(self.regCovar)
+
+    def getInitMode(self) -> str:
+        return self.getOrDefault(self.initMode)
+
+    def getLogLikelihoodCol(self) -> str | None:
+        return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
+
+    def _feature_array(self, df: DataFrame):
+        input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
+        return feature_array(df, self.getFeaturesCol(), input_cols)
+
+    def _weight_column(self, df: DataFrame):
+        name = self.getWeightCol() if self.isDefined(self.weightCol) else None
+        return weight_column(df, name)
+
+
+class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable):
+    """Gaussian mixture clustering by distributed expectation-maximisation.
+
+    Same parameters and defaults as `pyspark.ml.clustering.GaussianMixture`, plus `regCovar`,
+    `initMode`, `inputCols`, `logLikelihoodCol` and `handleInvalid`.
+    """
+
+    @keyword_only
+    def __init__(
+        self,
+        *,
+        featuresCol="features",
+        predictionCol="prediction",
+        k=2,
+        probabilityCol="probability",
+        tol=0.01,
+        maxIter=100,
+        seed=None,
+        aggregationDepth=2,
+        weightCol=None,
+        regCovar=1e-6,
+        initMode="k-means||",
+        inputCols=None,
+        logLikelihoodCol=None,
+        handleInvalid="error",
+    ):
+        super().__init__()
+        self._initial_model: GaussianMixtureModel | None = None
+        self.setParams(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(
+        self,
+        *,
+        featuresCol="features",
+        predictionCol="prediction",
+        k=2,
+        probabilityCol="probability",
+        tol=0.01,
+        maxIter=100,
+        seed=None,
+        aggregationDepth=2,
+        weightCol=None,
+        regCovar=1e-6,
+        initMode="k-means||",
+        inputCols=None,
+        logLikelihoodCol=None,
+        handleInvalid="error",
+    ):
+        kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
+        return self._set(**kwargs)
+
+    def setK(self, value: int):
+        return self._set(k=value)
+
+    def setFeaturesCol(self, value: str):
+        return self._set(featuresCol=value)
+
+    def setInputCols(self, value: list[str]):
+        return self._set(inputCols=value)
+
+    def setPredictionCol(self, value: str):
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str):
+        return self._set(probabilityCol=value)
+
+    def setLogLikelihoodCol(self, value: str):
+        return self._set(logLikelihoodCol=value)
+
+    def setWeightCol(self, value: str):
+        return self._set(weightCol=value)
+
+    def setMaxIter(self, value: int):
+        return self._set(maxIter=value)
+
+    def setTol(self, value: float):
+        return self._set(tol=value)
+
+    def setSeed(self, value: int):
+        return self._set(seed=value)
+
+    def setAggregationDepth(self, value: int):
+        return self._set(aggregationDepth=value)
+
+    def setRegCovar(self, value: float):
+        return self._set(regCovar=value)
+
+    def setInitMode(self, value: str):
+        return self._set(initMode=value)
+
+    def setHandleInvalid(self, value: str):
+        return self._set(handleInvalid=value)
+
+    def setInitialModel(self, model: "GaussianMixtureModel"):
+        """Start EM from `model`'s parameters instead of `initMode` (k is taken from the model)."""
+        if not isinstance(model, GaussianMixtureModel):
+            raise TypeError(f"initial model must be a GaussianMixtureModel, got {type(model).__name__}")
+        self._initial_model = model
+        return self._set(k=len(model.weights))
+
+    def getInitialModel(self) -> "GaussianMixtureModel | None":
+        return self._initial_model
+
+    def copy(self, extra=None):
+        that = super().copy(extra)
+        that._initial_model = self._initial_model
+        return that
+
+    # -- fitting -------------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        if self.getK() < 1:
+            raise ValueError(f"k must be at least 1, got {self.getK()}")
+        if self.getInitMode() not in INIT_MODES:
+            raise ValueError(f"initMode must be one of {INIT_MODES}, got '{self.getInitMode()}'")
+        if not self.getRegCovar() >= 0:
+            raise ValueError(f"regCovar must be non-negative, got {self.getRegCovar()}")
+        if self.getMaxIter() < 0 or not self.getTol() >= 0:
+            raise ValueError("maxIter and tol must be non-negative")
+        if self.getHandleInvalid() not in ("error", "skip"):
+            raise ValueError(f"handleInvalid must be 'error' or 'skip', got '{self.getHandleInvalid()}'")
+
+    def _fit(self, dataset: DataFrame) -> "GaussianMixtureModel":
+        self._check_params()
+        x = self._feature_array(dataset)
+        w = self._weight_column(dataset)
+        cache = BlockCache(dataset, x, w, self.getAggregationDepth())
+        try:
+            summary = cache.summarize()
+            skipped = self._validate(summary)
+            start = self._initial_mixture(cache, summary)
+            result = em.run_em(
+                cache.reduce,
+                start,
+                summary.total_weight,
+                self.getMaxIter(),
+                self.getTol(),
+                self.getRegCovar(),
+                on_iteration=lambda i, ll, s: log.info(
+                    "iteration %d: log-likelihood %.10g (%.6g per row), %.3f s",
+                    i, ll, ll / summary.total_weight, s,
+                ),
+            )
+        finally:
+            cache.unpersist()
+        final = result.mixture.shifted(summary.shift)
+        model = GaussianMixtureModel(final.weights, final.means, final.covariances)
+        self._copyValues(model)
+        model._summary = GaussianMixtureSummary(model, dataset, result, skipped)
+        log.info(
+            "fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
+            model.getK(), result.iterations, result.converged, result.log_likelihood,
+        )
+        return model
+
+    def _validate(self, s) -> int:
+        """Refuse input that cannot be fitted, naming the column; returns the rows skipped."""
+        column = ", ".join(self.getInputCols()) if self.isDefined(self.inputCols) else self.getFeaturesCol()
+        if s.dims[0] != s.dims[1]:
+            raise InvalidInputError(
+                f"features column '{column}' has vectors of different lengths ({s.dims[0]} and {s.dims[1]})"
+            )
+        invalid = s.null_rows + s.nonfinite_rows + s.bad_weight_rows
+        if invalid and self.getHandleInvalid() == "error":
+            problems = []
+            if s.null_rows:
+                problems.append(f"{s.null_rows} rows with null features in '{column}'")
+            if s.nonfinite_rows:
+                problems.append(f"{s.nonfinite_rows} rows with NaN or infinite features in '{column}'")
+            if s.bad_weight_rows:
+                problems.append(
+                    f"{s.bad_weight_rows} rows with a null, negative, NaN or infinite weight in "
+                    f"'{self.getWeightCol()}'"
+                )
+            raise InvalidInputError("; ".join(problems) + " (set handleInvalid='skip' to drop them)")
+        if invalid:
+            log.warning("handleInvalid='skip': dropped %d invalid rows", invalid)
+        if s.rows == 0:
+            raise InvalidInputError(f"no rows to fit in '{column}': the input is empty" + (
+                f" after skipping {invalid} invalid rows" if invalid else ""))
+        if s.d == 0:
+            raise InvalidInputError(f"features column '{column}' has vectors of length 0")
+        if not s.total_weight > 0:
+            raise InvalidInputError(f"weight column '{self.getWeightCol()}': all weights are zero")
+        if self.getK() > s.rows:
+            raise InvalidInputError(f"k={self.getK()} is larger than the number of rows ({s.rows})")
+        return invalid
+
+    def _initial_mixture(self, cache: BlockCache, summary) -> Mixture:
+        k, d, seed = self.getK(), summary.d, self.getSeed()
+        if self._initial_model is not None:
+            start = self._initial_model
+            if start.numFeatures != d:
+                raise InvalidInputError(
+                    f"initial model has {start.numFeatures} features, the data has {d}"
+                )
+            return Mixture.from_covariances(
+                start.weights, start.means - summary.shift, start.covariances, self.getRegCovar()
+            )
+        if self.getInitMode() == "random":
+            centers = em.random_centers(cache.reduce, d, k, seed)
+        else:
+            centers = em.kmeans_parallel_centers(cache.reduce, d, k, seed)
+        return em.mixture_from_centers(cache.reduce, centers, self.getRegCovar())
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def _save(self, path: str, overwrite: bool) -> None:
+        extra = {"hasInitialModel": self._initial_model is not None}
+        persistence.write_directory(self, path, overwrite, extra)
+        if self._initial_model is not None:
+            self._initial_model._save(f"{path}/initialModel", overwrite)
+
+    @classmethod
+    def _load(cls, path: str) -> "GaussianMixture":
+        metadata = persistence.read_metadata(path, cls.__name__)
+        estimator = cls()
+        persistence.restore_params(estimator, metadata)
+        if metadata.get("hasInitialModel"):
+            estimator._initial_model = GaussianMixtureModel.load(f"{path}/initialModel")
+        return estimator
+
+
+class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistable):
+    """A fitted Gaussian mixture: weights, means and full covariances in the data's coordinates."""
+
+    def __init__(self, weights, means, covariances):
+        super().__init__()
+        means = np.atleast_2d(np.asarray(means, dtype=np.float64))
+        k, d = means.shape
+        covariances = np.asarray(covariances, dtype=np.float64).reshape(k, d, d)
+        weights = np.asarray(weights, dtype=np.float64).reshape(k)
+        if not (np.isfinite(weights).all() and np.isfinite(means).all() and np.isfinite(covariances).all()):
+            raise ValueError("mixture parameters must be finite")
+        if (weights < 0).any() or not weights.sum() > 0:
+            raise ValueError("mixture weights must be non-negative with a positive sum")
+        self._mixture = Mixture.from_covariances(weights, means, covariances)
+        self._summary: GaussianMixtureSummary | None = None
+        self._setDefault(k=k)
+        self._set(k=k)
+
+    @classmethod
+    def fromArrays(cls, weights, means, covariances) -> "GaussianMixtureModel":
+        """A model from k weights, k×d means and k×d×d covariances (to score, or to start a fit)."""
+        return cls(weights, means, covariances)
+
+    @property
+    def weights(self) -> list[float]:
+        return self._mixture.weights.tolist()
+
+    @property
+    def means(self) -> np.ndarray:
+        return self._mixture.means.copy()
+
+    @property
+    def covariances(self) -> np.ndarray:
+        return self._mixture.covariances.copy()
+
+    @property
+    def numFeatures(self) -> int:
+        return self._mixture.d
+
+    @property
+    def gaussians(self) -> list[MultivariateGaussian]:
+        d = self.numFeatures
+        return [
+            MultivariateGaussian(DenseVector(mu), DenseMatrix(d, d, cov.ravel(order="F").tolist()))
+            for mu, cov in zip(self._mixture.means, self._mixture.covariances)
+        ]
+
+    @property
+    def gaussiansDF(self) -> DataFrame:
+        """One row per component: `mean` (vector) and `cov` (matrix), as in MLlib."""
+        spark = SparkSession.active()
+        return spark.createDataFrame(
+            [(g.mean, g.cov) for g in self.gaussians], ["mean", "cov"]
+        )
+
+    @property
+    def hasSummary(self) -> bool:
+        return self._summary is not None
+
+    @property
+    def summary(self) -> "GaussianMixtureSummary":
+        if self._summary is None:
+            raise RuntimeError("no training summary: this model was not fitted in this session")
+        return self._summary
+
+    def _log_joint(self, x: np.ndarray) -> np.ndarray:
+        return weighted_log_joint(np.asarray(x, dtype=np.float64), self._mixture)
+
+    def _as_row(self, vector) -> np.ndarray:
+        x = np.asarray(vector.toArray() if isinstance(vector, Vector) else vector, dtype=np.float64)
+        if x.shape != (self.numFeatures,):
+            raise ValueError(f"expected a vector of {self.numFeatures} features, got shape {x.shape}")
+        return x[None, :]
+
+    def predict(self, value) -> int:
+        """Most probable component of one feature vector."""
+        return int(self._log_joint(self._as_row(value)).argmax())
+
+    def predictProbability(self, value) -> DenseVector:
+        """Posterior probability of each component for one feature vector."""
+        log_joint = self._log_joint(self._as_row(value))
+        return Vectors.dense(np.exp(log_joint - log_sum_exp(log_joint)[:, None])[0])
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        x = self._feature_array(dataset)
+        scored = dataset.withColumn("__spark_gmm_scores", _scoring_udf(self._mixture)(x))
+        out = [F.col(f"`{c}`") for c in dataset.columns]
+        out.append(F.col("__spark_gmm_scores.prediction").alias(self.getPredictionCol()))
+        out.append(array_to_vector(F.col("__spark_gmm_scores.probability")).alias(self.getProbabilityCol()))
+        if self.getLogLikelihoodCol():
+            out.append(F.col("__spark_gmm_scores.logLikelihood").alias(self.getLogLikelihoodCol()))
+        return scored.select(*out)
+
+    def _save(self, path: str, overwrite: bool) -> None:
+        extra = {"k": self.getK(), "numFeatures": self.numFeatures}
+        if self._summary is not None:
+            extra["summary"] = self._summary.to_dict()
+        m = self._mixture
+        persistence.write_directory(self, path, overwrite, extra, (m.weights, m.means, m.covariances))
+
+    @classmethod
+    def _load(cls, path: str) -> "GaussianMixtureModel":
+        metadata = persistence.read_metadata(path, cls.__name__)
+        model = cls(*persistence.read_components(path, metadata["k"], metadata["numFeatures"]))
+        persistence.restore_params(model, metadata)
+        return model
+
+    def __repr__(self) -> str:
+        return f"GaussianMixtureModel(uid={self.uid}, k={self.getK()}, numFeatures={self.numFeatures})"
+
+
+def _scoring_udf(mixture: Mixture):
+    """pandas UDF: prediction, probability and log density of each row; null for unusable rows."""
+
+    @pandas_udf("prediction int, probability array<double>, logLikelihood double")
+    def score(features: pd.Series) -> pd.DataFrame:
+        n, d = len(features), mixture.d
+        usable = np.array([v is not None and len(v) == d for v in features], dtype=bool)
+        x = np.zeros((n, d))
+        if usable.any():
+            x[usable] = np.stack(features[usable].to_numpy())
+        usable &= np.isfinite(x).all(axis=1)
+        log_joint = weighted_log_joint(x, mixture)
+        log_norm = log_sum_exp(log_joint)
+        probability = np.exp(log_joint - log_norm[:, None])
+        return pd.DataFrame(
+            {
+                "prediction": pd.Series(log_joint.argmax(axis=1), dtype="Int32").where(usable),
+                "probability": [p if ok else None for p, ok in zip(probability, usable)],
+                "logLikelihood": np.where(usable, log_norm, np.nan),
+            }
+        )
+
+    return score
+
+
+class GaussianMixtureSummary:
+    """Training summary: MLlib's fields plus the log-likelihood history and convergence."""
+
+    def __init__(self, model: GaussianMixtureModel, dataset: DataFrame, result: em.FitResult, skipped: int):
+        self._model, self._dataset = model, dataset
+        self.k = model.getK()
+        self.clusterSizes = list(result.cluster_sizes)
+        self.logLikelihood = float(result.log_likelihood)
+        self.logLikelihoodHistory = [float(v) for v in result.history]
+        self.numIter = int(result.iterations)
+        self.converged = bool(result.converged)
+        self.emptyComponents = list(result.empty_components)
+        self.invalidRowsSkipped = int(skipped)
+        self.featuresCol = model.getFeaturesCol()
+        self.predictionCol = model.getPredictionCol()
+        self.probabilityCol = model.getProbabilityCol()
+        self._predictions = None
+
+    @property
+    def predictions(self) -> DataFrame:
+        if self._predictions is None:
+            self._predictions = self._model.transform(self._dataset)
+        return self._predictions
+
+    @property
+    def cluster(self) -> DataFrame:
+        return self.predictions.select(self.predictionCol)
+
+    @property
+    def probability(self) -> DataFrame:
+        return self.predictions.select(self.probabilityCol)
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "clusterSizes": self.clusterSizes,
+            "logLikelihood": self.logLikelihood,
+            "logLikelihoodHistory": self.logLikelihoodHistory,
+            "numIter": self.numIter,
+            "converged": self.converged,
+            "emptyComponents": self.emptyComponents,
+            "invalidRowsSkipped": self.invalidRowsSkipped,
+        }

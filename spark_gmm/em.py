@@ -1,0 +1,200 @@
+"""Initialisation and the EM loop, written once against an abstract `reduce(pass) -> array`.
+
+`reduce` runs a pass (see `kernels`) over every block and returns the combined partials; the Spark
+engines and the in-memory reference engine only differ in how they implement it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import kernels
+from .mixture import Mixture, m_step, unpack_symmetric, ComponentStatistics
+
+log = logging.getLogger("spark_gmm")
+
+Reduce = Callable[[object], np.ndarray]
+
+#: A relative drop of the mean log-likelihood larger than this ends the fit at the previous
+#: parameters: EM cannot decrease it, so anything more than round-off is a numerical problem.
+DECREASE_TOLERANCE = 1e-10
+
+
+class ComponentWarning(UserWarning):
+    """Something happened to a component during the fit (it emptied, or was repaired)."""
+
+
+@dataclass
+class FitResult:
+    mixture: Mixture  # shifted coordinates
+    log_likelihood: float  # total weighted log-likelihood of `mixture`
+    history: list[float]  # total log-likelihood of the parameters at each iteration
+    iterations: int  # M-steps taken
+    converged: bool
+    cluster_sizes: list[int]  # rows whose most probable component is j, under `mixture`
+    empty_components: list[int] = field(default_factory=list)
+
+
+def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
+    """Weighted k-means++ seeding on a small in-memory candidate set."""
+    centers = [points[rng.choice(len(points), p=weights / weights.sum())]]
+    dist = ((points - centers[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        mass = weights * dist
+        if mass.sum() <= 0:
+            raise ValueError(f"k={k} but the data has fewer than {k} distinct points")
+        centers.append(points[rng.choice(len(points), p=mass / mass.sum())])
+        dist = np.minimum(dist, ((points - centers[-1]) ** 2).sum(axis=1))
+    return np.array(centers)
+
+
+def _local_lloyd(points, weights, centers, iterations=30) -> np.ndarray:
+    for _ in range(iterations):
+        index, _ = kernels.nearest(points, centers)
+        mass = np.bincount(index, weights=weights, minlength=len(centers))
+        sums = np.zeros_like(centers)
+        np.add.at(sums, index, points * weights[:, None])
+        moved = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
+        if np.allclose(moved, centers, rtol=0, atol=0):
+            break
+        centers = moved
+    return centers
+
+
+def kmeans_parallel_centers(
+    reduce: Reduce, d: int, k: int, seed: int, rounds: int = 2, oversampling: float | None = None
+) -> np.ndarray:
+    """k-means|| (Bahmani et al.): a few sampling passes, then k-means++ and Lloyd on the candidates.
+
+    Every random choice is a function of the row values and the seed, so the centres do not depend
+    on how the data is partitioned.
+    """
+    oversampling = oversampling or 2.0 * k
+    first = kernels.SmallestUniformPass(d, 1, seed, stream=0)
+    candidates = first.rows(reduce(first))[:, 1:]
+    stream = 1
+    while True:
+        for _ in range(rounds):
+            cost = float(reduce(kernels.CostPass(candidates))[0])
+            if cost <= 0:
+                break
+            sample = kernels.SamplePass(candidates, cost, oversampling, seed, stream)
+            stream += 1
+            new = sample.rows(reduce(sample))[:, 1:]
+            candidates = np.unique(np.vstack([candidates, new]), axis=0)
+        if len(candidates) >= k or cost <= 0 or stream > 20 * rounds:
+            break
+    if len(candidates) < k:
+        raise ValueError(
+            f"k={k} but the data has only {len(candidates)} distinct points; lower k"
+        )
+    mass = reduce(kernels.ClosestWeightPass(candidates))
+    keep = mass > 0
+    candidates, mass = candidates[keep], mass[keep]
+    if len(candidates) < k:
+        raise ValueError(f"k={k} but the data has only {len(candidates)} distinct points; lower k")
+    rng = np.random.default_rng(seed)
+    return _local_lloyd(candidates, mass, _local_kmeans_pp(candidates, mass, k, rng))
+
+
+def random_centers(reduce: Reduce, d: int, k: int, seed: int) -> np.ndarray:
+    """k distinct rows chosen uniformly at random (independently of partitioning)."""
+    pick = kernels.SmallestUniformPass(d, k, seed, stream=0)
+    rows = pick.rows(reduce(pick))[:, 1:]
+    if len(rows) < k:
+        raise ValueError(f"k={k} but the data has only {len(rows)} distinct points; lower k")
+    return rows
+
+
+def mixture_from_centers(reduce: Reduce, centers: np.ndarray, reg_covar: float) -> Mixture:
+    """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
+    k, d = centers.shape
+    stats = ComponentStatistics.unpack(reduce(kernels.HardAssignmentPass(centers)), k, d)
+    total = stats.resp.sum()
+    mass = np.maximum(stats.resp, 1e-300)
+    shift = stats.first / mass[:, None]
+    covariances = unpack_symmetric(stats.second, d) / mass[:, None, None]
+    covariances -= shift[:, :, None] * shift[:, None, :]
+    pooled = (covariances * stats.resp[:, None, None]).sum(axis=0) / total
+    lonely = stats.resp <= 1e-12 * total
+    covariances[lonely] = pooled
+    covariances += reg_covar * np.eye(d)
+    weights = np.maximum(stats.resp / total, np.finfo(float).eps)
+    return Mixture.from_covariances(weights, centers + shift, covariances, reg_covar)
+
+
+def run_em(
+    reduce: Reduce,
+    start: Mixture,
+    total_weight: float,
+    max_iter: int,
+    tol: float,
+    reg_covar: float,
+    on_iteration: Callable[[int, float, float], None] | None = None,
+) -> FitResult:
+    """EM from `start` until the mean log-likelihood changes by less than `tol` or `max_iter` M-steps.
+
+    Each pass evaluates the current parameters (their log-likelihood and sufficient statistics), so
+    the returned log-likelihood, history and cluster sizes belong exactly to the returned mixture.
+    """
+    mixture, previous = start, None
+    history: list[float] = []
+    empty: set[int] = set()
+    converged = False
+    for iteration in range(max_iter + 1):
+        began = time.perf_counter()
+        estep = kernels.EStepPass([mixture])
+        (stats,) = estep.split(reduce(estep))
+        mean_ll = stats.log_likelihood / total_weight
+        if not np.isfinite(stats.log_likelihood):
+            raise FloatingPointError(
+                f"log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
+                "check the input for extreme values or raise regCovar"
+            )
+        if history:
+            last = history[-1] / total_weight
+            change = mean_ll - last
+            if change < -DECREASE_TOLERANCE * max(1.0, abs(last)):
+                warnings.warn(
+                    f"log-likelihood decreased by {-change:.3g} per row at iteration {iteration} "
+                    "(round-off or regularisation); keeping the previous parameters",
+                    ComponentWarning,
+                    stacklevel=2,
+                )
+                mixture, stats = previous
+                converged = True
+                iteration -= 1
+                break
+        history.append(stats.log_likelihood)
+        if on_iteration:
+            on_iteration(iteration, stats.log_likelihood, time.perf_counter() - began)
+        if len(history) > 1 and abs(mean_ll - history[-2] / total_weight) < tol:
+            converged = True
+            break
+        if iteration == max_iter:
+            break
+        previous = (mixture, stats)
+        mixture, newly_empty = m_step(stats, mixture, reg_covar)
+        for j in set(newly_empty.tolist()) - empty:
+            warnings.warn(
+                f"component {j} lost all its data at iteration {iteration + 1}; it keeps its "
+                "previous mean and covariance with a negligible weight (consider a smaller k)",
+                ComponentWarning,
+                stacklevel=2,
+            )
+        empty |= set(newly_empty.tolist())
+    return FitResult(
+        mixture=mixture,
+        log_likelihood=stats.log_likelihood,
+        history=history,
+        iterations=iteration,
+        converged=converged,
+        cluster_sizes=[int(c) for c in stats.hard_counts],
+        empty_components=sorted(empty),
+    )

@@ -1,0 +1,216 @@
+"""Per-block work of every data pass, in plain numpy (no Spark).
+
+A *pass* is an object with `map_block(raw, x, w) -> np.ndarray` and `combine(a, b)`: the engine maps
+each cached block (raw float64 rows, the same rows minus the data shift, and the row weights or None)
+to a flat float64 partial, and combines partials in a fixed order — blocks in storage order, then
+partitions by index — so a result never depends on scheduling, and a retried task changes nothing.
+Passes are pickled into the Spark closure, so they hold only numpy arrays and plain values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .mixture import ComponentStatistics, Mixture, packed_size
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)
+_MIX1 = _U64(0xBF58476D1CE4E5B9)
+_MIX2 = _U64(0x94D049BB133111EB)
+
+
+def _splitmix(h: np.ndarray) -> np.ndarray:
+    h = h + _GOLDEN
+    h = (h ^ (h >> _U64(30))) * _MIX1
+    h = (h ^ (h >> _U64(27))) * _MIX2
+    return h ^ (h >> _U64(31))
+
+
+def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:
+    """A uniform [0, 1) number per row, a pure function of (row values, seed, stream).
+
+    Sampling by these instead of by a per-partition RNG makes initialisation independent of how
+    the rows are partitioned or ordered.
+    """
+    with np.errstate(over="ignore"):
+        bits = np.ascontiguousarray(raw + 0.0).view(_U64)  # + 0.0 folds -0.0 into 0.0
+        h = _splitmix(np.full(raw.shape[0], (seed * 1_000_003 + stream) & (2**64 - 1), dtype=_U64))
+        for j in range(raw.shape[1]):
+            h = _splitmix(h ^ bits[:, j])
+    return (h >> _U64(11)).astype(np.float64) * 2.0**-53
+
+
+def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
+    """(n, k) log N(x_i | μ_j, Σ_j) through the precision Cholesky factors."""
+    n, d = x.shape
+    out = np.empty((n, mixture.k))
+    for j in range(mixture.k):
+        y = (x - mixture.means[j]) @ mixture.precisions_cholesky[j]
+        out[:, j] = np.einsum("ij,ij->i", y, y)
+    log_det = np.log(np.diagonal(mixture.precisions_cholesky, axis1=1, axis2=2)).sum(axis=1)
+    return log_det - 0.5 * (d * LOG_2PI + out)
+
+
+def log_sum_exp(a: np.ndarray) -> np.ndarray:
+    """Row-wise log Σ exp, stable for any magnitude."""
+    top = a.max(axis=1)
+    return top + np.log(np.exp(a - top[:, None]).sum(axis=1))
+
+
+def weighted_log_joint(x: np.ndarray, mixture: Mixture) -> np.ndarray:
+    """(n, k) log π_j + log N(x_i | μ_j, Σ_j)."""
+    return log_gaussian_density(x, mixture) + np.log(mixture.weights)
+
+
+def moment_statistics(x, w, resp, centers, log_likelihood: float) -> np.ndarray:
+    """Flat `ComponentStatistics` of responsibilities `resp`, second moments centred on `centers`."""
+    n, d = x.shape
+    k = centers.shape[0]
+    weighted = resp if w is None else resp * w[:, None]
+    rows, cols = np.triu_indices(d)
+    first = np.empty((k, d))
+    second = np.empty((k, packed_size(d)))
+    for j in range(k):
+        z = x - centers[j]
+        gz = z * weighted[:, j : j + 1]
+        first[j] = gz.sum(axis=0)
+        second[j] = (gz.T @ z)[rows, cols]
+    hard = np.bincount(resp.argmax(axis=1), minlength=k) if n else np.zeros(k)
+    return np.concatenate(
+        [[log_likelihood], weighted.sum(axis=0), hard, first.ravel(), second.ravel()]
+    )
+
+
+class SumPass:
+    """A pass whose block partials add up."""
+
+    def combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a += b
+        return a
+
+
+class EStepPass(SumPass):
+    """E-step statistics of several candidate mixtures in one pass (concatenated, in order)."""
+
+    def __init__(self, mixtures: list[Mixture]):
+        self.mixtures = mixtures
+        self.partial_bytes = 8 * sum(ComponentStatistics.size(m.k, m.d) for m in mixtures)
+
+    def map_block(self, raw, x, w):
+        parts = []
+        for mixture in self.mixtures:
+            log_joint = weighted_log_joint(x, mixture)
+            log_norm = log_sum_exp(log_joint)
+            resp = np.exp(log_joint - log_norm[:, None])
+            ll = float(log_norm.sum() if w is None else w @ log_norm)
+            parts.append(moment_statistics(x, w, resp, mixture.means, ll))
+        return np.concatenate(parts)
+
+    def split(self, flat: np.ndarray) -> list[ComponentStatistics]:
+        out, start = [], 0
+        for m in self.mixtures:
+            size = ComponentStatistics.size(m.k, m.d)
+            out.append(ComponentStatistics.unpack(flat[start : start + size], m.k, m.d))
+            start += size
+        return out
+
+
+def nearest(x: np.ndarray, centers: np.ndarray):
+    """Index of the nearest centre and the squared distance to it, per row."""
+    best = np.full(x.shape[0], np.inf)
+    index = np.zeros(x.shape[0], dtype=np.int64)
+    for j, c in enumerate(centers):
+        dist = ((x - c) ** 2).sum(axis=1)
+        closer = dist < best
+        best[closer] = dist[closer]
+        index[closer] = j
+    return index, best
+
+
+class HardAssignmentPass(SumPass):
+    """Statistics of a hard assignment of rows to their nearest centre (to start EM from k-means)."""
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = centers
+
+    def map_block(self, raw, x, w):
+        index, _ = nearest(x, self.centers)
+        resp = np.zeros((x.shape[0], len(self.centers)))
+        resp[np.arange(x.shape[0]), index] = 1.0
+        return moment_statistics(x, w, resp, self.centers, 0.0)
+
+
+class CostPass(SumPass):
+    """Σ w·min_j ‖x − c_j‖² (the k-means|| potential φ)."""
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = centers
+
+    def map_block(self, raw, x, w):
+        _, dist = nearest(x, self.centers)
+        return np.array([dist.sum() if w is None else w @ dist])
+
+
+class ClosestWeightPass(SumPass):
+    """Weight of the rows closest to each centre (to weigh k-means|| candidates)."""
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = centers
+
+    def map_block(self, raw, x, w):
+        index, _ = nearest(x, self.centers)
+        return np.bincount(index, weights=w, minlength=len(self.centers)).astype(np.float64)
+
+
+class RowsPass:
+    """Passes that return rows: partials are flat (m, 1 + d) arrays of [uniform, shifted row]."""
+
+    def __init__(self, d: int):
+        self.width = d + 1
+
+    def rows(self, flat: np.ndarray) -> np.ndarray:
+        return flat.reshape(-1, self.width)
+
+
+class SamplePass(RowsPass):
+    """k-means|| sampling round: keep each row with probability min(1, ℓ·w·d²(x)/φ)."""
+
+    def __init__(self, centers, cost: float, oversampling: float, seed: int, stream: int):
+        super().__init__(centers.shape[1])
+        self.centers, self.cost, self.oversampling = centers, cost, oversampling
+        self.seed, self.stream = seed, stream
+
+    def map_block(self, raw, x, w):
+        _, dist = nearest(x, self.centers)
+        weighted = dist if w is None else w * dist
+        u = row_uniforms(raw, self.seed, self.stream)
+        keep = u * self.cost < self.oversampling * weighted
+        return np.column_stack([u[keep], x[keep]]).ravel()
+
+    def combine(self, a, b):
+        return np.concatenate([a, b])
+
+
+class SmallestUniformPass(RowsPass):
+    """The `count` distinct rows with the smallest per-row uniform (a partition-free random choice)."""
+
+    def __init__(self, d: int, count: int, seed: int, stream: int):
+        super().__init__(d)
+        self.count, self.seed, self.stream = count, seed, stream
+
+    def map_block(self, raw, x, w):
+        u = row_uniforms(raw, self.seed, self.stream)
+        if w is not None:
+            u = np.where(w > 0, u, np.inf)
+        take = np.argsort(u, kind="stable")[: self.count]
+        take = take[np.isfinite(u[take])]
+        return self._distinct(np.column_stack([u[take], x[take]]))
+
+    def combine(self, a, b):
+        return self._distinct(np.concatenate([self.rows(a), self.rows(b)]))
+
+    def _distinct(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.unique(rows, axis=0)  # sorted by uniform, then by value: order-independent
+        return rows[: self.count].ravel()

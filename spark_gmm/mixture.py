@@ -1,0 +1,143 @@
+"""Mixture parameters and the M-step: driver-side numpy, no Spark.
+
+Means live in *shifted* coordinates (data minus a fixed per-feature shift chosen from the data), so
+that features far from the origin keep their precision; `MixtureModelParams.unshift` gives the user's
+coordinates back.  Second moments arrive centred on each component's current mean, which is why the
+M-step can add the mean update without cancellation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+#: A component whose responsibility mass is below this share of the total weight is "empty": its
+#: mean and covariance cannot be estimated, so it keeps its previous ones (an M-step maximiser too).
+EMPTY_SHARE = 1e-12
+#: Floor on mixing weights, so that log-weights stay finite for an empty component.
+WEIGHT_FLOOR = np.finfo(np.float64).eps
+
+
+class SpectralRepairWarning(UserWarning):
+    """A covariance was not numerically positive definite and had its spectrum clipped."""
+
+
+def packed_size(d: int) -> int:
+    """Length of the upper triangle (diagonal included) of a d×d matrix."""
+    return d * (d + 1) // 2
+
+
+def unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
+    """(..., d(d+1)/2) upper-triangle rows → (..., d, d) symmetric matrices."""
+    rows, cols = np.triu_indices(d)
+    out = np.zeros(packed.shape[:-1] + (d, d))
+    out[..., rows, cols] = packed
+    out[..., cols, rows] = packed
+    return out
+
+
+def precision_cholesky(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
+    """Upper-triangular P_j with P_j P_jᵀ = Σ_j⁻¹, for each of the k×d×d covariances.
+
+    A covariance that fails Cholesky (round-off on a collapsed component) has its eigenvalues clipped
+    at `reg_covar` instead of producing NaN; a warning names it.
+    """
+    covariances = np.array(covariances, dtype=np.float64)
+    try:
+        lower = np.linalg.cholesky(covariances)
+    except np.linalg.LinAlgError:
+        lower = np.empty_like(covariances)
+        for j, cov in enumerate(covariances):
+            try:
+                lower[j] = np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+                clipped = (vectors * np.maximum(values, max(reg_covar, 1e-300))) @ vectors.T
+                warnings.warn(
+                    f"component {j}: covariance not positive definite (smallest eigenvalue "
+                    f"{values.min():.3g}); clipped its spectrum at regCovar={reg_covar:g}",
+                    SpectralRepairWarning,
+                    stacklevel=2,
+                )
+                covariances[j] = clipped
+                lower[j] = np.linalg.cholesky(clipped + 1e-300 * np.eye(len(cov)))
+    d = covariances.shape[-1]
+    eye = np.broadcast_to(np.eye(d), covariances.shape)
+    return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """One Gaussian mixture in shifted coordinates, with what the E-step needs precomputed."""
+
+    weights: np.ndarray  # (k,)
+    means: np.ndarray  # (k, d), shifted coordinates
+    covariances: np.ndarray  # (k, d, d)
+    precisions_cholesky: np.ndarray  # (k, d, d), upper triangular
+
+    @classmethod
+    def from_covariances(cls, weights, means, covariances, reg_covar: float = 0.0) -> "Mixture":
+        weights = np.asarray(weights, dtype=np.float64)
+        weights = weights / weights.sum()
+        covariances = np.asarray(covariances, dtype=np.float64)
+        return cls(
+            weights=weights,
+            means=np.asarray(means, dtype=np.float64),
+            covariances=covariances,
+            precisions_cholesky=precision_cholesky(covariances, reg_covar),
+        )
+
+    @property
+    def k(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.means.shape[1]
+
+    def shifted(self, offset: np.ndarray) -> "Mixture":
+        """The same mixture with its means moved by `offset` (to or from shifted coordinates)."""
+        return Mixture(self.weights, self.means + offset, self.covariances, self.precisions_cholesky)
+
+
+@dataclass
+class ComponentStatistics:
+    """Reduced E-step statistics of one mixture, second moments centred on its current means."""
+
+    log_likelihood: float  # Σ w·log p(x)
+    resp: np.ndarray  # (k,)  Σ w·γ
+    hard_counts: np.ndarray  # (k,)  rows whose most probable component is j (unweighted)
+    first: np.ndarray  # (k, d)  Σ w·γ·(x − μ)
+    second: np.ndarray  # (k, d(d+1)/2)  Σ w·γ·(x − μ)(x − μ)ᵀ, packed upper triangle
+
+    @staticmethod
+    def size(k: int, d: int) -> int:
+        return 1 + 2 * k + k * d + k * packed_size(d)
+
+    @classmethod
+    def unpack(cls, flat: np.ndarray, k: int, d: int) -> "ComponentStatistics":
+        if flat.shape != (cls.size(k, d),):
+            raise ValueError(f"statistics of length {flat.shape} do not fit k={k}, d={d}")
+        cut = np.cumsum([1, k, k, k * d])
+        ll, resp, hard, first, second = np.split(flat, cut)
+        return cls(
+            float(ll[0]), resp, hard, first.reshape(k, d), second.reshape(k, packed_size(d))
+        )
+
+
+def m_step(stats: ComponentStatistics, current: Mixture, reg_covar: float):
+    """New mixture from the statistics gathered under `current`; returns (mixture, empty indices)."""
+    total = stats.resp.sum()
+    empty = stats.resp <= EMPTY_SHARE * total
+    mass = np.where(empty, 1.0, stats.resp)
+    shift = stats.first / mass[:, None]
+    means = current.means + shift
+    covariances = unpack_symmetric(stats.second, current.d) / mass[:, None, None]
+    covariances -= shift[:, :, None] * shift[:, None, :]
+    covariances += reg_covar * np.eye(current.d)
+    means[empty] = current.means[empty]
+    covariances[empty] = current.covariances[empty]
+    weights = np.maximum(stats.resp / total, WEIGHT_FLOOR)
+    return Mixture.from_covariances(weights, means, covariances, reg_covar), np.flatnonzero(empty)
