@@ -24,7 +24,7 @@ BLOCK_BYTES = 1 << 19
 TREE_THRESHOLD_BYTES = 32 << 20
 
 BLOCK_SCHEMA = (
-    "pid int, n int, d int, x binary, w binary, wsum double, xmin binary, xmax binary, "
+    "pid int, seq int, n int, d int, x binary, w binary, wsum double, xmin binary, xmax binary, "
     "null_rows long, nonfinite_rows long, bad_weight_rows long, dmin int, dmax int"
 )
 SUMMARY_COLUMNS = [
@@ -55,13 +55,14 @@ def _binary_views(column: pa.Array) -> list[np.ndarray]:
     return [data[offsets[i] : offsets[i + 1]] for i in range(len(column))]
 
 
-def _block_batch(pid, x, w, counts, dims):
+def _block_batch(pid, seq, x, w, counts, dims):
     """One output row: a block of valid rows plus what the driver needs to validate the input."""
     n, d = x.shape if x is not None else (0, -1)
     finite = x if x is not None else np.empty((0, 0))
     return pa.RecordBatch.from_pydict(
         {
             "pid": pa.array([pid], pa.int32()),
+            "seq": pa.array([seq], pa.int32()),
             "n": pa.array([n], pa.int32()),
             "d": pa.array([d], pa.int32()),
             "x": pa.array([finite.tobytes()], pa.binary()),
@@ -112,6 +113,7 @@ def make_packer(has_weight: bool):
     def pack(batches):
         pid = _partition_id()
         block_rows = None
+        seq = 0
         pending_x, pending_w, pending = [], [], 0
         counts, dims = np.zeros(3, np.int64), (-1, -1)
 
@@ -133,7 +135,7 @@ def make_packer(has_weight: bool):
                 dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
             if x is None or (pending and x.shape[1] != pending_x[0].shape[1]):
                 # Vectors of different lengths: report, the driver refuses the input.
-                yield _block_batch(pid, None, None, counts.tolist(), dims)
+                yield _block_batch(pid, seq, None, None, counts.tolist(), dims)
                 return
             block_rows = block_rows or block_rows_for(x.shape[1])
             pending_x.append(x)
@@ -142,35 +144,53 @@ def make_packer(has_weight: bool):
             if pending >= block_rows:
                 full = pending - pending % block_rows
                 for bx, bw in flush(full):
-                    yield _block_batch(pid, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                    yield _block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                    seq += 1
         if pending:
             for bx, bw in flush(pending):
-                yield _block_batch(pid, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                yield _block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                seq += 1
         # Counts of invalid rows travel on a row of their own.
-        yield _block_batch(pid, None, None, counts.tolist(), dims)
+        yield _block_batch(pid, seq, None, None, counts.tolist(), dims)
 
     return pack
 
 
-def fold_partition(pass_, batches, shift: np.ndarray, has_weight: bool):
-    """Fold `pass_` over the cached blocks of one partition, in storage order."""
-    acc = None
+def arrow_blocks(batches, has_weight: bool):
+    """(pid, seq, raw rows, weights) of each non-empty cached block, as zero-copy numpy views."""
     for batch in batches:
         ns = batch.column("n").to_numpy()
         ds = batch.column("d").to_numpy()
+        pids = batch.column("pid").to_numpy()
+        seqs = batch.column("seq").to_numpy()
         xs = _binary_views(batch.column("x"))
         ws = _binary_views(batch.column("w")) if has_weight else None
         for i in np.flatnonzero(ns > 0):
             raw = xs[i].view(np.float64).reshape(ns[i], ds[i])
-            w = ws[i].view(np.float64) if has_weight else None
-            part = pass_.map_block(raw, raw - shift, w)
-            acc = part if acc is None else pass_.combine(acc, part)
+            yield int(pids[i]), int(seqs[i]), raw, (ws[i].view(np.float64) if has_weight else None)
+
+
+def fold_blocks(pass_, blocks, shift: np.ndarray):
+    """Fold `pass_` over (raw, weights) blocks in the order given; None when there are none."""
+    acc = None
+    for raw, w in blocks:
+        part = pass_.map_block(raw, raw - shift, w)
+        acc = part if acc is None else pass_.combine(acc, part)
+    return acc
+
+
+def combine_in_order(pass_, parts) -> np.ndarray:
+    """Combine (pid, partial) pairs in partition order: the one reduction order of every engine."""
+    acc = None
+    for _, part in sorted(parts, key=lambda item: item[0]):
+        acc = part if acc is None else pass_.combine(acc, part)
     return acc
 
 
 def make_runner(pass_, shift: np.ndarray, has_weight: bool):
     def run(batches):
-        acc = fold_partition(pass_, batches, shift, has_weight)
+        blocks = ((raw, w) for _, _, raw, w in arrow_blocks(batches, has_weight))
+        acc = fold_blocks(pass_, blocks, shift)
         if acc is not None:
             yield pa.RecordBatch.from_pydict(
                 {"pid": pa.array([_partition_id()], pa.int32()), "part": pa.array([acc.tobytes()])}
@@ -183,14 +203,10 @@ def make_combiner(pass_):
     """`applyInArrow` function combining a group's partials in partition order (one tree level)."""
 
     def combine(table: pa.Table) -> pa.Table:
-        order = np.argsort(table.column("pid").to_numpy(), kind="stable")
-        parts = _binary_views(table.column("part").combine_chunks())
-        acc = None
-        for i in order:
-            part = parts[i].view(np.float64).copy()
-            acc = part if acc is None else pass_.combine(acc, part)
-        pid = int(table.column("pid").to_numpy()[order[0]])
-        return pa.table({"pid": pa.array([pid], pa.int32()), "part": pa.array([acc.tobytes()])})
+        pids = table.column("pid").to_numpy()
+        views = _binary_views(table.column("part").combine_chunks())
+        acc = combine_in_order(pass_, [(p, v.view(np.float64).copy()) for p, v in zip(pids, views)])
+        return pa.table({"pid": pa.array([int(pids.min())], pa.int32()), "part": pa.array([acc.tobytes()])})
 
     return combine
 
@@ -258,7 +274,7 @@ class BlockCache:
 
     def reduce(self, pass_) -> np.ndarray:
         """Run `pass_` over every block; partials combined in partition order (in a tree if large)."""
-        parts = self.blocks.select("n", "d", "x", "w").mapInArrow(
+        parts = self.blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
             make_runner(pass_, self.shift, self.has_weight), PARTIAL_SCHEMA
         )
         fanout = self._tree_fanout(getattr(pass_, "partial_bytes", 0))
@@ -269,13 +285,9 @@ class BlockCache:
                 group = F.floor(F.col("pid") / F.lit(width))
                 parts = parts.groupBy(group).applyInArrow(make_combiner(pass_), PARTIAL_SCHEMA)
         table = parts.toArrow()
-        order = np.argsort(table.column("pid").to_numpy(), kind="stable")
         views = _binary_views(table.column("part").combine_chunks())
-        acc = None
-        for i in order:
-            part = views[i].view(np.float64).copy()
-            acc = part if acc is None else pass_.combine(acc, part)
-        return acc
+        pids = table.column("pid").to_numpy()
+        return combine_in_order(pass_, [(p, v.view(np.float64).copy()) for p, v in zip(pids, views)])
 
     def _tree_fanout(self, partial_bytes: int) -> int:
         """Fan-in of each tree level, or 0 when the driver can combine all partials directly."""

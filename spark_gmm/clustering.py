@@ -29,7 +29,7 @@ from pyspark.ml.stat import MultivariateGaussian
 from pyspark.sql import DataFrame, SparkSession, functions as F
 from pyspark.sql.functions import pandas_udf
 
-from . import em, persistence
+from . import barrier, em, persistence
 from .blocks import BlockCache
 from .inputs import InvalidInputError, feature_array, weight_column
 from .kernels import log_sum_exp, weighted_log_joint
@@ -40,6 +40,7 @@ log = logging.getLogger("spark_gmm")
 #: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
 DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
 INIT_MODES = ("k-means||", "random")
+ENGINES = ("driver", "barrier")
 
 
 class _GaussianMixtureParams(
@@ -67,6 +68,13 @@ class _GaussianMixtureParams(
         "Initialisation: 'k-means||' (scalable k-means++ then Lloyd) or 'random' (random rows).",
         TypeConverters.toString,
     )
+    engine = Param(
+        Params._dummy(),
+        "engine",
+        "'driver': one Spark job per EM iteration over cached blocks; 'barrier': the whole fit in "
+        "one barrier stage with the data resident in the tasks (needs a free slot per task).",
+        TypeConverters.toString,
+    )
     logLikelihoodCol = Param(
         Params._dummy(),
         "logLikelihoodCol",
@@ -85,6 +93,7 @@ class _GaussianMixtureParams(
             regCovar=1e-6,
             initMode="k-means||",
             handleInvalid="error",
+            engine="driver",
         )
 
     def getK(self) -> int:
@@ -95,6 +104,9 @@ class _GaussianMixtureParams(
 
     def getInitMode(self) -> str:
         return self.getOrDefault(self.initMode)
+
+    def getEngine(self) -> str:
+        return self.getOrDefault(self.engine)
 
     def getLogLikelihoodCol(self) -> str | None:
         return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
@@ -133,6 +145,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         inputCols=None,
         logLikelihoodCol=None,
         handleInvalid="error",
+        engine="driver",
     ):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
@@ -156,6 +169,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         inputCols=None,
         logLikelihoodCol=None,
         handleInvalid="error",
+        engine="driver",
     ):
         kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
         return self._set(**kwargs)
@@ -202,6 +216,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
     def setHandleInvalid(self, value: str):
         return self._set(handleInvalid=value)
 
+    def setEngine(self, value: str):
+        return self._set(engine=value)
+
     def setInitialModel(self, model: "GaussianMixtureModel"):
         """Start EM from `model`'s parameters instead of `initMode` (k is taken from the model)."""
         if not isinstance(model, GaussianMixtureModel):
@@ -228,6 +245,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             raise ValueError(f"regCovar must be non-negative, got {self.getRegCovar()}")
         if self.getMaxIter() < 0 or not self.getTol() >= 0:
             raise ValueError("maxIter and tol must be non-negative")
+        if self.getEngine() not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got '{self.getEngine()}'")
         if self.getHandleInvalid() not in ("error", "skip"):
             raise ValueError(f"handleInvalid must be 'error' or 'skip', got '{self.getHandleInvalid()}'")
 
@@ -239,19 +258,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         try:
             summary = cache.summarize()
             skipped = self._validate(summary)
-            start = self._initial_mixture(cache, summary)
-            result = em.run_em(
-                cache.reduce,
-                start,
-                summary.total_weight,
-                self.getMaxIter(),
-                self.getTol(),
-                self.getRegCovar(),
-                on_iteration=lambda i, ll, s: log.info(
-                    "iteration %d: log-likelihood %.10g (%.6g per row), %.3f s",
-                    i, ll, ll / summary.total_weight, s,
-                ),
-            )
+            result = self._run(cache, summary, dataset.sparkSession)
         finally:
             cache.unpersist()
         final = result.mixture.shifted(summary.shift)
@@ -297,22 +304,35 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             raise InvalidInputError(f"k={self.getK()} is larger than the number of rows ({s.rows})")
         return invalid
 
-    def _initial_mixture(self, cache: BlockCache, summary) -> Mixture:
-        k, d, seed = self.getK(), summary.d, self.getSeed()
+    def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:
+        settings = self._settings(summary)
+        if self.getEngine() == "barrier":
+            try:
+                return barrier.fit(cache, summary, settings, spark)
+            except barrier.BarrierUnavailable as why:
+                log.warning("barrier engine unavailable (%s); using the driver engine", why)
+        return em.fit_mixture(cache.reduce, summary.d, summary.total_weight, settings)
+
+    def _settings(self, summary) -> em.FitSettings:
+        start = None
         if self._initial_model is not None:
-            start = self._initial_model
-            if start.numFeatures != d:
+            model = self._initial_model
+            if model.numFeatures != summary.d:
                 raise InvalidInputError(
-                    f"initial model has {start.numFeatures} features, the data has {d}"
+                    f"initial model has {model.numFeatures} features, the data has {summary.d}"
                 )
-            return Mixture.from_covariances(
-                start.weights, start.means - summary.shift, start.covariances, self.getRegCovar()
+            start = Mixture.from_covariances(
+                model.weights, model.means - summary.shift, model.covariances, self.getRegCovar()
             )
-        if self.getInitMode() == "random":
-            centers = em.random_centers(cache.reduce, d, k, seed)
-        else:
-            centers = em.kmeans_parallel_centers(cache.reduce, d, k, seed)
-        return em.mixture_from_centers(cache.reduce, centers, self.getRegCovar())
+        return em.FitSettings(
+            k=self.getK(),
+            max_iter=self.getMaxIter(),
+            tol=self.getTol(),
+            reg_covar=self.getRegCovar(),
+            seed=self.getSeed(),
+            init_mode=self.getInitMode(),
+            start=start,
+        )
 
     # -- persistence ---------------------------------------------------------------------------
 

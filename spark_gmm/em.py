@@ -30,6 +30,19 @@ class ComponentWarning(UserWarning):
     """Something happened to a component during the fit (it emptied, or was repaired)."""
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """Everything an engine needs to run a fit, picklable into a Spark closure."""
+
+    k: int
+    max_iter: int
+    tol: float
+    reg_covar: float
+    seed: int
+    init_mode: str = "k-means||"
+    start: Mixture | None = None  # explicit start, in shifted coordinates
+
+
 @dataclass
 class FitResult:
     mixture: Mixture  # shifted coordinates
@@ -197,4 +210,25 @@ def run_em(
         converged=converged,
         cluster_sizes=[int(c) for c in stats.hard_counts],
         empty_components=sorted(empty),
+    )
+
+
+def fit_mixture(reduce: Reduce, d: int, total_weight: float, settings: FitSettings) -> FitResult:
+    """Initialise (unless `settings.start` is given), then run EM: the whole fit, engine-agnostic."""
+    start = settings.start
+    if start is None:
+        if settings.init_mode == "random":
+            centers = random_centers(reduce, d, settings.k, settings.seed)
+        else:
+            centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
+        start = mixture_from_centers(reduce, centers, settings.reg_covar)
+
+    def report(iteration, ll, seconds):
+        log.info(
+            "iteration %d: log-likelihood %.10g (%.6g per row), %.3f s",
+            iteration, ll, ll / total_weight, seconds,
+        )
+
+    return run_em(
+        reduce, start, total_weight, settings.max_iter, settings.tol, settings.reg_covar, report
     )
