@@ -1,0 +1,39 @@
+"""The barrier engine runs the same kernels, statistics and M-step as the driver engine."""
+
+import numpy as np
+import pytest
+
+from spark_gmm import GaussianMixture
+
+
+@pytest.fixture(scope="module")
+def blobs(spark):
+    rng = np.random.default_rng(7)
+    centers = np.array([[0.0, 0.0, 0.0], [6.0, 6.0, 0.0], [0.0, 8.0, 5.0]])
+    x = np.vstack([rng.normal(c, [1.0, 0.5, 2.0], size=(800, 3)) for c in centers]) + 1e6
+    return spark.createDataFrame([(row.tolist(),) for row in x], ["features"])
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 5])
+def test_barrier_engine_gives_the_driver_engines_model(blobs, partitions):
+    df = blobs.repartition(partitions)
+    fits = {
+        engine: GaussianMixture(k=3, seed=3, tol=1e-9, maxIter=30, engine=engine).fit(df)
+        for engine in ("driver", "barrier")
+    }
+    driver, barrier = fits["driver"], fits["barrier"]
+    np.testing.assert_allclose(barrier.weights, driver.weights, rtol=1e-10)
+    np.testing.assert_allclose(barrier.means, driver.means, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(barrier.covariances, driver.covariances, rtol=1e-10, atol=1e-12)
+    assert barrier.summary.logLikelihoodHistory == pytest.approx(
+        driver.summary.logLikelihoodHistory, rel=1e-12
+    )
+    assert barrier.summary.numIter == driver.summary.numIter
+    assert barrier.summary.clusterSizes == driver.summary.clusterSizes
+
+
+def test_barrier_engine_reports_refusals_at_the_driver(blobs):
+    # Five identical rows cannot make three components: the refusal comes back as a plain error.
+    few = blobs.limit(1).crossJoin(blobs.sparkSession.range(5)).select("features")
+    with pytest.raises(ValueError, match="distinct points"):
+        GaussianMixture(k=3, engine="barrier").fit(few)
