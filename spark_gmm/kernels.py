@@ -42,21 +42,44 @@ def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return (h >> _U64(11)).astype(np.float64) * 2.0**-53
 
 
+#: Most doubles of the (rows × components·d) Mahalanobis temporary; more components go in chunks.
+TEMPORARY_DOUBLES = 1 << 21
+
+
 def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
-    """(n, k) log N(x_i | μ_j, Σ_j) through the precision Cholesky factors."""
+    """(n, k) log N(x_i | μ_j, Σ_j) through the precision Cholesky factors P_j.
+
+    ‖(x − μ_j)P_j‖² for several components comes from one matrix product x·[P_1 … P_c] − [μ_1P_1 …];
+    x is already shifted near the data, so the subtraction loses nothing that matters.
+    """
     n, d = x.shape
-    out = np.empty((n, mixture.k))
-    for j in range(mixture.k):
-        y = (x - mixture.means[j]) @ mixture.precisions_cholesky[j]
-        out[:, j] = np.einsum("ij,ij->i", y, y)
+    k = mixture.k
+    stacked = np.swapaxes(mixture.precisions_cholesky, 0, 1).reshape(d, k * d)
+    offsets = np.einsum("jd,jde->je", mixture.means, mixture.precisions_cholesky).ravel()
+    maha = np.empty((n, k))
+    step = max(1, TEMPORARY_DOUBLES // max(n * d, 1))
+    for start in range(0, k, step):
+        stop = min(k, start + step)
+        y = x @ stacked[:, start * d : stop * d]
+        y -= offsets[start * d : stop * d]
+        y *= y
+        maha[:, start:stop] = y.reshape(n, stop - start, d).sum(axis=2)
     log_det = np.log(np.diagonal(mixture.precisions_cholesky, axis1=1, axis2=2)).sum(axis=1)
-    return log_det - 0.5 * (d * LOG_2PI + out)
+    return log_det - 0.5 * (d * LOG_2PI + maha)
+
+
+def normalize_log(a: np.ndarray):
+    """Row-wise (log Σ_j exp a_ij, exp(a_ij) / Σ_j exp a_ij), stable for any magnitude."""
+    top = a.max(axis=1, keepdims=True)
+    e = np.exp(a - top)
+    total = e.sum(axis=1, keepdims=True)
+    e /= total
+    return (top + np.log(total))[:, 0], e
 
 
 def log_sum_exp(a: np.ndarray) -> np.ndarray:
     """Row-wise log Σ exp, stable for any magnitude."""
-    top = a.max(axis=1)
-    return top + np.log(np.exp(a - top[:, None]).sum(axis=1))
+    return normalize_log(a)[0]
 
 
 def weighted_log_joint(x: np.ndarray, mixture: Mixture) -> np.ndarray:
@@ -65,22 +88,25 @@ def weighted_log_joint(x: np.ndarray, mixture: Mixture) -> np.ndarray:
 
 
 def moment_statistics(x, w, resp, centers, log_likelihood: float) -> np.ndarray:
-    """Flat `ComponentStatistics` of responsibilities `resp`, second moments centred on `centers`."""
+    """Flat `ComponentStatistics` of responsibilities `resp`, second moments centred on `centers`.
+
+    Σγ(x−c)(x−c)ᵀ is formed from √γ-scaled centred rows (a symmetric rank-n product), never as
+    Σγxxᵀ − (Σγ)ccᵀ, which would cancel for data far from c.
+    """
     n, d = x.shape
     k = centers.shape[0]
     weighted = resp if w is None else resp * w[:, None]
+    mass = weighted.sum(axis=0)
+    first = weighted.T @ x - mass[:, None] * centers
+    root = np.sqrt(weighted)
     rows, cols = np.triu_indices(d)
-    first = np.empty((k, d))
     second = np.empty((k, packed_size(d)))
     for j in range(k):
-        z = x - centers[j]
-        gz = z * weighted[:, j : j + 1]
-        first[j] = gz.sum(axis=0)
-        second[j] = (gz.T @ z)[rows, cols]
+        scaled = x - centers[j]
+        scaled *= root[:, j : j + 1]
+        second[j] = (scaled.T @ scaled)[rows, cols]
     hard = np.bincount(resp.argmax(axis=1), minlength=k) if n else np.zeros(k)
-    return np.concatenate(
-        [[log_likelihood], weighted.sum(axis=0), hard, first.ravel(), second.ravel()]
-    )
+    return np.concatenate([[log_likelihood], mass, hard, first.ravel(), second.ravel()])
 
 
 class SumPass:
@@ -101,9 +127,7 @@ class EStepPass(SumPass):
     def map_block(self, raw, x, w):
         parts = []
         for mixture in self.mixtures:
-            log_joint = weighted_log_joint(x, mixture)
-            log_norm = log_sum_exp(log_joint)
-            resp = np.exp(log_joint - log_norm[:, None])
+            log_norm, resp = normalize_log(weighted_log_joint(x, mixture))
             ll = float(log_norm.sum() if w is None else w @ log_norm)
             parts.append(moment_statistics(x, w, resp, mixture.means, ll))
         return np.concatenate(parts)
