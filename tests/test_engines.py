@@ -37,3 +37,16 @@ def test_barrier_engine_reports_refusals_at_the_driver(blobs):
     few = blobs.limit(1).crossJoin(blobs.sparkSession.range(5)).select("features")
     with pytest.raises(ValueError, match="distinct points"):
         GaussianMixture(k=3, engine="barrier").fit(few)
+
+
+def test_tree_reduction_gives_the_same_model(blobs, monkeypatch):
+    from spark_gmm import blocks
+
+    df = blobs.repartition(9)
+    start = GaussianMixture(k=3, seed=3, maxIter=0).fit(df)
+    flat = GaussianMixture(maxIter=3, tol=0.0).setInitialModel(start).fit(df)
+    monkeypatch.setattr(blocks, "TREE_THRESHOLD_BYTES", 0)  # every pass reduces in a tree
+    tree = GaussianMixture(maxIter=3, tol=0.0, aggregationDepth=3).setInitialModel(start).fit(df)
+    np.testing.assert_allclose(tree.means, flat.means, rtol=1e-12)
+    np.testing.assert_allclose(tree.covariances, flat.covariances, rtol=1e-10, atol=1e-12)
+    assert tree.summary.numIter == flat.summary.numIter
