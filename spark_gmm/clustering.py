@@ -111,6 +111,23 @@ class _GaussianMixtureParams(
     def getLogLikelihoodCol(self) -> str | None:
         return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
 
+    # Column setters: the estimator's and the model's, as in pyspark.ml.
+
+    def setFeaturesCol(self, value: str):
+        return self._set(featuresCol=value)
+
+    def setInputCols(self, value: list[str]):
+        return self._set(inputCols=value)
+
+    def setPredictionCol(self, value: str):
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str):
+        return self._set(probabilityCol=value)
+
+    def setLogLikelihoodCol(self, value: str):
+        return self._set(logLikelihoodCol=value)
+
     def _feature_array(self, df: DataFrame):
         input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
         return feature_array(df, self.getFeaturesCol(), input_cols)
@@ -176,21 +193,6 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def setK(self, value: int):
         return self._set(k=value)
-
-    def setFeaturesCol(self, value: str):
-        return self._set(featuresCol=value)
-
-    def setInputCols(self, value: list[str]):
-        return self._set(inputCols=value)
-
-    def setPredictionCol(self, value: str):
-        return self._set(predictionCol=value)
-
-    def setProbabilityCol(self, value: str):
-        return self._set(probabilityCol=value)
-
-    def setLogLikelihoodCol(self, value: str):
-        return self._set(logLikelihoodCol=value)
 
     def setWeightCol(self, value: str):
         return self._set(weightCol=value)
@@ -366,6 +368,9 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         if (weights < 0).any() or not weights.sum() > 0:
             raise ValueError("mixture weights must be non-negative with a positive sum")
         self._mixture = Mixture.from_covariances(weights, means, covariances)
+        # Scoring works around the means' centre, as fitting works around the data's.
+        self._center = (means.min(axis=0) + means.max(axis=0)) / 2
+        self._centred = self._mixture.shifted(-self._center)
         self._summary: GaussianMixtureSummary | None = None
         self._setDefault(k=k)
         self._set(k=k)
@@ -418,7 +423,7 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         return self._summary
 
     def _log_joint(self, x: np.ndarray) -> np.ndarray:
-        return weighted_log_joint(np.asarray(x, dtype=np.float64), self._mixture)
+        return weighted_log_joint(np.asarray(x, dtype=np.float64) - self._center, self._centred)
 
     def _as_row(self, vector) -> np.ndarray:
         x = np.asarray(vector.toArray() if isinstance(vector, Vector) else vector, dtype=np.float64)
@@ -437,10 +442,13 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         x = self._feature_array(dataset)
-        scored = dataset.withColumn("__spark_gmm_scores", _scoring_udf(self._mixture)(x))
+        scored = dataset.withColumn("__spark_gmm_scores", _scoring_udf(self._centred, self._center)(x))
         out = [F.col(f"`{c}`") for c in dataset.columns]
         out.append(F.col("__spark_gmm_scores.prediction").alias(self.getPredictionCol()))
-        out.append(array_to_vector(F.col("__spark_gmm_scores.probability")).alias(self.getProbabilityCol()))
+        probability = F.col("__spark_gmm_scores.probability")
+        out.append(
+            F.when(probability.isNotNull(), array_to_vector(probability)).alias(self.getProbabilityCol())
+        )
         if self.getLogLikelihoodCol():
             out.append(F.col("__spark_gmm_scores.logLikelihood").alias(self.getLogLikelihoodCol()))
         return scored.select(*out)
@@ -463,7 +471,7 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         return f"GaussianMixtureModel(uid={self.uid}, k={self.getK()}, numFeatures={self.numFeatures})"
 
 
-def _scoring_udf(mixture: Mixture):
+def _scoring_udf(mixture: Mixture, center: np.ndarray):
     """pandas UDF: prediction, probability and log density of each row; null for unusable rows."""
 
     @pandas_udf("prediction int, probability array<double>, logLikelihood double")
@@ -474,7 +482,7 @@ def _scoring_udf(mixture: Mixture):
         if usable.any():
             x[usable] = np.stack(features[usable].to_numpy())
         usable &= np.isfinite(x).all(axis=1)
-        log_joint = weighted_log_joint(x, mixture)
+        log_joint = weighted_log_joint(x - center, mixture)
         log_norm = log_sum_exp(log_joint)
         probability = np.exp(log_joint - log_norm[:, None])
         return pd.DataFrame(

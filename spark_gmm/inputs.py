@@ -35,7 +35,8 @@ def feature_array(df: DataFrame, features_col: str, input_cols: list[str] | None
     field = _field(df, features_col, "features")
     kind = field.dataType
     if isinstance(kind, VectorUDT):
-        return vector_to_array(F.col(f"`{features_col}`"), "float64")
+        column = F.col(f"`{features_col}`")
+        return F.when(column.isNotNull(), vector_to_array(column, "float64"))
     if isinstance(kind, ArrayType) and isinstance(kind.elementType, NumericType):
         return F.col(f"`{features_col}`").cast("array<double>")
     raise InvalidInputError(

@@ -113,9 +113,7 @@ def read_components(path: str, k: int, d: int):
 def restore_params(instance, metadata: dict) -> None:
     names = {p.name for p in instance.params}
     instance._set(**{n: v for n, v in metadata["paramMap"].items() if n in names})
-    instance._uid = metadata["uid"]
-    for param in instance.params:
-        param.parent = instance.uid
+    instance._resetUid(metadata["uid"])
 
 
 class Writer(MLWriter):
