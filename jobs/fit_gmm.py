@@ -2,7 +2,7 @@
 """Fit a Gaussian mixture to a table or Parquet data set with spark_gmm: a spark-submit entry point.
 
     spark-submit jobs/fit_gmm.py --input PATH_OR_TABLE --features a,b,c --k 3 \\
-        [--format parquet] [--max-iter 100] [--tol 0.01] [--seed N] [--weight-col w] \\
+        [--format parquet] [--max-iter 100] [--tol 0.001] [--seed N] [--weight-col w] \\
         [--model-out DIR] [--predictions-out PATH] [--mode errorifexists|overwrite|append]
 
 `--input` is read as a path with `--format` when it exists; otherwise, if it looks like a table name
@@ -93,8 +93,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="number of mixture components")
     fit.add_argument("--max-iter", type=_bounded(int, 0, "an integer >= 0"), default=100,
                      help="maximum EM iterations (default: 100)")
-    fit.add_argument("--tol", type=_bounded(float, 0.0, "a number >= 0"), default=0.01,
-                     help="stop when the mean log-likelihood per row changes by less (default: 0.01)")
+    fit.add_argument("--tol", type=_bounded(float, 0.0, "a number >= 0"), default=1e-3,
+                     help="stop when the mean log-likelihood per row changes by less (default: 0.001)")
     fit.add_argument("--seed", type=_bounded(int, -(2**63), "an integer"),
                      help="random seed of the initialisation (default: a fixed seed)")
     fit.add_argument("--reg-covar", type=_bounded(float, 0.0, "a number >= 0"), default=1e-6,

@@ -86,7 +86,7 @@ class _GaussianMixtureParams(
         super().__init__(*args)
         self._setDefault(
             k=2,
-            tol=0.01,
+            tol=1e-3,
             maxIter=100,
             seed=DEFAULT_SEED,
             aggregationDepth=2,
@@ -152,7 +152,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         predictionCol="prediction",
         k=2,
         probabilityCol="probability",
-        tol=0.01,
+        tol=1e-3,
         maxIter=100,
         seed=None,
         aggregationDepth=2,
@@ -176,7 +176,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         predictionCol="prediction",
         k=2,
         probabilityCol="probability",
-        tol=0.01,
+        tol=1e-3,
         maxIter=100,
         seed=None,
         aggregationDepth=2,

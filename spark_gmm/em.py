@@ -26,6 +26,10 @@ Reduce = Callable[[object], np.ndarray]
 DECREASE_TOLERANCE = 1e-10
 
 
+#: Greedy k-means++ and Lloyd restarts on the k-means|| candidates (cheap: they are in memory).
+LOCAL_RESTARTS = 5
+
+
 class ComponentWarning(UserWarning):
     """Something happened to a component during the fit (it emptied, or was repaired)."""
 
@@ -55,15 +59,23 @@ class FitResult:
 
 
 def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
-    """Weighted k-means++ seeding on a small in-memory candidate set."""
+    """Greedy weighted k-means++ on a small in-memory candidate set.
+
+    Each new centre is the best of 2 + ln k D²-weighted draws (the one that lowers the potential
+    most), which avoids the two-centres-in-one-cluster starts that plain k-means++ often makes.
+    """
+    trials = 2 + int(np.log(k))
     centers = [points[rng.choice(len(points), p=weights / weights.sum())]]
     dist = ((points - centers[0]) ** 2).sum(axis=1)
     for _ in range(1, k):
         mass = weights * dist
         if mass.sum() <= 0:
             raise ValueError(f"k={k} but the data has fewer than {k} distinct points")
-        centers.append(points[rng.choice(len(points), p=mass / mass.sum())])
-        dist = np.minimum(dist, ((points - centers[-1]) ** 2).sum(axis=1))
+        draws = rng.choice(len(points), size=trials, p=mass / mass.sum())
+        options = [np.minimum(dist, ((points - points[i]) ** 2).sum(axis=1)) for i in draws]
+        best = int(np.argmin([weights @ option for option in options]))
+        centers.append(points[draws[best]])
+        dist = options[best]
     return np.array(centers)
 
 
@@ -113,7 +125,13 @@ def kmeans_parallel_centers(
     if len(candidates) < k:
         raise ValueError(f"k={k} but the data has only {len(candidates)} distinct points; lower k")
     rng = np.random.default_rng(seed)
-    return _local_lloyd(candidates, mass, _local_kmeans_pp(candidates, mass, k, rng))
+    best, best_cost = None, np.inf
+    for _ in range(LOCAL_RESTARTS):
+        centers = _local_lloyd(candidates, mass, _local_kmeans_pp(candidates, mass, k, rng))
+        cost = mass @ kernels.nearest(candidates, centers)[1]
+        if cost < best_cost:
+            best, best_cost = centers, cost
+    return best
 
 
 def random_centers(reduce: Reduce, d: int, k: int, seed: int) -> np.ndarray:
