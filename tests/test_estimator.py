@@ -108,7 +108,7 @@ def truth_data(spark):
 
 @pytest.fixture(scope="module")
 def fitted(truth_data):
-    """Default settings (k-means|| init, tol 0.01) on 20k rows from known parameters."""
+    """Default settings (k-means|| init, default tol) on 20k rows from known parameters."""
     _, _, df = truth_data
     return GaussianMixture(k=3, seed=11).fit(df)
 
