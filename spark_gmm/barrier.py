@@ -148,6 +148,7 @@ def _result_json(result: em.FitResult, caught) -> str:
             "converged": result.converged,
             "cluster_sizes": result.cluster_sizes,
             "empty_components": result.empty_components,
+            "iteration_seconds": result.iteration_seconds,
             "warnings": [str(w.message) for w in caught],
         }
     )
@@ -167,6 +168,7 @@ def _result_from_json(text: str) -> em.FitResult:
         converged=r["converged"],
         cluster_sizes=r["cluster_sizes"],
         empty_components=r["empty_components"],
+        iteration_seconds=r["iteration_seconds"],
     )
 
 

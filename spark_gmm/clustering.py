@@ -508,6 +508,7 @@ class GaussianMixtureSummary:
         self.numIter = int(result.iterations)
         self.converged = bool(result.converged)
         self.emptyComponents = list(result.empty_components)
+        self.iterationSeconds = [float(v) for v in result.iteration_seconds]
         self.invalidRowsSkipped = int(skipped)
         self.featuresCol = model.getFeaturesCol()
         self.predictionCol = model.getPredictionCol()
@@ -537,5 +538,6 @@ class GaussianMixtureSummary:
             "numIter": self.numIter,
             "converged": self.converged,
             "emptyComponents": self.emptyComponents,
+            "iterationSeconds": self.iterationSeconds,
             "invalidRowsSkipped": self.invalidRowsSkipped,
         }

@@ -56,6 +56,7 @@ class FitResult:
     converged: bool
     cluster_sizes: list[int]  # rows whose most probable component is j, under `mixture`
     empty_components: list[int] = field(default_factory=list)
+    iteration_seconds: list[float] = field(default_factory=list)  # wall time of each EM pass
 
 
 def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
@@ -176,6 +177,7 @@ def run_em(
     """
     mixture, previous = start, None
     history: list[float] = []
+    seconds: list[float] = []
     empty: set[int] = set()
     converged = False
     for iteration in range(max_iter + 1):
@@ -203,8 +205,9 @@ def run_em(
                 iteration -= 1
                 break
         history.append(stats.log_likelihood)
+        seconds.append(time.perf_counter() - began)
         if on_iteration:
-            on_iteration(iteration, stats.log_likelihood, time.perf_counter() - began)
+            on_iteration(iteration, stats.log_likelihood, seconds[-1])
         if len(history) > 1 and abs(mean_ll - history[-2] / total_weight) < tol:
             converged = True
             break
@@ -228,6 +231,7 @@ def run_em(
         converged=converged,
         cluster_sizes=[int(c) for c in stats.hard_counts],
         empty_components=sorted(empty),
+        iteration_seconds=seconds,
     )
 
 

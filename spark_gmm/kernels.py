@@ -42,30 +42,36 @@ def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:
     return (h >> _U64(11)).astype(np.float64) * 2.0**-53
 
 
-#: Most doubles of the (rows × components·d) Mahalanobis temporary; more components go in chunks.
+#: Most doubles of the (components·d × rows) Mahalanobis temporary; more components go in chunks.
 TEMPORARY_DOUBLES = 1 << 21
+#: Second moments are accumulated around the shift (one product for all components, fastest up to
+#: about this many features) only while ‖μ_j‖² / λ_min(Σ_j) stays below CANCELLATION_LIMIT, i.e.
+#: while the cancellation costs under ~1e-10 relative; otherwise around each component's mean.
+SHIFTED_MOMENTS_MAX_D = 24
+CANCELLATION_LIMIT = 1e6
 
 
 def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
     """(n, k) log N(x_i | μ_j, Σ_j) through the precision Cholesky factors P_j.
 
-    ‖(x − μ_j)P_j‖² for several components comes from one matrix product x·[P_1 … P_c] − [μ_1P_1 …];
-    x is already shifted near the data, so the subtraction loses nothing that matters.
+    ‖(x − μ_j)P_j‖² for several components comes from one matrix product [P_1 … P_c]ᵀxᵀ − [μ_1P_1 …]ᵀ;
+    x is already shifted near the data, so the subtraction loses nothing that matters. Work is laid
+    out components × rows, so every later reduction over components runs along whole rows.
     """
     n, d = x.shape
     k = mixture.k
-    stacked = np.swapaxes(mixture.precisions_cholesky, 0, 1).reshape(d, k * d)
+    stacked = np.swapaxes(mixture.precisions_cholesky, 1, 2).reshape(k * d, d)
     offsets = np.einsum("jd,jde->je", mixture.means, mixture.precisions_cholesky).ravel()
-    maha = np.empty((n, k))
+    maha = np.empty((k, n))
     step = max(1, TEMPORARY_DOUBLES // max(n * d, 1))
     for start in range(0, k, step):
         stop = min(k, start + step)
-        y = x @ stacked[:, start * d : stop * d]
-        y -= offsets[start * d : stop * d]
+        y = stacked[start * d : stop * d] @ x.T
+        y -= offsets[start * d : stop * d, None]
         y *= y
-        maha[:, start:stop] = y.reshape(n, stop - start, d).sum(axis=2)
+        maha[start:stop] = y.reshape(stop - start, d, n).sum(axis=1)
     log_det = np.log(np.diagonal(mixture.precisions_cholesky, axis1=1, axis2=2)).sum(axis=1)
-    return log_det - 0.5 * (d * LOG_2PI + maha)
+    return (log_det[:, None] - 0.5 * (d * LOG_2PI + maha)).T
 
 
 def normalize_log(a: np.ndarray):
@@ -87,24 +93,44 @@ def weighted_log_joint(x: np.ndarray, mixture: Mixture) -> np.ndarray:
     return log_gaussian_density(x, mixture) + np.log(mixture.weights)
 
 
-def moment_statistics(x, w, resp, centers, log_likelihood: float) -> np.ndarray:
-    """Flat `ComponentStatistics` of responsibilities `resp`, second moments centred on `centers`.
+def packed_outer(x: np.ndarray) -> np.ndarray:
+    """(d(d+1)/2, n): each row's outer product xxᵀ, upper triangle packed row by row, one column a row."""
+    n, d = x.shape
+    xt = np.ascontiguousarray(x.T)
+    out = np.empty((packed_size(d), n))
+    start = 0
+    for a in range(d):
+        np.multiply(xt[a], xt[a:], out=out[start : start + d - a])
+        start += d - a
+    return out
 
-    Σγ(x−c)(x−c)ᵀ is formed from √γ-scaled centred rows (a symmetric rank-n product), never as
-    Σγxxᵀ − (Σγ)ccᵀ, which would cancel for data far from c.
+
+def moment_statistics(x, w, resp, centers, log_likelihood: float, around_centers=True) -> np.ndarray:
+    """Flat `ComponentStatistics` of responsibilities `resp` (n, k), second moments centred on `centers`.
+
+    With `around_centers`, Σγ(x−c)(x−c)ᵀ is formed from √γ-scaled centred rows, one symmetric
+    product per component. Otherwise Σγxxᵀ for all components comes from one product with the
+    rows' packed outer products, then is moved onto the centres: faster for small d, exact enough
+    while the centres are near the shift (see `CANCELLATION_LIMIT`).
     """
     n, d = x.shape
     k = centers.shape[0]
     weighted = resp if w is None else resp * w[:, None]
     mass = weighted.sum(axis=0)
-    first = weighted.T @ x - mass[:, None] * centers
-    root = np.sqrt(weighted)
+    raw_first = weighted.T @ x
     rows, cols = np.triu_indices(d)
-    second = np.empty((k, packed_size(d)))
-    for j in range(k):
-        scaled = x - centers[j]
-        scaled *= root[:, j : j + 1]
-        second[j] = (scaled.T @ scaled)[rows, cols]
+    if around_centers:
+        root = np.sqrt(weighted)
+        second = np.empty((k, packed_size(d)))
+        for j in range(k):
+            scaled = x - centers[j]
+            scaled *= root[:, j : j + 1]
+            second[j] = (scaled.T @ scaled)[rows, cols]
+    else:
+        second = (packed_outer(x) @ weighted).T
+        second -= raw_first[:, rows] * centers[:, cols] + centers[:, rows] * raw_first[:, cols]
+        second += mass[:, None] * centers[:, rows] * centers[:, cols]
+    first = raw_first - mass[:, None] * centers
     hard = np.bincount(resp.argmax(axis=1), minlength=k) if n else np.zeros(k)
     return np.concatenate([[log_likelihood], mass, hard, first.ravel(), second.ravel()])
 
@@ -122,14 +148,19 @@ class EStepPass(SumPass):
 
     def __init__(self, mixtures: list[Mixture]):
         self.mixtures = mixtures
+        self.around_centers = [
+            m.d > SHIFTED_MOMENTS_MAX_D
+            or bool(((m.means**2).sum(axis=1) / np.linalg.eigvalsh(m.covariances)[:, 0]).max() > CANCELLATION_LIMIT)
+            for m in mixtures
+        ]
         self.partial_bytes = 8 * sum(ComponentStatistics.size(m.k, m.d) for m in mixtures)
 
     def map_block(self, raw, x, w):
         parts = []
-        for mixture in self.mixtures:
+        for mixture, around_centers in zip(self.mixtures, self.around_centers):
             log_norm, resp = normalize_log(weighted_log_joint(x, mixture))
             ll = float(log_norm.sum() if w is None else w @ log_norm)
-            parts.append(moment_statistics(x, w, resp, mixture.means, ll))
+            parts.append(moment_statistics(x, w, resp, mixture.means, ll, around_centers))
         return np.concatenate(parts)
 
     def split(self, flat: np.ndarray) -> list[ComponentStatistics]:
