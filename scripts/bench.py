@@ -31,6 +31,7 @@ GRID = [
     for n in (1_000_000, 4_000_000)
     for d, k in ((2, 5), (10, 5), (16, 8), (16, 20), (50, 8))
 ] + [(2_000_000, 16, 8), (16_000_000, 10, 5)]
+GRID.sort()
 
 
 def synthetic(spark, rows, dims, k, partitions, seed=0):
@@ -49,14 +50,19 @@ def synthetic(spark, rows, dims, k, partitions, seed=0):
     )
 
 
-def per_iteration(fit, iters):
+def per_iteration(fit, iters, repeats=2):
+    """(best fit of `iters` iterations − best fit of 1) / (iters − 1), after a warm-up fit."""
     fit(1)  # warm-up: JIT, Python workers
-    t0 = time.perf_counter()
-    fit(1)
-    t1 = time.perf_counter()
-    fit(iters)
-    t2 = time.perf_counter()
-    return max(((t2 - t1) - (t1 - t0)) / (iters - 1), 1e-9)
+
+    def best(n):
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            fit(n)
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    return max((best(iters) - best(1)) / (iters - 1), 1e-9)
 
 
 def machine_floor():

@@ -133,10 +133,12 @@ def make_packer(has_weight: bool):
             counts += c
             if batch_dims[0] >= 0:
                 dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
-            if x is None or (pending and x.shape[1] != pending_x[0].shape[1]):
+            if x is None or dims[0] != dims[1]:
                 # Vectors of different lengths: report, the driver refuses the input.
                 yield _block_batch(pid, seq, None, None, counts.tolist(), dims)
                 return
+            if not len(x):
+                continue
             block_rows = block_rows or block_rows_for(x.shape[1])
             pending_x.append(x)
             pending_w.append(w)

@@ -660,3 +660,17 @@ def test_bad_params_are_refused(spark, rng):
     with pytest.raises(ValueError, match="initial model has 3 features"):
         start = GaussianMixtureModel.fromArrays([1.0], np.zeros((1, 3)), np.eye(3)[None])
         GaussianMixture().setInitialModel(start).fit(df)
+
+
+def test_skip_when_a_whole_arrow_batch_is_invalid(spark):
+    """An Arrow batch of only null rows followed by valid ones packs into well-formed blocks."""
+    rows = [(None,)] * 50 + [([float(i % 7), float(i % 3)],) for i in range(100)]
+    df = spark.createDataFrame(rows, "features array<double>").coalesce(1)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "25")
+    try:
+        model = GaussianMixture(k=2, seed=1, handleInvalid="skip").fit(df)
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert model.summary.invalidRowsSkipped == 50
+    assert sum(model.summary.clusterSizes) == 100
+    assert np.isfinite(model.means).all()
