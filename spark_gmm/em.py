@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from .mixture import Mixture, m_step, unpack_symmetric, ComponentStatistics
+from .mixture import ComponentStatistics, Mixture, gaussians_from_moments, m_step
 
 log = logging.getLogger("spark_gmm")
 
@@ -148,17 +148,12 @@ def mixture_from_centers(reduce: Reduce, centers: np.ndarray, reg_covar: float) 
     """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
     k, d = centers.shape
     stats = ComponentStatistics.unpack(reduce(kernels.HardAssignmentPass(centers)), k, d)
-    total = stats.resp.sum()
-    mass = np.maximum(stats.resp, 1e-300)
-    shift = stats.first / mass[:, None]
-    covariances = unpack_symmetric(stats.second, d) / mass[:, None, None]
-    covariances -= shift[:, :, None] * shift[:, None, :]
-    pooled = (covariances * stats.resp[:, None, None]).sum(axis=0) / total
-    lonely = stats.resp <= 1e-12 * total
-    covariances[lonely] = pooled
-    covariances += reg_covar * np.eye(d)
-    weights = np.maximum(stats.resp / total, np.finfo(float).eps)
-    return Mixture.from_covariances(weights, centers + shift, covariances, reg_covar)
+    weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar)
+    if lonely.any():  # a centre nobody is closest to: give it the pooled covariance
+        filled = ~lonely
+        covariances[lonely] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
+        means[lonely] = centers[lonely]
+    return Mixture.from_covariances(weights, means, covariances, reg_covar)
 
 
 def run_em(

@@ -127,17 +127,26 @@ class ComponentStatistics:
         )
 
 
-def m_step(stats: ComponentStatistics, current: Mixture, reg_covar: float):
-    """New mixture from the statistics gathered under `current`; returns (mixture, empty indices)."""
+def gaussians_from_moments(stats: ComponentStatistics, centers: np.ndarray, reg_covar: float):
+    """(weights, means, covariances, empty mask) from moments centred on `centers`.
+
+    Components whose mass is below `EMPTY_SHARE` of the total are flagged; their rows of the
+    returned means and covariances are not meaningful and must be replaced by the caller.
+    """
     total = stats.resp.sum()
     empty = stats.resp <= EMPTY_SHARE * total
     mass = np.where(empty, 1.0, stats.resp)
     shift = stats.first / mass[:, None]
-    means = current.means + shift
-    covariances = unpack_symmetric(stats.second, current.d) / mass[:, None, None]
+    covariances = unpack_symmetric(stats.second, centers.shape[1]) / mass[:, None, None]
     covariances -= shift[:, :, None] * shift[:, None, :]
-    covariances += reg_covar * np.eye(current.d)
+    covariances += reg_covar * np.eye(centers.shape[1])
+    weights = np.maximum(stats.resp / total, WEIGHT_FLOOR)
+    return weights, centers + shift, covariances, empty
+
+
+def m_step(stats: ComponentStatistics, current: Mixture, reg_covar: float):
+    """New mixture from the statistics gathered under `current`; returns (mixture, empty indices)."""
+    weights, means, covariances, empty = gaussians_from_moments(stats, current.means, reg_covar)
     means[empty] = current.means[empty]
     covariances[empty] = current.covariances[empty]
-    weights = np.maximum(stats.resp / total, WEIGHT_FLOOR)
     return Mixture.from_covariances(weights, means, covariances, reg_covar), np.flatnonzero(empty)
