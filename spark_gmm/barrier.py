@@ -172,7 +172,7 @@ def _result_from_json(text: str) -> em.FitResult:
     )
 
 
-def make_barrier_task(shift, has_weight, d, total_weight, settings: em.FitSettings):
+def make_barrier_task(shift, has_weight, dtype, d, total_weight, settings: em.FitSettings):
     token = secrets.token_hex(16)
 
     def task(batches):
@@ -180,7 +180,7 @@ def make_barrier_task(shift, has_weight, d, total_weight, settings: em.FitSettin
 
         context = BarrierTaskContext.get()
         by_partition: dict[int, list] = {}
-        for pid, seq, raw, w in arrow_blocks(batches, has_weight):
+        for pid, seq, raw, w in arrow_blocks(batches, has_weight, dtype):
             by_partition.setdefault(pid, []).append((seq, raw, w))
         for blocks in by_partition.values():
             blocks.sort(key=lambda item: item[0])
@@ -217,7 +217,9 @@ def fit(cache: BlockCache, summary, settings: em.FitSettings, spark: SparkSessio
     blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
     if summary.partitions > slots:
         blocks = blocks.repartition(slots)
-    task = make_barrier_task(summary.shift, cache.has_weight, summary.d, summary.total_weight, settings)
+    task = make_barrier_task(
+        cache.shift, cache.has_weight, cache.dtype, summary.d, summary.total_weight, settings
+    )
     try:
         rows = blocks.mapInArrow(task, RESULT_SCHEMA, barrier=True).toArrow()
     except Exception as error:  # scheduling refused (slots, dynamic allocation, ...)

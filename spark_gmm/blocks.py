@@ -158,7 +158,7 @@ def make_packer(has_weight: bool):
     return pack
 
 
-def arrow_blocks(batches, has_weight: bool):
+def arrow_blocks(batches, has_weight: bool, dtype=np.float64):
     """(pid, seq, raw rows, weights) of each non-empty cached block, as zero-copy numpy views."""
     for batch in batches:
         ns = batch.column("n").to_numpy()
@@ -168,15 +168,18 @@ def arrow_blocks(batches, has_weight: bool):
         xs = _binary_views(batch.column("x"))
         ws = _binary_views(batch.column("w")) if has_weight else None
         for i in np.flatnonzero(ns > 0):
-            raw = xs[i].view(np.float64).reshape(ns[i], ds[i])
+            raw = xs[i].view(dtype).reshape(ns[i], ds[i])
             yield int(pids[i]), int(seqs[i]), raw, (ws[i].view(np.float64) if has_weight else None)
 
 
-def fold_blocks(pass_, blocks, shift: np.ndarray):
-    """Fold `pass_` over (raw, weights) blocks in the order given; None when there are none."""
+def fold_blocks(pass_, blocks, shift: np.ndarray | None):
+    """Fold `pass_` over (raw, weights) blocks in the order given; None when there are none.
+
+    `shift` is subtracted from the raw rows; None when the blocks hold shifted rows already.
+    """
     acc = None
     for raw, w in blocks:
-        part = pass_.map_block(raw, raw - shift, w)
+        part = pass_.map_block(raw, raw if shift is None else raw - shift, w)
         acc = part if acc is None else pass_.combine(acc, part)
     return acc
 
@@ -189,9 +192,9 @@ def combine_in_order(pass_, parts) -> np.ndarray:
     return acc
 
 
-def make_runner(pass_, shift: np.ndarray, has_weight: bool):
+def make_runner(pass_, shift, has_weight: bool, dtype):
     def run(batches):
-        blocks = ((raw, w) for _, _, raw, w in arrow_blocks(batches, has_weight))
+        blocks = ((raw, w) for _, _, raw, w in arrow_blocks(batches, has_weight, dtype))
         acc = fold_blocks(pass_, blocks, shift)
         if acc is not None:
             yield pa.RecordBatch.from_pydict(
@@ -199,6 +202,25 @@ def make_runner(pass_, shift: np.ndarray, has_weight: bool):
             )
 
     return run
+
+
+def make_narrower(shift: np.ndarray):
+    """`mapInArrow` function turning float64 blocks into float32 blocks of the shifted rows."""
+
+    def narrow(batches):
+        for batch in batches:
+            xs = _binary_views(batch.column("x"))
+            ds = batch.column("d").to_numpy()
+            column = [
+                (v.view(np.float64).reshape(-1, ds[i]) - shift).astype(np.float32).tobytes()
+                if len(v) else b""
+                for i, v in enumerate(xs)
+            ]
+            arrays = [pa.array(column, pa.binary()) if name == "x" else batch.column(name)
+                      for name in batch.schema.names]
+            yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
+
+    return narrow
 
 
 def make_combiner(pass_):
@@ -227,7 +249,8 @@ class InputSummary:
 
 
 class BlockCache:
-    """The input packed into cached float64 blocks; `reduce` runs a pass over all of them."""
+    """The input packed into cached blocks (float64, or float32 after `narrow`); `reduce` runs a
+    pass over all of them."""
 
     def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2):
         has_weight = weight_col is not None
@@ -240,6 +263,7 @@ class BlockCache:
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
         self.shift = None
+        self.dtype = np.float64
         self.partitions = 0
 
     def summarize(self) -> InputSummary:
@@ -274,10 +298,23 @@ class BlockCache:
             partitions=self.partitions,
         )
 
+    def narrow(self) -> None:
+        """Replace the float64 blocks with float32 values of the shifted rows (after `summarize`).
+
+        Shifting before rounding keeps float32's 24 bits for the data's spread, not its offset, and
+        the values stay a pure function of each row, so partitioning still does not matter.
+        """
+        narrower = self.blocks.mapInArrow(make_narrower(self.shift), BLOCK_SCHEMA).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
+        narrower.select("n").agg(F.sum("n")).collect()  # materialise before the float64 blocks go
+        self.blocks.unpersist()
+        self.blocks, self.dtype, self.shift = narrower, np.float32, None
+
     def reduce(self, pass_) -> np.ndarray:
         """Run `pass_` over every block; partials combined in partition order (in a tree if large)."""
         parts = self.blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
-            make_runner(pass_, self.shift, self.has_weight), PARTIAL_SCHEMA
+            make_runner(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
         )
         fanout = self._tree_fanout(getattr(pass_, "partial_bytes", 0))
         if fanout:

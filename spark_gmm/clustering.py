@@ -41,6 +41,7 @@ log = logging.getLogger("spark_gmm")
 DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
 INIT_MODES = ("k-means||", "random")
 ENGINES = ("driver", "barrier")
+DTYPES = ("float64", "float32")
 
 
 class _GaussianMixtureParams(
@@ -75,6 +76,13 @@ class _GaussianMixtureParams(
         "one barrier stage with the data resident in the tasks (needs a free slot per task).",
         TypeConverters.toString,
     )
+    dtype = Param(
+        Params._dummy(),
+        "dtype",
+        "'float64', or 'float32': blocks cached as float32 shifted rows and densities computed in "
+        "float32 (half the bytes per pass), statistics combined in float64.",
+        TypeConverters.toString,
+    )
     logLikelihoodCol = Param(
         Params._dummy(),
         "logLikelihoodCol",
@@ -94,6 +102,7 @@ class _GaussianMixtureParams(
             initMode="k-means||",
             handleInvalid="error",
             engine="driver",
+            dtype="float64",
         )
 
     def getK(self) -> int:
@@ -107,6 +116,9 @@ class _GaussianMixtureParams(
 
     def getEngine(self) -> str:
         return self.getOrDefault(self.engine)
+
+    def getDtype(self) -> str:
+        return self.getOrDefault(self.dtype)
 
     def getLogLikelihoodCol(self) -> str | None:
         return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
@@ -163,6 +175,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         logLikelihoodCol=None,
         handleInvalid="error",
         engine="driver",
+        dtype="float64",
     ):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
@@ -187,6 +200,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         logLikelihoodCol=None,
         handleInvalid="error",
         engine="driver",
+        dtype="float64",
     ):
         kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
         return self._set(**kwargs)
@@ -221,6 +235,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
     def setEngine(self, value: str):
         return self._set(engine=value)
 
+    def setDtype(self, value: str):
+        return self._set(dtype=value)
+
     def setInitialModel(self, model: "GaussianMixtureModel"):
         """Start EM from `model`'s parameters instead of `initMode` (k is taken from the model)."""
         if not isinstance(model, GaussianMixtureModel):
@@ -249,6 +266,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             raise ValueError("maxIter and tol must be non-negative")
         if self.getEngine() not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got '{self.getEngine()}'")
+        if self.getDtype() not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got '{self.getDtype()}'")
         if self.getHandleInvalid() not in ("error", "skip"):
             raise ValueError(f"handleInvalid must be 'error' or 'skip', got '{self.getHandleInvalid()}'")
 
@@ -260,6 +279,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         try:
             summary = cache.summarize()
             skipped = self._validate(summary)
+            if self.getDtype() == "float32":
+                cache.narrow()
             result = self._run(cache, summary, dataset.sparkSession)
         finally:
             cache.unpersist()

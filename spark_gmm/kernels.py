@@ -35,7 +35,9 @@ def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:
     the rows are partitioned or ordered.
     """
     with np.errstate(over="ignore"):
-        bits = np.ascontiguousarray(raw + 0.0).view(_U64)  # + 0.0 folds -0.0 into 0.0
+        unsigned = np.uint64 if raw.dtype.itemsize == 8 else np.uint32
+        folded = raw + raw.dtype.type(0)  # folds -0.0 into 0.0
+        bits = np.ascontiguousarray(folded).view(unsigned).astype(_U64, copy=False)
         h = _splitmix(np.full(raw.shape[0], (seed * 1_000_003 + stream) & (2**64 - 1), dtype=_U64))
         for j in range(raw.shape[1]):
             h = _splitmix(h ^ bits[:, j])
@@ -60,8 +62,9 @@ def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
     """
     n, d = x.shape
     k = mixture.k
-    stacked = np.swapaxes(mixture.precisions_cholesky, 1, 2).reshape(k * d, d)
+    stacked = np.swapaxes(mixture.precisions_cholesky, 1, 2).reshape(k * d, d).astype(x.dtype)
     offsets = np.einsum("jd,jde->je", mixture.means, mixture.precisions_cholesky).ravel()
+    offsets = offsets.astype(x.dtype)
     maha = np.empty((k, n))
     step = max(1, TEMPORARY_DOUBLES // max(n * d, 1))
     for start in range(0, k, step):
@@ -127,7 +130,7 @@ def moment_statistics(x, w, resp, centers, log_likelihood: float, around_centers
             scaled *= root[:, j : j + 1]
             second[j] = (scaled.T @ scaled)[rows, cols]
     else:
-        second = (packed_outer(x) @ weighted).T
+        second = (packed_outer(x) @ weighted.astype(x.dtype, copy=False)).T.astype(np.float64)
         second -= raw_first[:, rows] * centers[:, cols] + centers[:, rows] * raw_first[:, cols]
         second += mass[:, None] * centers[:, rows] * centers[:, cols]
     first = raw_first - mass[:, None] * centers

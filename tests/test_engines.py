@@ -50,3 +50,24 @@ def test_tree_reduction_gives_the_same_model(blobs, monkeypatch):
     np.testing.assert_allclose(tree.means, flat.means, rtol=1e-12)
     np.testing.assert_allclose(tree.covariances, flat.covariances, rtol=1e-10, atol=1e-12)
     assert tree.summary.numIter == flat.summary.numIter
+
+
+def test_float32_blocks_stay_close_to_float64(blobs):
+    """dtype='float32' halves the cached bytes; its model stays within float32 round-off."""
+    df = blobs.repartition(3)
+    start = GaussianMixture(k=3, seed=3, maxIter=0).fit(df)
+    fits = {
+        (dtype, engine): GaussianMixture(maxIter=5, tol=0.0, dtype=dtype, engine=engine)
+        .setInitialModel(start)
+        .fit(df)
+        for dtype, engine in (("float64", "driver"), ("float32", "driver"), ("float32", "barrier"))
+    }
+    wide, narrow = fits["float64", "driver"], fits["float32", "driver"]
+    scale = np.sqrt(np.diagonal(wide.covariances, axis1=1, axis2=2))
+    assert np.abs((narrow.means - wide.means) / scale).max() < 1e-4  # data sit at 1e6: shifted first
+    np.testing.assert_allclose(narrow.covariances, wide.covariances, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(narrow.weights, wide.weights, rtol=1e-4)
+    assert narrow.summary.logLikelihood == pytest.approx(wide.summary.logLikelihood, rel=1e-6)
+    barrier = fits["float32", "barrier"]
+    np.testing.assert_allclose(barrier.means, narrow.means, rtol=1e-12)
+    np.testing.assert_allclose(barrier.covariances, narrow.covariances, rtol=1e-10, atol=1e-12)
