@@ -46,7 +46,7 @@ def write_directory(instance, path: str, overwrite: bool, extra: dict, component
     from . import __version__
 
     spark = _session()
-    mode = "overwrite" if overwrite else "errorifexists"
+    mode = "overwrite" if overwrite else "error"  # "errorifexists" is not accepted by Spark Connect
     metadata = {
         "class": f"{type(instance).__module__.split('.')[0]}.{type(instance).__name__}",
         "formatVersion": FORMAT_VERSION,
