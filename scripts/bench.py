@@ -28,12 +28,10 @@ import numpy as np
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
-GRID = [
-    (n, d, k)
-    for n in (1_000_000, 4_000_000)
-    for d, k in ((2, 5), (10, 5), (16, 8), (16, 20), (50, 8))
-] + [(2_000_000, 16, 8), (16_000_000, 10, 5)]
-GRID.sort()
+GRID = sorted(
+    [(n, d, k) for n in (1_000_000, 4_000_000) for d in (2, 10, 16, 50) for k in (5, 8, 20)]
+    + [(2_000_000, 16, 8), (16_000_000, 10, 5)]
+)
 
 
 def synthetic(spark, rows, dims, k, partitions, seed=0):
