@@ -15,7 +15,6 @@ through accumulators, and a retried stage restarts the fit from the same start.
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import socket
 import struct
@@ -29,7 +28,6 @@ from . import em
 from .blocks import BlockCache, arrow_blocks, combine_in_order, fold_blocks
 from .mixture import Mixture
 
-log = logging.getLogger("spark_gmm")
 
 RESULT_SCHEMA = "result string"
 
