@@ -48,9 +48,11 @@ def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:
 TEMPORARY_DOUBLES = 1 << 21
 #: Second moments are accumulated around the shift (one product for all components, fastest up to
 #: about this many features) only while ‖μ_j‖² / λ_min(Σ_j) stays below CANCELLATION_LIMIT, i.e.
-#: while the cancellation costs under ~1e-10 relative; otherwise around each component's mean.
+#: while the cancellation costs under ~1e-10 relative (float32 blocks: FLOAT32_CANCELLATION_LIMIT,
+#: ~1e-4 of σ²); otherwise around each component's mean.
 SHIFTED_MOMENTS_MAX_D = 24
 CANCELLATION_LIMIT = 1e6
+FLOAT32_CANCELLATION_LIMIT = 1e3
 
 
 def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
@@ -151,16 +153,17 @@ class EStepPass(SumPass):
 
     def __init__(self, mixtures: list[Mixture]):
         self.mixtures = mixtures
-        self.around_centers = [
-            m.d > SHIFTED_MOMENTS_MAX_D
-            or bool(((m.means**2).sum(axis=1) / np.linalg.eigvalsh(m.covariances)[:, 0]).max() > CANCELLATION_LIMIT)
+        self.offsets = [  # how far each mixture's means sit from the shift, in its narrowest σ²
+            float(((m.means**2).sum(axis=1) / np.linalg.eigvalsh(m.covariances)[:, 0]).max())
             for m in mixtures
         ]
         self.partial_bytes = 8 * sum(ComponentStatistics.size(m.k, m.d) for m in mixtures)
 
     def map_block(self, raw, x, w):
         parts = []
-        for mixture, around_centers in zip(self.mixtures, self.around_centers):
+        limit = CANCELLATION_LIMIT if x.dtype == np.float64 else FLOAT32_CANCELLATION_LIMIT
+        for mixture, offset in zip(self.mixtures, self.offsets):
+            around_centers = mixture.d > SHIFTED_MOMENTS_MAX_D or offset > limit
             log_norm, resp = normalize_log(weighted_log_joint(x, mixture))
             ll = float(log_norm.sum() if w is None else w @ log_norm)
             parts.append(moment_statistics(x, w, resp, mixture.means, ll, around_centers))

@@ -435,3 +435,17 @@ def test_kmeans_parallel_refuses_too_few_distinct_points():
     x = np.repeat(np.array([[0.0, 1.0], [2.0, 3.0]]), 50, axis=0)
     with pytest.raises(ValueError, match="distinct points"):
         em.kmeans_parallel_centers(make_reduce(x), d=2, k=3, seed=0)
+
+
+def test_float32_blocks_keep_moments_of_components_far_from_the_shift():
+    """A tight component 300σ from the shift: float32 blocks must not cancel its second moments."""
+    rng = np.random.default_rng(3)
+    means = np.array([[300.0, 0.0], [-300.0, 0.0]])
+    x = np.vstack([rng.normal(m, 1.0, size=(2000, 2)) for m in means])
+    mixture = Mixture.from_covariances([0.5, 0.5], means, np.stack([np.eye(2)] * 2))
+    estep = kernels.EStepPass([mixture])
+    (wide,) = estep.split(estep.map_block(x, x, None))
+    narrow_x = x.astype(np.float32)
+    (narrow,) = estep.split(estep.map_block(narrow_x, narrow_x, None))
+    per_row = lambda stats: stats.second / stats.resp[:, None]  # noqa: E731 - centred σ² entries
+    np.testing.assert_allclose(per_row(narrow), per_row(wide), atol=2e-6)
