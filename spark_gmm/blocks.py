@@ -184,6 +184,13 @@ def fold_blocks(pass_, blocks, shift: np.ndarray | None):
     return acc
 
 
+def _partials(table: pa.Table) -> list[tuple[int, np.ndarray]]:
+    """(pid, partial) pairs of a table of PARTIAL_SCHEMA rows."""
+    pids = table.column("pid").to_numpy()
+    views = _binary_views(table.column("part").combine_chunks())
+    return [(int(p), v.view(np.float64).copy()) for p, v in zip(pids, views)]
+
+
 def combine_in_order(pass_, parts) -> np.ndarray:
     """Combine (pid, partial) pairs in partition order: the one reduction order of every engine."""
     acc = None
@@ -227,10 +234,9 @@ def make_combiner(pass_):
     """`applyInArrow` function combining a group's partials in partition order (one tree level)."""
 
     def combine(table: pa.Table) -> pa.Table:
-        pids = table.column("pid").to_numpy()
-        views = _binary_views(table.column("part").combine_chunks())
-        acc = combine_in_order(pass_, [(p, v.view(np.float64).copy()) for p, v in zip(pids, views)])
-        return pa.table({"pid": pa.array([int(pids.min())], pa.int32()), "part": pa.array([acc.tobytes()])})
+        acc = combine_in_order(pass_, _partials(table))
+        pid = int(pc.min(table.column("pid")).as_py())
+        return pa.table({"pid": pa.array([pid], pa.int32()), "part": pa.array([acc.tobytes()])})
 
     return combine
 
@@ -324,9 +330,7 @@ class BlockCache:
                 group = F.floor(F.col("pid") / F.lit(width))
                 parts = parts.groupBy(group).applyInArrow(make_combiner(pass_), PARTIAL_SCHEMA)
         table = parts.toArrow()
-        views = _binary_views(table.column("part").combine_chunks())
-        pids = table.column("pid").to_numpy()
-        return combine_in_order(pass_, [(p, v.view(np.float64).copy()) for p, v in zip(pids, views)])
+        return combine_in_order(pass_, _partials(table))
 
     def _tree_fanout(self, partial_bytes: int) -> int:
         """Fan-in of each tree level, or 0 when the driver can combine all partials directly."""
