@@ -359,11 +359,11 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def _save(self, path: str, overwrite: bool) -> None:
+    def _save(self, path: str, overwrite: bool) -> str:
         extra = {"hasInitialModel": self._initial_model is not None}
-        persistence.write_directory(self, path, overwrite, extra)
         if self._initial_model is not None:
-            self._initial_model._save(f"{path}/initialModel", overwrite)
+            extra["initialModelWriteId"] = self._initial_model._save(f"{path}/initialModel", overwrite)
+        return persistence.write_directory(self, path, overwrite, extra)
 
     @classmethod
     def _load(cls, path: str) -> "GaussianMixture":
@@ -371,6 +371,12 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         estimator = cls()
         persistence.restore_params(estimator, metadata)
         if metadata.get("hasInitialModel"):
+            initial = persistence.read_metadata(f"{path}/initialModel", GaussianMixtureModel.__name__)
+            if initial["writeId"] != metadata["initialModelWriteId"]:
+                raise persistence.ModelFormatError(
+                    f"{path}/initialModel was not written by the save that wrote {path}/metadata "
+                    "(a save into this directory was interrupted); save the estimator again"
+                )
             estimator._initial_model = GaussianMixtureModel.load(f"{path}/initialModel")
         return estimator
 
@@ -474,17 +480,19 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
             out.append(F.col("__spark_gmm_scores.logLikelihood").alias(self.getLogLikelihoodCol()))
         return scored.select(*out)
 
-    def _save(self, path: str, overwrite: bool) -> None:
+    def _save(self, path: str, overwrite: bool) -> str:
         extra = {"k": self.getK(), "numFeatures": self.numFeatures}
         if self._summary is not None:
             extra["summary"] = self._summary.to_dict()
         m = self._mixture
-        persistence.write_directory(self, path, overwrite, extra, (m.weights, m.means, m.covariances))
+        return persistence.write_directory(
+            self, path, overwrite, extra, (m.weights, m.means, m.covariances)
+        )
 
     @classmethod
     def _load(cls, path: str) -> "GaussianMixtureModel":
         metadata = persistence.read_metadata(path, cls.__name__)
-        model = cls(*persistence.read_components(path, metadata["k"], metadata["numFeatures"]))
+        model = cls(*persistence.read_components(path, metadata))
         persistence.restore_params(model, metadata)
         return model
 

@@ -3,21 +3,25 @@
 Layout of a saved directory (format version 1):
 
 - ``data/``: Parquet, one row per component — ``component`` (int), ``weight`` (double), ``mean``
-  (array<double>, length d), ``covariance`` (array<double>, the d×d matrix in row-major order).
-  Models only.
+  (array<double>, length d), ``covariance`` (array<double>, the d×d matrix in row-major order),
+  ``writeId`` (string). Models only.
 - ``metadata/``: one text file holding one JSON object — ``class``, ``formatVersion``,
-  ``sparkGmmVersion``, ``sparkVersion``, ``uid``, ``timestamp``, ``paramMap``, ``defaultParamMap``,
-  and for models ``k``, ``numFeatures`` and ``summary`` (training log-likelihood, history, iterations).
+  ``sparkGmmVersion``, ``sparkVersion``, ``uid``, ``timestamp``, ``writeId``, ``paramMap``,
+  ``defaultParamMap``; for estimators ``hasInitialModel`` (the model in ``initialModel/``, with its
+  ``initialModelWriteId``); for models ``k``, ``numFeatures`` and ``summary`` (training log-likelihood, history, iterations).
 
-Metadata is written last, so a directory without it is not a model. Both parts are written with Spark's
-DataFrame writers, so any path Spark can write (local, HDFS, S3, DBFS) works, under Spark Connect too;
-the files are readable without Spark (any JSON and Parquet reader).
+Each save draws a fresh ``writeId``, stored in the metadata and in every data row, and writes the
+metadata last. So a save killed at any moment leaves a directory that does not load as a model: either
+it has no metadata, or its metadata names another save's data (an interrupted overwrite). Both parts
+are written with Spark's DataFrame writers, so any path Spark can write (local, HDFS, S3, DBFS) works,
+under Spark Connect too; the files are readable without Spark (any JSON and Parquet reader).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import numpy as np
 from pyspark.ml.util import MLReadable, MLReader, MLWritable, MLWriter
@@ -42,11 +46,30 @@ def _param_values(instance, param_map) -> dict:
     return {p.name: v for p, v in param_map.items() if p.name in {q.name for q in instance.params}}
 
 
-def write_directory(instance, path: str, overwrite: bool, extra: dict, components=None) -> None:
+def _exists(spark: SparkSession, path: str) -> bool:
+    """Whether anything is at `path`, through Spark's own file listing (no JVM gateway needed)."""
+    try:
+        spark.read.format("binaryFile").load(path).schema
+    except AnalysisException as error:
+        if "PATH_NOT_FOUND" in str(error) or "does not exist" in str(error).lower():
+            return False
+        raise
+    return True
+
+
+def refuse_existing(path: str, overwrite: bool) -> None:
+    """Without overwrite, refuse any existing `path` before writing anything into it."""
+    if not overwrite and _exists(_session(), path):
+        raise FileExistsError(f"path {path} already exists; use write().overwrite().save(path) to replace it")
+
+
+def write_directory(instance, path: str, overwrite: bool, extra: dict, components=None) -> str:
+    """Write `instance` (and a model's components) under `path`, metadata last; returns the writeId."""
     from . import __version__
 
     spark = _session()
     mode = "overwrite" if overwrite else "error"  # "errorifexists" is not accepted by Spark Connect
+    write_id = uuid.uuid4().hex
     metadata = {
         "class": f"{type(instance).__module__.split('.')[0]}.{type(instance).__name__}",
         "formatVersion": FORMAT_VERSION,
@@ -54,29 +77,25 @@ def write_directory(instance, path: str, overwrite: bool, extra: dict, component
         "sparkVersion": spark.version,
         "uid": instance.uid,
         "timestamp": int(time.time() * 1000),
+        "writeId": write_id,
         "paramMap": _param_values(instance, instance._paramMap),
         "defaultParamMap": _param_values(instance, instance._defaultParamMap),
         **extra,
     }
-    try:
-        if components is not None:
-            weights, means, covariances = components
-            rows = [
-                (j, float(weights[j]), means[j].tolist(), covariances[j].ravel().tolist())
-                for j in range(len(weights))
-            ]
-            spark.createDataFrame(
-                rows, "component int, weight double, mean array<double>, covariance array<double>"
-            ).coalesce(1).write.mode(mode).parquet(f"{path}/data")
-        spark.createDataFrame([(json.dumps(metadata),)], "value string").coalesce(1).write.mode(
-            mode
-        ).text(f"{path}/metadata")
-    except AnalysisException as error:
-        if "already exists" in str(error).lower() or "PATH_ALREADY_EXISTS" in str(error):
-            raise FileExistsError(
-                f"path {path} already exists; use write().overwrite().save(path) to replace it"
-            ) from None
-        raise
+    if components is not None:
+        weights, means, covariances = components
+        rows = [
+            (j, float(weights[j]), means[j].tolist(), covariances[j].ravel().tolist(), write_id)
+            for j in range(len(weights))
+        ]
+        spark.createDataFrame(
+            rows,
+            "component int, weight double, mean array<double>, covariance array<double>, writeId string",
+        ).coalesce(1).write.mode(mode).parquet(f"{path}/data")
+    spark.createDataFrame([(json.dumps(metadata),)], "value string").coalesce(1).write.mode(
+        mode
+    ).text(f"{path}/metadata")
+    return write_id
 
 
 def read_metadata(path: str, expected_class: str) -> dict:
@@ -84,12 +103,17 @@ def read_metadata(path: str, expected_class: str) -> dict:
     try:
         lines = [r[0] for r in spark.read.text(f"{path}/metadata").collect()]
     except AnalysisException:
-        raise ModelFormatError(f"{path} is not a saved spark_gmm {expected_class}: no metadata/") from None
+        lines = []
+    if not lines:
+        raise ModelFormatError(
+            f"{path} is not a saved spark_gmm {expected_class}: no metadata/ (not a model directory, "
+            "or a save that was interrupted)"
+        )
     try:
         metadata = json.loads(lines[0])
-    except (IndexError, ValueError):
+    except ValueError:
         raise ModelFormatError(f"{path}/metadata does not hold spark_gmm metadata JSON") from None
-    found = metadata.get("class", "?")
+    found = metadata.get("class", "?") if isinstance(metadata, dict) else "?"
     if found != f"spark_gmm.{expected_class}":
         raise ModelFormatError(f"{path} holds a {found}, not a spark_gmm.{expected_class}")
     if metadata.get("formatVersion") != FORMAT_VERSION:
@@ -100,14 +124,32 @@ def read_metadata(path: str, expected_class: str) -> dict:
     return metadata
 
 
-def read_components(path: str, k: int, d: int):
-    table = _session().read.parquet(f"{path}/data").toArrow().sort_by("component")
-    if table.num_rows != k:
-        raise ModelFormatError(f"{path}/data has {table.num_rows} components, metadata says {k}")
-    weights = table.column("weight").to_numpy()
-    means = np.array(table.column("mean").to_pylist(), dtype=np.float64).reshape(k, d)
-    covariances = np.array(table.column("covariance").to_pylist(), dtype=np.float64).reshape(k, d, d)
-    return weights, means, covariances
+def read_components(path: str, metadata: dict):
+    """(weights, means, covariances) saved under `path`, checked against its metadata."""
+    k, d, write_id = metadata["k"], metadata["numFeatures"], metadata["writeId"]
+    try:
+        table = _session().read.parquet(f"{path}/data").toArrow().sort_by("component")
+        ids = set(table.column("writeId").to_pylist())
+        weights = table.column("weight").to_numpy()
+        means = np.array(table.column("mean").to_pylist(), dtype=np.float64)
+        covariances = np.array(table.column("covariance").to_pylist(), dtype=np.float64)
+    except Exception as error:  # missing, truncated or foreign files: one clear line, not a JVM trace
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFormatError(
+            f"{path}/data cannot be read as spark_gmm model data (corrupt, or a save into this "
+            f"directory was interrupted): {first}"
+        ) from None
+    if ids != {write_id}:
+        raise ModelFormatError(
+            f"{path}/data was not written by the save that wrote {path}/metadata (a save into this "
+            "directory was interrupted); save the model again"
+        )
+    if table.num_rows != k or means.shape != (k, d) or covariances.shape != (k, d * d):
+        raise ModelFormatError(
+            f"{path}/data holds {table.num_rows} components of shape {means.shape[1:]}, metadata says "
+            f"k={k}, numFeatures={d}"
+        )
+    return weights, means, covariances.reshape(k, d, d)
 
 
 def restore_params(instance, metadata: dict) -> None:
@@ -124,6 +166,7 @@ class Writer(MLWriter):
         self.instance, self._save = instance, save
 
     def save(self, path: str) -> None:
+        refuse_existing(path, self.shouldOverwrite)
         self._save(path, self.shouldOverwrite)
 
 

@@ -12,6 +12,7 @@ from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from spark_gmm import GaussianMixture, GaussianMixtureModel
+from spark_gmm.persistence import ModelFormatError
 
 
 def make_df(spark, seed=0, n=600):
@@ -267,3 +268,149 @@ def test_saved_estimator_files_are_json(spark, tmp_path):
     assert meta["hasInitialModel"] is True
     table = pq.read_table(str(path / "initialModel" / "data"))
     assert table.num_rows == 1
+
+
+# -- interrupted and corrupt saves -------------------------------------------------------------------
+
+
+def _fail_metadata_write(monkeypatch):
+    """Make the metadata write (the last step of a save) die, as a killed job would there."""
+    from pyspark.sql.readwriter import DataFrameWriter
+
+    def killed(self, path, *args, **kwargs):
+        raise KeyboardInterrupt(f"killed while writing {path}")
+
+    monkeypatch.setattr(DataFrameWriter, "text", killed)
+
+
+def test_interrupted_save_does_not_load(spark, fitted, tmp_path, monkeypatch):
+    path = str(tmp_path / "model")
+    with monkeypatch.context() as patch:
+        _fail_metadata_write(patch)
+        with pytest.raises(KeyboardInterrupt):
+            fitted.save(path)
+    assert os.path.isdir(os.path.join(path, "data"))  # the data got written, the metadata did not
+    with pytest.raises(ValueError, match="no metadata/ .*interrupted"):
+        GaussianMixtureModel.load(path)
+    fitted.write().overwrite().save(path)  # saving again repairs the directory
+    assert_same_arrays(GaussianMixtureModel.load(path), fitted)
+
+
+def test_interrupted_overwrite_does_not_load_a_mixture_of_two_saves(spark, fitted, tmp_path, monkeypatch):
+    path = str(tmp_path / "model")
+    fitted.save(path)
+    other = GaussianMixtureModel.fromArrays(
+        fitted.weights, fitted.means + 1.0, fitted.covariances
+    )  # same k and d: only the writeId tells the halves apart
+    with monkeypatch.context() as patch:
+        _fail_metadata_write(patch)
+        with pytest.raises(KeyboardInterrupt):
+            other.write().overwrite().save(path)
+    with pytest.raises(ValueError, match="not written by the save that wrote .*metadata.*interrupted"):
+        GaussianMixtureModel.load(path)
+
+
+def test_interrupted_estimator_save_does_not_load(spark, tmp_path, monkeypatch):
+    start = GaussianMixtureModel.fromArrays([1.0], [[0.0, 1.0]], [np.eye(2)])
+    path = str(tmp_path / "estimator")
+    GaussianMixture(maxIter=4).setInitialModel(start).save(path)
+    other = GaussianMixtureModel.fromArrays([1.0], [[5.0, 1.0]], [np.eye(2)])
+    calls = []
+    from pyspark.sql.readwriter import DataFrameWriter
+
+    real_text = DataFrameWriter.text
+
+    def dies_on_second_metadata(self, target, *args, **kwargs):
+        calls.append(target)
+        if len(calls) == 2:  # the initial model's metadata went through; the estimator's does not
+            raise KeyboardInterrupt(target)
+        return real_text(self, target, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DataFrameWriter, "text", dies_on_second_metadata)
+        with pytest.raises(KeyboardInterrupt):
+            GaussianMixture(maxIter=9).setInitialModel(other).write().overwrite().save(path)
+    with pytest.raises(ValueError, match="initialModel was not written by the save"):
+        GaussianMixture.load(path)
+
+
+def test_save_refuses_any_existing_path_before_writing(spark, data, fitted, tmp_path):
+    table = str(tmp_path / "table")
+    data.write.parquet(table)
+    before = sorted(os.listdir(table))
+    with pytest.raises(FileExistsError, match=f"path {table} already exists"):
+        fitted.save(table)
+    with pytest.raises(FileExistsError, match="already exists"):
+        GaussianMixture().setInitialModel(fitted).save(table)
+    assert sorted(os.listdir(table)) == before  # nothing written into someone else's directory
+
+
+def test_corrupt_data_files_give_a_clear_error(spark, fitted, tmp_path):
+    path = tmp_path / "model"
+    fitted.save(str(path))
+    (part,) = glob.glob(str(path / "data" / "part-*.parquet"))
+    content = open(part, "rb").read()
+    open(part, "wb").write(content[: len(content) // 2])
+    for crc in glob.glob(str(path / "data" / ".*.crc")):
+        os.remove(crc)
+    with pytest.raises(ValueError, match=r"model/data cannot be read as spark_gmm model data") as error:
+        GaussianMixtureModel.load(str(path))
+    assert "\n" not in str(error.value)
+
+    wrong_shape = tmp_path / "wrong"
+    fitted.save(str(wrong_shape))
+    (meta,) = glob.glob(str(wrong_shape / "metadata" / "part-*"))
+    record = json.loads(open(meta).read())
+    record["numFeatures"] = 5
+    open(meta, "w").write(json.dumps(record) + "\n")
+    for crc in glob.glob(str(wrong_shape / "metadata" / ".*.crc")):
+        os.remove(crc)
+    with pytest.raises(ValueError, match="metadata says k=3, numFeatures=5"):
+        GaussianMixtureModel.load(str(wrong_shape))
+
+
+KILLED_SAVER = """
+import sys
+import numpy as np
+from pyspark.sql import SparkSession
+from spark_gmm import GaussianMixtureModel
+
+spark = SparkSession.builder.master("local[1]").config("spark.ui.enabled", "false").getOrCreate()
+models = [GaussianMixtureModel.fromArrays([0.5, 0.5], [[i, 0.0], [0.0, i]], [np.eye(2)] * 2)
+          for i in (1.0, 2.0)]
+models[0].save(sys.argv[1])
+print("saved", flush=True)
+i = 1
+while True:
+    models[i % 2].write().overwrite().save(sys.argv[1])
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("delay", [0.7, 1.9])
+def test_killed_save_never_leaves_a_directory_that_loads_wrongly(spark, tmp_path, delay):
+    """Kill -9 a driver (Python and JVM) that keeps overwriting a model: what is left either loads as
+    one of the two models it was writing, or refuses to load with a clear error."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = str(tmp_path / "model")
+    script = tmp_path / "saver.py"
+    script.write_text(KILLED_SAVER)
+    proc = subprocess.Popen([sys.executable, str(script), path], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        time.sleep(delay)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    try:
+        loaded = GaussianMixtureModel.load(path)
+    except ModelFormatError as error:
+        assert "interrupted" in str(error)
+    else:
+        assert loaded.means[0, 0] in (1.0, 2.0)
+        np.testing.assert_array_equal(loaded.means, [[loaded.means[0, 0], 0.0], [0.0, loaded.means[0, 0]]])
