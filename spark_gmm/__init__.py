@@ -3,12 +3,19 @@
 __version__ = "0.1.0"
 
 from .clustering import GaussianMixture, GaussianMixtureModel, GaussianMixtureSummary  # noqa: E402
-from .inputs import InvalidInputError  # noqa: E402
+from .em import ComponentWarning  # noqa: E402
+from .inputs import InputWarning, InvalidInputError  # noqa: E402
+from .mixture import SpectralRepairWarning  # noqa: E402
+from .persistence import ModelFormatError  # noqa: E402
 
 __all__ = [
     "GaussianMixture",
     "GaussianMixtureModel",
     "GaussianMixtureSummary",
+    "ComponentWarning",
+    "InputWarning",
     "InvalidInputError",
+    "ModelFormatError",
+    "SpectralRepairWarning",
     "__version__",
 ]

@@ -9,12 +9,14 @@ all tasks take identical steps. Task 0 returns the fitted result.
 The exchange runs over TCP between the tasks (task 0 listens; its address is shared with one
 `allGather`, and peers authenticate with a per-fit token). `allGather` itself is not used per
 iteration: Spark polls barrier RPCs once a second, so each call costs up to a second. Nothing goes
-through accumulators, and a retried stage restarts the fit from the same start.
+through accumulators. Spark does not retry a failed barrier result stage, so `fit` reruns it (up to
+`ATTEMPTS` runs) from the same start, which gives the same model.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import socket
 import struct
@@ -26,10 +28,20 @@ from pyspark.sql import SparkSession
 
 from . import em
 from .blocks import BlockCache, arrow_blocks, combine_in_order, fold_blocks
-from .mixture import Mixture
+from .mixture import Mixture, SpectralRepairWarning
 
 
 RESULT_SCHEMA = "result string"
+#: Spark's refusals to schedule a barrier stage at all: the driver engine runs the fit instead.
+REFUSALS = (
+    "BarrierJobSlotsNumberCheckFailed",
+    "BarrierJobRunWithDynamicAllocationException",
+    "BarrierJobUnsupportedRDDChainException",
+)
+#: Runs of the barrier stage before a failure (a crashed task, a lost executor) is final.
+ATTEMPTS = 3
+
+log = logging.getLogger("spark_gmm")
 
 
 class BarrierUnavailable(RuntimeError):
@@ -147,7 +159,7 @@ def _result_json(result: em.FitResult, caught) -> str:
             "cluster_sizes": result.cluster_sizes,
             "empty_components": result.empty_components,
             "iteration_seconds": result.iteration_seconds,
-            "warnings": [str(w.message) for w in caught],
+            "warnings": [[w.category.__name__, str(w.message)] for w in caught],
         }
     )
 
@@ -156,8 +168,9 @@ def _result_from_json(text: str) -> em.FitResult:
     r = json.loads(text)
     if "error" in r:
         raise (FloatingPointError if r["error"] == "FloatingPointError" else ValueError)(r["message"])
-    for message in r["warnings"]:
-        warnings.warn(message, em.ComponentWarning, stacklevel=3)
+    categories = {c.__name__: c for c in (em.ComponentWarning, SpectralRepairWarning)}
+    for category, message in r["warnings"]:
+        warnings.warn(message, categories.get(category, UserWarning), stacklevel=3)
     return em.FitResult(
         mixture=Mixture.from_covariances(r["weights"], r["means"], r["covariances"]),
         log_likelihood=r["log_likelihood"],
@@ -218,10 +231,28 @@ def fit(cache: BlockCache, summary, settings: em.FitSettings, spark: SparkSessio
     task = make_barrier_task(
         cache.shift, cache.has_weight, cache.dtype, summary.d, summary.total_weight, settings
     )
-    try:
-        rows = blocks.mapInArrow(task, RESULT_SCHEMA, barrier=True).toArrow()
-    except Exception as error:  # scheduling refused (slots, dynamic allocation, ...)
-        if "barrier" in str(error).lower() and "BarrierTaskContext" not in str(error):
-            raise BarrierUnavailable(str(error).splitlines()[0]) from error
-        raise
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            rows = blocks.mapInArrow(task, RESULT_SCHEMA, barrier=True).toArrow()
+            break
+        except Exception as error:
+            text = str(error)
+            if any(name in text for name in REFUSALS):
+                raise BarrierUnavailable(_reason(text)) from error
+            if attempt == ATTEMPTS or "cancelled" in text.lower():
+                raise
+            # Spark cannot retry a failed barrier result stage itself; the rerun starts from the
+            # same settings, so it gives the same model.
+            log.warning(
+                "barrier stage failed (attempt %d of %d: %s); running it again", attempt, ATTEMPTS, _reason(text)
+            )
     return _result_from_json(rows.column("result")[0].as_py())
+
+
+def _reason(text: str) -> str:
+    """The informative line of a Py4J/Spark error (its first line is often just 'An error occurred')."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "Exception:" in line or "Job aborted" in line:
+            return line
+    return lines[0] if lines else "unknown error"

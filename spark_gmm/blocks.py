@@ -241,12 +241,26 @@ def make_combiner(pass_):
     return combine
 
 
+def tree_fanout(partitions: int, partial_bytes: int, depth: int) -> int:
+    """Fan-in of each tree level, or 0 when the driver can combine all partials directly."""
+    if depth < 2 or partitions * partial_bytes <= TREE_THRESHOLD_BYTES:
+        return 0
+    return max(2, math.ceil(partitions ** (1.0 / depth)))
+
+
+def partials_at_driver(partitions: int, partial_bytes: int, depth: int) -> int:
+    """How many partials of `partial_bytes` the driver receives per pass (after the tree, if any)."""
+    fanout = tree_fanout(partitions, partial_bytes, depth)
+    return math.ceil(partitions / fanout ** (depth - 1)) if fanout else partitions
+
+
 @dataclass
 class InputSummary:
     rows: int
     total_weight: float
     d: int
     shift: np.ndarray
+    span: np.ndarray  # max − min of each feature over the valid rows
     null_rows: int
     nonfinite_rows: int
     bad_weight_rows: int
@@ -282,14 +296,14 @@ class BlockCache:
         seen = dmin >= 0
         dims = (int(dmin[seen].min()), int(dmax[seen].max())) if seen.any() else (-1, -1)
         d = int(d_known[0]) if len(d_known) else dims[0]
-        shift = np.zeros(max(d, 0))
+        shift, span = np.zeros(max(d, 0)), np.zeros(max(d, 0))
         if len(d_known) and dims[0] == dims[1]:
             keep = np.flatnonzero(n > 0)
             xmin = _binary_views(t.column("xmin").combine_chunks())
             xmax = _binary_views(t.column("xmax").combine_chunks())
             lo = np.min([xmin[i].view(np.float64) for i in keep], axis=0)
             hi = np.max([xmax[i].view(np.float64) for i in keep], axis=0)
-            shift = lo / 2 + hi / 2
+            shift, span = lo / 2 + hi / 2, hi - lo
         self.shift = shift
         self.partitions = int(t.column("pid").to_numpy().max()) + 1 if len(t) else 0
         return InputSummary(
@@ -297,6 +311,7 @@ class BlockCache:
             total_weight=float(t.column("wsum").to_numpy().sum()),
             d=d,
             shift=shift,
+            span=span,
             null_rows=int(t.column("null_rows").to_numpy().sum()),
             nonfinite_rows=int(t.column("nonfinite_rows").to_numpy().sum()),
             bad_weight_rows=int(t.column("bad_weight_rows").to_numpy().sum()),
@@ -322,7 +337,7 @@ class BlockCache:
         parts = self.blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
             make_runner(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
         )
-        fanout = self._tree_fanout(getattr(pass_, "partial_bytes", 0))
+        fanout = tree_fanout(self.partitions, getattr(pass_, "partial_bytes", 0), self.aggregation_depth)
         if fanout:
             width = 1
             for _ in range(self.aggregation_depth - 1):
@@ -331,12 +346,6 @@ class BlockCache:
                 parts = parts.groupBy(group).applyInArrow(make_combiner(pass_), PARTIAL_SCHEMA)
         table = parts.toArrow()
         return combine_in_order(pass_, _partials(table))
-
-    def _tree_fanout(self, partial_bytes: int) -> int:
-        """Fan-in of each tree level, or 0 when the driver can combine all partials directly."""
-        if self.aggregation_depth < 2 or self.partitions * partial_bytes <= TREE_THRESHOLD_BYTES:
-            return 0
-        return max(2, math.ceil(self.partitions ** (1.0 / self.aggregation_depth)))
 
     def unpersist(self) -> None:
         self.blocks.unpersist()

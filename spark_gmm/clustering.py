@@ -4,6 +4,7 @@ pyspark.ml's Estimator/Model/Params and the distributed EM in `em` and `blocks`.
 from __future__ import annotations
 
 import logging
+import warnings
 import zlib
 
 import numpy as np
@@ -30,10 +31,17 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 from pyspark.sql.functions import pandas_udf
 
 from . import barrier, em, persistence
-from .blocks import BlockCache
-from .inputs import InvalidInputError, feature_array, weight_column
+from .blocks import BlockCache, partials_at_driver
+from .inputs import (
+    InputWarning,
+    InvalidInputError,
+    check_driver_memory,
+    feature_array,
+    jvm_bytes,
+    weight_column,
+)
 from .kernels import log_sum_exp, weighted_log_joint
-from .mixture import Mixture
+from .mixture import ComponentStatistics, Mixture, thin_components
 
 log = logging.getLogger("spark_gmm")
 
@@ -278,13 +286,21 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         cache = BlockCache(dataset, x, w, self.getAggregationDepth())
         try:
             summary = cache.summarize()
-            skipped = self._validate(summary)
+            skipped = self._validate(summary, dataset.sparkSession)
             if self.getDtype() == "float32":
                 cache.narrow()
             result = self._run(cache, summary, dataset.sparkSession)
         finally:
             cache.unpersist()
         final = result.mixture.shifted(summary.shift)
+        for j, variance in thin_components(final.covariances, self.getRegCovar(), summary.span > 0):
+            warnings.warn(
+                f"component {j} is singular without regCovar (its smallest own variance is "
+                f"{max(variance, 0.0):.3g} ≤ regCovar={self.getRegCovar():g}): it sits on fewer distinct "
+                "points than features, or on collinear features, and regCovar sets its shape there",
+                em.ComponentWarning,
+                stacklevel=3,
+            )
         model = GaussianMixtureModel(final.weights, final.means, final.covariances)
         self._copyValues(model)
         model._summary = GaussianMixtureSummary(model, dataset, result, skipped)
@@ -294,7 +310,12 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         )
         return model
 
-    def _validate(self, s) -> int:
+    def _feature_name(self, i: int) -> str:
+        if self.isDefined(self.inputCols):
+            return f"'{self.getInputCols()[i]}'"
+        return f"{i} of '{self.getFeaturesCol()}'"
+
+    def _validate(self, s, spark) -> int:
         """Refuse input that cannot be fitted, naming the column; returns the rows skipped."""
         column = ", ".join(self.getInputCols()) if self.isDefined(self.inputCols) else self.getFeaturesCol()
         if s.dims[0] != s.dims[1]:
@@ -325,6 +346,23 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             raise InvalidInputError(f"weight column '{self.getWeightCol()}': all weights are zero")
         if self.getK() > s.rows:
             raise InvalidInputError(f"k={self.getK()} is larger than the number of rows ({s.rows})")
+        for i in np.flatnonzero(s.span == 0):
+            constant = f"feature {self._feature_name(i)} is constant ({s.shift[i]:.17g})"
+            if self.getRegCovar() <= 0:
+                raise InvalidInputError(
+                    f"{constant}: with regCovar=0 every covariance is singular; set regCovar > 0 or "
+                    "drop the feature"
+                )
+            warnings.warn(f"{constant}: its variance is regCovar={self.getRegCovar():g} in every component",
+                          InputWarning, stacklevel=4)
+        partial_bytes = 8 * ComponentStatistics.size(self.getK(), s.d)
+        check_driver_memory(
+            self.getK(),
+            s.d,
+            partial_bytes,
+            partials_at_driver(s.partitions, partial_bytes, self.getAggregationDepth()),
+            jvm_bytes(spark.conf.get("spark.driver.maxResultSize", "1g")),
+        )
         return invalid
 
     def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:
@@ -347,6 +385,16 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             start = Mixture.from_covariances(
                 model.weights, model.means - summary.shift, model.covariances, self.getRegCovar()
             )
+            means, covariances = model.means, model.covariances
+            for j in range(model.getK()):
+                for i in range(j):
+                    if np.array_equal(means[i], means[j]) and np.array_equal(covariances[i], covariances[j]):
+                        warnings.warn(
+                            f"initial components {i} and {j} are identical; EM cannot tell them apart, "
+                            "so they stay identical (give distinct starting means)",
+                            em.ComponentWarning,
+                            stacklevel=4,
+                        )
         return em.FitSettings(
             k=self.getK(),
             max_iter=self.getMaxIter(),

@@ -1,6 +1,11 @@
-"""Resolving and validating the feature and weight columns, with errors that name the problem."""
+"""Resolving and validating the input: feature and weight columns, and whether the driver can hold a
+fit of this size. Errors name the problem (column, count, value) in their first line."""
 
 from __future__ import annotations
+
+import os
+import re
+import resource
 
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
@@ -10,6 +15,10 @@ from pyspark.sql.types import ArrayType, NumericType
 
 class InvalidInputError(ValueError):
     """The input data cannot be clustered as given; the message says which column and why."""
+
+
+class InputWarning(UserWarning):
+    """The input can be clustered, but something about it shapes the result (e.g. a constant feature)."""
 
 
 def _field(df: DataFrame, name: str, role: str):
@@ -54,3 +63,65 @@ def weight_column(df: DataFrame, weight_col: str | None) -> Column | None:
             f"weight column '{weight_col}' has type {field.dataType.simpleString()}; it must be numeric"
         )
     return F.col(f"`{weight_col}`").cast("double")
+
+
+#: float64 k×d×d arrays the driver holds at once: statistics, covariances, Cholesky factors and their
+#: temporaries, for the current and the previous parameters.
+DRIVER_COPIES = 10
+#: Share of the available memory a fit may plan to use.
+MEMORY_SHARE = 0.8
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still use: free RAM, within the cgroup limit and the address-space rlimit."""
+    limits = [os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            found = re.search(r"MemAvailable:\s+(\d+) kB", meminfo.read())
+        if found:
+            limits.append(int(found.group(1)) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as limit, open("/sys/fs/cgroup/memory.current") as used:
+            ceiling = limit.read().strip()
+            if ceiling != "max":
+                limits.append(int(ceiling) - int(used.read().strip()))
+    except (OSError, ValueError):
+        pass
+    address_space = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address_space != resource.RLIM_INFINITY:
+        limits.append(address_space)
+    return max(0, min(limits))
+
+
+def jvm_bytes(text: str) -> int:
+    """A JVM size such as '1g', '512m' or '0' in bytes (0: no limit)."""
+    found = re.fullmatch(r"\s*(\d+)\s*([kmgtp]?)b?\s*", str(text).lower())
+    if not found:
+        raise ValueError(f"not a size: {text!r}")
+    return int(found.group(1)) << (10 * " kmgtp".index(found.group(2) or " "))
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def check_driver_memory(k: int, d: int, partial_bytes: int, partials: int, max_result_bytes: int) -> None:
+    """Refuse a fit whose covariance storage (k·d² doubles) or collected statistics the driver cannot hold."""
+    need = 8 * k * d * d * DRIVER_COPIES + 2 * partials * partial_bytes
+    have = available_memory_bytes()
+    if need > MEMORY_SHARE * have:
+        raise InvalidInputError(
+            f"k={k} components × d={d} features need about {_gib(need)} of driver memory for "
+            f"covariances and their statistics (k·d² = {k * d * d:.3g} doubles); this driver has "
+            f"{_gib(have)} available. Reduce the number of features (e.g. with PCA) or of components"
+        )
+    collected = partials * partial_bytes
+    if max_result_bytes and collected > max_result_bytes:
+        raise InvalidInputError(
+            f"each EM pass would collect {_gib(collected)} of statistics ({partials} partials of "
+            f"{_gib(partial_bytes)}, k={k}, d={d}) but spark.driver.maxResultSize is "
+            f"{_gib(max_result_bytes)}; raise aggregationDepth, coalesce the input, or raise "
+            "spark.driver.maxResultSize"
+        )

@@ -265,7 +265,9 @@ class SmallestUniformPass(RowsPass):
         u = row_uniforms(raw, self.seed, self.stream)
         if w is not None:
             u = np.where(w > 0, u, np.inf)
-        take = np.argsort(u, kind="stable")[: self.count]
+        # Copies of a row share its uniform: one per uniform, so duplicates cannot crowd out rows.
+        _, first = np.unique(u, return_index=True)
+        take = first[: self.count]
         take = take[np.isfinite(u[take])]
         return self._distinct(np.column_stack([u[take], x[take]]))
 

@@ -68,6 +68,17 @@ def precision_cholesky(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
     return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
 
 
+def thin_components(covariances: np.ndarray, reg_covar: float, varying: np.ndarray) -> list[tuple[int, float]]:
+    """(j, variance) of the components whose own variance, in their thinnest direction over the
+    `varying` features, is at most `reg_covar`: without the regulariser they would be singular (a
+    component on fewer distinct points than features, or collinear features)."""
+    sub = covariances[:, varying][:, :, varying]
+    if not sub.shape[-1] or reg_covar <= 0:
+        return []
+    smallest = np.linalg.eigvalsh(sub)[:, 0] - reg_covar
+    return [(int(j), float(smallest[j])) for j in np.flatnonzero(smallest <= reg_covar)]
+
+
 @dataclass(frozen=True)
 class Mixture:
     """One Gaussian mixture in shifted coordinates, with what the E-step needs precomputed."""
