@@ -104,7 +104,7 @@ def numpy_em_iteration(rows, dims, k, start, iters=3):
 
     with threadpool_limits(1):
         t = time.perf_counter()
-        em.run_em(reduce, start, float(rows), iters - 1, 0.0, 1e-6)
+        em.run_em(reduce, em.EMState.fresh(start), float(rows), iters - 1, 0.0, 1e-6)
         return (time.perf_counter() - t) / iters
 
 

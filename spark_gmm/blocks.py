@@ -347,5 +347,13 @@ class BlockCache:
         table = parts.toArrow()
         return combine_in_order(pass_, _partials(table))
 
+    def describe(self, text: str | None) -> None:
+        """Name the next Spark jobs in the UI (`spark_gmm: EM iteration 3`); None clears the name."""
+        try:
+            context = self.blocks.sparkSession.sparkContext
+        except Exception:  # Spark Connect: no job descriptions
+            return
+        context.setJobDescription(f"spark_gmm: {text}" if text else None)
+
     def unpersist(self) -> None:
         self.blocks.unpersist()

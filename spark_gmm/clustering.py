@@ -16,6 +16,7 @@ from pyspark.ml.linalg import DenseMatrix, DenseVector, Vector, Vectors
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (
     HasAggregationDepth,
+    HasCheckpointInterval,
     HasFeaturesCol,
     HasHandleInvalid,
     HasInputCols,
@@ -32,6 +33,7 @@ from pyspark.sql.functions import pandas_udf
 
 from . import barrier, em, persistence
 from .blocks import BlockCache, partials_at_driver
+from .checkpoint import Checkpointer
 from .inputs import (
     InputWarning,
     InvalidInputError,
@@ -63,6 +65,7 @@ class _GaussianMixtureParams(
     HasWeightCol,
     HasInputCols,
     HasHandleInvalid,
+    HasCheckpointInterval,
 ):
     k = Param(Params._dummy(), "k", "Number of components (> 0).", TypeConverters.toInt)
     regCovar = Param(
@@ -91,6 +94,13 @@ class _GaussianMixtureParams(
         "float32 (half the bytes per pass), statistics combined in float64.",
         TypeConverters.toString,
     )
+    checkpointDir = Param(
+        Params._dummy(),
+        "checkpointDir",
+        "If set, the EM state is saved here every checkpointInterval iterations, and a fit started "
+        "again with the same data and settings resumes from the latest one (driver engine).",
+        TypeConverters.toString,
+    )
     logLikelihoodCol = Param(
         Params._dummy(),
         "logLikelihoodCol",
@@ -111,6 +121,7 @@ class _GaussianMixtureParams(
             handleInvalid="error",
             engine="driver",
             dtype="float64",
+            checkpointInterval=10,
         )
 
     def getK(self) -> int:
@@ -127,6 +138,9 @@ class _GaussianMixtureParams(
 
     def getDtype(self) -> str:
         return self.getOrDefault(self.dtype)
+
+    def getCheckpointDir(self) -> str | None:
+        return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
 
     def getLogLikelihoodCol(self) -> str | None:
         return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
@@ -184,6 +198,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         handleInvalid="error",
         engine="driver",
         dtype="float64",
+        checkpointDir=None,
+        checkpointInterval=10,
     ):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
@@ -209,6 +225,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         handleInvalid="error",
         engine="driver",
         dtype="float64",
+        checkpointDir=None,
+        checkpointInterval=10,
     ):
         kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
         return self._set(**kwargs)
@@ -245,6 +263,12 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def setDtype(self, value: str):
         return self._set(dtype=value)
+
+    def setCheckpointDir(self, value: str):
+        return self._set(checkpointDir=value)
+
+    def setCheckpointInterval(self, value: int):
+        return self._set(checkpointInterval=value)
 
     def setInitialModel(self, model: "GaussianMixtureModel"):
         """Start EM from `model`'s parameters instead of `initMode` (k is taken from the model)."""
@@ -367,12 +391,41 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:
         settings = self._settings(summary)
+        checkpointer = self._checkpointer(spark, summary)
         if self.getEngine() == "barrier":
-            try:
-                return barrier.fit(cache, summary, settings, spark)
-            except barrier.BarrierUnavailable as why:
-                log.warning("barrier engine unavailable (%s); using the driver engine", why)
-        return em.fit_mixture(cache.reduce, summary.d, summary.total_weight, settings)
+            if checkpointer is None:
+                try:
+                    return barrier.fit(cache, summary, settings, spark)
+                except barrier.BarrierUnavailable as why:
+                    log.warning("barrier engine unavailable (%s); using the driver engine", why)
+            else:  # the barrier stage iterates inside a task, which cannot write checkpoints
+                log.warning("checkpointDir is set: the fit runs on the driver engine, which checkpoints")
+        resume = checkpointer.latest() if checkpointer else None
+        try:
+            return em.fit_mixture(
+                cache.reduce, summary.d, summary.total_weight, settings, resume=resume,
+                on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
+            )
+        finally:
+            cache.describe(None)
+
+    def _checkpointer(self, spark, summary) -> Checkpointer | None:
+        directory = self.getCheckpointDir()
+        if not directory:
+            return None
+        fingerprint = {
+            "k": self.getK(),
+            "numFeatures": summary.d,
+            "rows": summary.rows,
+            "totalWeight": summary.total_weight,
+            "shift": summary.shift.tolist(),
+            "regCovar": self.getRegCovar(),
+            "tol": self.getTol(),
+            "seed": self.getSeed(),
+            "initMode": self.getInitMode() if self._initial_model is None else "initialModel",
+            "dtype": self.getDtype(),
+        }
+        return Checkpointer(spark, directory, self.getCheckpointInterval(), fingerprint, self.getRegCovar())
 
     def _settings(self, summary) -> em.FitSettings:
         start = None
@@ -587,6 +640,7 @@ class GaussianMixtureSummary:
         self.emptyComponents = list(result.empty_components)
         self.iterationSeconds = [float(v) for v in result.iteration_seconds]
         self.invalidRowsSkipped = int(skipped)
+        self.resumedFromIteration = int(result.resumed_from)
         self.featuresCol = model.getFeaturesCol()
         self.predictionCol = model.getPredictionCol()
         self.probabilityCol = model.getProbabilityCol()
@@ -617,4 +671,5 @@ class GaussianMixtureSummary:
             "emptyComponents": self.emptyComponents,
             "iterationSeconds": self.iterationSeconds,
             "invalidRowsSkipped": self.invalidRowsSkipped,
+            "resumedFromIteration": self.resumedFromIteration,
         }

@@ -57,6 +57,7 @@ class FitResult:
     cluster_sizes: list[int]  # rows whose most probable component is j, under `mixture`
     empty_components: list[int] = field(default_factory=list)
     iteration_seconds: list[float] = field(default_factory=list)  # wall time of each EM pass
+    resumed_from: int = 0  # the iteration a resumed fit started from (0: a fresh fit)
 
 
 def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
@@ -156,68 +157,92 @@ def mixture_from_centers(reduce: Reduce, centers: np.ndarray, reg_covar: float) 
     return Mixture.from_covariances(weights, means, covariances, reg_covar)
 
 
+@dataclass
+class EMState:
+    """EM after `iteration` M-steps: all a resumed fit needs to continue exactly like an unbroken one."""
+
+    iteration: int
+    mixture: Mixture  # the parameters the next pass evaluates
+    previous: Mixture | None  # those before the last M-step (the decrease guard returns to them)
+    history: list[float]
+    seconds: list[float]
+    empty: list[int]
+
+    @classmethod
+    def fresh(cls, start: Mixture) -> "EMState":
+        return cls(0, start, None, [], [], [])
+
+
 def run_em(
     reduce: Reduce,
-    start: Mixture,
+    state: EMState,
     total_weight: float,
     max_iter: int,
     tol: float,
     reg_covar: float,
-    on_iteration: Callable[[int, float, float], None] | None = None,
+    on_iteration: Callable[[int, float, float | None, float], None] | None = None,
+    on_state: Callable[[EMState], None] | None = None,
+    describe: Callable[[str], None] | None = None,
 ) -> FitResult:
-    """EM from `start` until the mean log-likelihood changes by less than `tol` or `max_iter` M-steps.
+    """EM from `state` until the mean log-likelihood changes by less than `tol` or `max_iter` M-steps.
 
     Each pass evaluates the current parameters (their log-likelihood and sufficient statistics), so
     the returned log-likelihood, history and cluster sizes belong exactly to the returned mixture.
+    `on_state` sees the state after every M-step (to checkpoint it); `describe` names each pass.
     """
-    mixture, previous = start, None
-    history: list[float] = []
-    seconds: list[float] = []
-    empty: set[int] = set()
-    converged = False
-    for iteration in range(max_iter + 1):
-        began = time.perf_counter()
+
+    def evaluate(mixture: Mixture, label: str) -> ComponentStatistics:
+        if describe:
+            describe(label)
         estep = kernels.EStepPass([mixture])
         (stats,) = estep.split(reduce(estep))
+        return stats
+
+    mixture, previous, iteration = state.mixture, state.previous, state.iteration
+    history, seconds, empty = list(state.history), list(state.seconds), set(state.empty)
+    converged = False
+    while True:
+        began = time.perf_counter()
+        stats = evaluate(mixture, f"EM iteration {iteration}")
         mean_ll = stats.log_likelihood / total_weight
         if not np.isfinite(stats.log_likelihood):
             raise FloatingPointError(
                 f"log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
                 "check the input for extreme values or raise regCovar"
             )
-        if history:
-            last = history[-1] / total_weight
-            change = mean_ll - last
-            if change < -DECREASE_TOLERANCE * max(1.0, abs(last)):
-                warnings.warn(
-                    f"log-likelihood decreased by {-change:.3g} per row at iteration {iteration} "
-                    "(round-off or regularisation); keeping the previous parameters",
-                    ComponentWarning,
-                    stacklevel=2,
-                )
-                mixture, stats = previous
-                converged = True
-                iteration -= 1
-                break
+        change = mean_ll - history[-1] / total_weight if history else None
+        if change is not None and change < -DECREASE_TOLERANCE * max(1.0, abs(mean_ll - change)):
+            warnings.warn(
+                f"log-likelihood decreased by {-change:.3g} per row at iteration {iteration} "
+                "(round-off or regularisation); keeping the previous parameters",
+                ComponentWarning,
+                stacklevel=2,
+            )
+            mixture, iteration, converged = previous, iteration - 1, True
+            stats = evaluate(mixture, f"EM iteration {iteration} (kept)")
+            break
         history.append(stats.log_likelihood)
         seconds.append(time.perf_counter() - began)
         if on_iteration:
-            on_iteration(iteration, stats.log_likelihood, seconds[-1])
-        if len(history) > 1 and abs(mean_ll - history[-2] / total_weight) < tol:
+            on_iteration(iteration, stats.log_likelihood, change, seconds[-1])
+        if change is not None and abs(change) < tol:
             converged = True
             break
-        if iteration == max_iter:
+        if iteration >= max_iter:
             break
-        previous = (mixture, stats)
+        previous = mixture
         mixture, newly_empty = m_step(stats, mixture, reg_covar)
+        iteration += 1
         for j in set(newly_empty.tolist()) - empty:
             warnings.warn(
-                f"component {j} lost all its data at iteration {iteration + 1}; it keeps its "
+                f"component {j} lost all its data at iteration {iteration}; it keeps its "
                 "previous mean and covariance with a negligible weight (consider a smaller k)",
                 ComponentWarning,
                 stacklevel=2,
             )
         empty |= set(newly_empty.tolist())
+        if on_state:
+            on_state(EMState(iteration, mixture, previous, list(history), list(seconds), sorted(empty)))
     return FitResult(
         mixture=mixture,
         log_likelihood=stats.log_likelihood,
@@ -227,25 +252,43 @@ def run_em(
         cluster_sizes=[int(c) for c in stats.hard_counts],
         empty_components=sorted(empty),
         iteration_seconds=seconds,
+        resumed_from=state.iteration,
     )
 
 
-def fit_mixture(reduce: Reduce, d: int, total_weight: float, settings: FitSettings) -> FitResult:
-    """Initialise (unless `settings.start` is given), then run EM: the whole fit, engine-agnostic."""
-    start = settings.start
-    if start is None:
-        if settings.init_mode == "random":
-            centers = random_centers(reduce, d, settings.k, settings.seed)
-        else:
-            centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
-        start = mixture_from_centers(reduce, centers, settings.reg_covar)
+def fit_mixture(
+    reduce: Reduce,
+    d: int,
+    total_weight: float,
+    settings: FitSettings,
+    resume: EMState | None = None,
+    on_state: Callable[[EMState], None] | None = None,
+    describe: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Initialise (unless `settings.start` or `resume` is given), then run EM: the whole fit,
+    engine-agnostic."""
+    state = resume
+    if state is None:
+        start = settings.start
+        if start is None:
+            if describe:
+                describe(f"initialisation ({settings.init_mode})")
+            if settings.init_mode == "random":
+                centers = random_centers(reduce, d, settings.k, settings.seed)
+            else:
+                centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
+            start = mixture_from_centers(reduce, centers, settings.reg_covar)
+        state = EMState.fresh(start)
+    else:
+        log.info("resuming from iteration %d", state.iteration)
 
-    def report(iteration, ll, seconds):
+    def report(iteration, ll, change, seconds):
         log.info(
-            "iteration %d: log-likelihood %.10g (%.6g per row), %.3f s",
-            iteration, ll, ll / total_weight, seconds,
+            "iteration %d: log-likelihood %.10g (%.6g per row, change %s), %.3f s",
+            iteration, ll, ll / total_weight, "—" if change is None else f"{change:+.3g}", seconds,
         )
 
     return run_em(
-        reduce, start, total_weight, settings.max_iter, settings.tol, settings.reg_covar, report
+        reduce, state, total_weight, settings.max_iter, settings.tol, settings.reg_covar, report,
+        on_state, describe,
     )

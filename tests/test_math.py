@@ -131,7 +131,7 @@ def test_run_em_matches_sklearn_from_identical_start(rng, offset, n_iter):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no decrease / empty-component warnings expected
-        result = em.run_em(reduce, start, float(len(x)), max_iter=n_iter, tol=0.0, reg_covar=REG)
+        result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=n_iter, tol=0.0, reg_covar=REG)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -161,7 +161,7 @@ def test_run_em_zero_iterations_returns_start(rng):
     w0, mu0, cov0 = start_from(true_means, rng)
     reduce = make_reduce(x)
     start = Mixture.from_covariances(w0, mu0 - reduce.shift, cov0, REG)
-    result = em.run_em(reduce, start, float(len(x)), max_iter=0, tol=0.0, reg_covar=REG)
+    result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=0, tol=0.0, reg_covar=REG)
     assert result.iterations == 0
     assert len(result.history) == 1
     np.testing.assert_array_equal(result.mixture.means, start.means)
@@ -217,7 +217,7 @@ def test_history_never_decreases(rng):
     max_iter = 60
     with warnings.catch_warnings():
         warnings.simplefilter("error", em.ComponentWarning)
-        result = em.run_em(reduce, start, float(len(x)), max_iter=max_iter, tol=0.0, reg_covar=REG)
+        result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=max_iter, tol=0.0, reg_covar=REG)
     history = np.array(result.history)
     assert len(history) == max_iter + 1  # not cut short
     steps = np.diff(history)
@@ -291,7 +291,7 @@ def test_run_em_warns_about_an_emptied_component(rng):
         REG,
     )
     with pytest.warns(em.ComponentWarning, match="component 3 lost all its data"):
-        result = em.run_em(reduce, start, float(len(x)), max_iter=5, tol=0.0, reg_covar=REG)
+        result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=5, tol=0.0, reg_covar=REG)
     assert result.empty_components == [3]
     assert np.all(np.isfinite(result.mixture.covariances))
     assert np.isfinite(result.log_likelihood)
