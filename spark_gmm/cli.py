@@ -1,23 +1,17 @@
-#!/usr/bin/env python3
-"""Fit a Gaussian mixture to a table or Parquet data set with spark_gmm: a spark-submit entry point.
+"""The batch jobs, `spark-gmm fit` and `spark-gmm score` (also `spark-submit jobs/fit_gmm.py` and
+`jobs/score_gmm.py`): read a path or a catalog table, fit or score, write the model and predictions.
 
-    spark-submit jobs/fit_gmm.py --input PATH_OR_TABLE --features a,b,c --k 3 \\
-        [--format parquet] [--max-iter 100] [--tol 0.001] [--seed N] [--weight-col w] \\
-        [--model-out DIR] [--predictions-out PATH] [--mode errorifexists|overwrite|append]
-
-`--input` is read as a path with `--format` when it exists; otherwise, if it looks like a table name
-(`table`, `db.table` or `catalog.db.table`), with `spark.table`. `--features` is either
-comma-separated numeric columns or the name of one vector or numeric-array column.
+Every flag can also come from a TOML file given with `--config`: top-level keys (the flag names,
+`max-iter` or `max_iter`) apply to every command, `[fit]` and `[score]` tables to one; flags on the
+command line override the file.
 
 Progress goes to stderr through Python logging (the `spark_gmm` logger: one line per EM
-iteration); under spark-submit that is the driver JVM's stderr (see `error_stream`). The last line on stdout is one JSON object: `status`, `k`, `iterations`, `converged`,
-`logLikelihood`, `modelPath`, `predictionsPath`, `seconds`, plus `rows`, `features`,
-`clusterSizes`, `weights` and `fitSeconds`. Exit code 0 on success; 2 for a bad argument; 1 when
-the job cannot run (missing input or column, an output that exists, input that cannot be fitted),
-after one `error: ...` line on stderr (and `{"status": "error", ...}` on stdout).
-
-All logic lives in `main(argv=None) -> int` and the functions it calls, so a console script can
-reuse it as is.
+iteration); under spark-submit that is the driver JVM's stderr (see `error_stream`). The last line on
+stdout is one JSON object for schedulers: `status`, `command`, `k`, `iterations`, `converged`,
+`logLikelihood`, `resumedFromIteration`, `modelPath`, `predictionsPath`, `seconds` and more. Exit
+code 0 on success; 2 for a bad argument or config; 1 when the job cannot run (missing input or
+column, an output that exists, a model that does not match the features, input that cannot be
+fitted), after one `error: ...` line on stderr (and `{"status": "error", ...}` on stdout).
 """
 
 from __future__ import annotations
@@ -31,10 +25,17 @@ import re
 import sys
 import time
 import traceback
+import uuid
 import warnings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 log = logging.getLogger("spark_gmm.job")
 
+COMMANDS = ("fit", "score")
 MODES = ("errorifexists", "overwrite", "append")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -70,52 +71,81 @@ def _bounded(kind, minimum, what):
     return convert
 
 
-def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+def _columns(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty column name in '{text}'")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a column is named twice in '{text}'")
+    return names
+
+
+def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The flags of `command` ('fit' or 'score')."""
+    fitting = command == "fit"
     parser = _Parser(
         prog=prog,
-        description="Fit a Gaussian mixture model with spark_gmm (distributed EM) and optionally "
-        "save the model and the per-row predictions.",
-        epilog="The last stdout line is a JSON summary; progress is logged to stderr.",
+        description="Fit a Gaussian mixture with spark_gmm (distributed EM); save the model and the "
+        "predictions." if fitting else "Score rows with a saved spark_gmm model.",
+        epilog="Flags can also come from --config FILE (TOML). The last stdout line is a JSON "
+        "summary; progress is logged to stderr.",
     )
+    parser.add_argument("--config", metavar="FILE", help="TOML file of flag values (flags override it)")
     data = parser.add_argument_group("input")
-    data.add_argument("--input", required=True, metavar="PATH_OR_TABLE",
-                      help="data set path (read with --format) or table name (read with spark.table)")
+    data.add_argument("--input", metavar="PATH_OR_TABLE",
+                      help="data set path (read with --format) or catalog table name (required)")
     data.add_argument("--format", default="parquet",
-                      help="format of a path input, as for spark.read.format (default: parquet)")
-    data.add_argument("--features", required=True, metavar="COLS",
-                      help="comma-separated numeric columns, or one vector / numeric-array column")
-    data.add_argument("--weight-col", metavar="COL", help="numeric column of non-negative row weights")
-    data.add_argument("--handle-invalid", choices=("error", "skip"), default="error",
-                      help="rows with null/NaN/infinite features or bad weights: fail (default) or skip")
+                      help="format of a path input: parquet (default), csv, json, orc, delta or any "
+                      "Spark source")
+    data.add_argument("--features", type=_columns, metavar="COLS",
+                      help="comma-separated numeric columns, or one vector / numeric-array column"
+                      + (" (required)" if fitting else " (default: the model's)"))
+    if fitting:
+        data.add_argument("--weight-col", metavar="COL", help="numeric column of non-negative row weights")
+        data.add_argument("--handle-invalid", choices=("error", "skip"), default="error",
+                          help="rows with null/NaN/infinite features or bad weights: fail (default) or skip")
 
-    fit = parser.add_argument_group("model")
-    fit.add_argument("--k", required=True, type=_bounded(int, 1, "an integer >= 1"),
-                     help="number of mixture components")
-    fit.add_argument("--max-iter", type=_bounded(int, 0, "an integer >= 0"), default=100,
-                     help="maximum EM iterations (default: 100)")
-    fit.add_argument("--tol", type=_bounded(float, 0.0, "a number >= 0"), default=1e-3,
-                     help="stop when the mean log-likelihood per row changes by less (default: 0.001)")
-    fit.add_argument("--seed", type=_bounded(int, -(2**63), "an integer"),
-                     help="random seed of the initialisation (default: a fixed seed)")
-    fit.add_argument("--reg-covar", type=_bounded(float, 0.0, "a number >= 0"), default=1e-6,
-                     help="added to each covariance diagonal (default: 1e-6)")
-    fit.add_argument("--init-mode", choices=("k-means||", "random"), default="k-means||",
-                     help="initialisation (default: k-means||)")
-    fit.add_argument("--engine", choices=("driver", "barrier"),
-                     help="spark_gmm engine: one Spark job per pass (driver, the library default) or "
-                     "the whole fit in one barrier stage (barrier)")
+        fit = parser.add_argument_group("model")
+        fit.add_argument("--k", type=_bounded(int, 1, "an integer >= 1"),
+                         help="number of mixture components (required)")
+        fit.add_argument("--max-iter", type=_bounded(int, 0, "an integer >= 0"), default=100,
+                         help="maximum EM iterations (default: 100)")
+        fit.add_argument("--tol", type=_bounded(float, 0.0, "a number >= 0"), default=1e-3,
+                         help="stop when the mean log-likelihood per row changes by less (default: 0.001)")
+        fit.add_argument("--seed", type=_bounded(int, -(2**63), "an integer"),
+                         help="random seed of the initialisation (default: a fixed seed)")
+        fit.add_argument("--reg-covar", type=_bounded(float, 0.0, "a number >= 0"), default=1e-6,
+                         help="added to each covariance diagonal (default: 1e-6)")
+        fit.add_argument("--init-mode", choices=("k-means||", "random"), default="k-means||",
+                         help="initialisation (default: k-means||)")
+        fit.add_argument("--engine", choices=("driver", "barrier"), default="driver",
+                         help="one Spark job per EM pass (driver, default) or the whole fit in one "
+                         "barrier stage (barrier)")
+        fit.add_argument("--checkpoint-dir", metavar="DIR",
+                         help="checkpoint the EM state here; a rerun with the same arguments resumes "
+                         "from the latest checkpoint")
+        fit.add_argument("--checkpoint-interval", type=_bounded(int, 1, "an integer >= 1"), default=1,
+                         help="iterations between checkpoints (default: 1)")
 
     out = parser.add_argument_group("output")
-    out.add_argument("--model-out", metavar="DIR", help="save the fitted model to this directory")
-    out.add_argument("--predictions-out", metavar="PATH",
-                     help="write the input rows plus prediction and probability here (Parquet)")
+    if fitting:
+        out.add_argument("--model-out", metavar="DIR", help="save the fitted model to this directory")
+    else:
+        out.add_argument("--model", metavar="DIR", help="the saved model to score with (required)")
+    out.add_argument("--predictions-out", metavar="PATH_OR_TABLE",
+                     help="write the input rows plus the prediction here: a path (anything with '/' "
+                     "or a scheme) or a catalog table name" + ("" if fitting else " (required)"))
+    out.add_argument("--output-format", default="parquet",
+                     help="format of the predictions: parquet (default), delta, orc, json, ...")
+    out.add_argument("--partition-by", type=_columns, metavar="COLS",
+                     help="partition the predictions by these input columns")
     out.add_argument("--mode", choices=MODES, default="errorifexists",
                      help="when an output exists: fail (default), overwrite, or append (predictions "
-                     "only; an existing model directory is replaced only with overwrite)")
+                     "only; a model directory is replaced only with overwrite)")
     out.add_argument("--prediction-col", default="prediction", metavar="COL",
                      help="name of the predicted component column (default: prediction)")
-    out.add_argument("--probability-col", default="probability", metavar="COL",
-                     help="name of the array<double> of component probabilities (default: probability)")
+    out.add_argument("--probability-col", metavar="COL",
+                     help="also write the component probabilities (array<double>) in this column")
     out.add_argument("--log-likelihood-col", metavar="COL",
                      help="also write each row's log density log p(x) in this column")
     out.add_argument("--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper,
@@ -123,21 +153,54 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
-    args = build_parser(prog).parse_args(argv)
-    names = [name.strip() for name in args.features.split(",")]
-    if not all(names):
-        raise UsageError(f"argument --features: empty column name in '{args.features}'")
-    if len(set(names)) != len(names):
-        raise UsageError(f"argument --features: a column is named twice in '{args.features}'")
-    args.feature_names = names
-    outputs = [args.prediction_col, args.probability_col] + (
-        [args.log_likelihood_col] if args.log_likelihood_col else []
-    )
+def _config_argv(path: str, command: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The settings of a TOML config file for `command`, as command-line tokens."""
+    try:
+        with open(path, "rb") as handle:
+            config = tomllib.load(handle)
+    except OSError as error:
+        raise UsageError(f"config file '{path}': {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"config file '{path}' is not valid TOML: {error}") from None
+    known = {c: {o for a in build_parser(c)._actions for o in a.option_strings} for c in COMMANDS}
+    settings = {}
+    for key, value in config.items():
+        if key in COMMANDS:
+            if not isinstance(value, dict):
+                raise UsageError(f"config file '{path}': [{key}] must be a table")
+            continue
+        settings[key] = value
+    settings.update(config.get(command, {}))
+    tokens = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if flag == "--config" or not any(flag in known[c] for c in COMMANDS):
+            raise UsageError(f"config file '{path}': unknown setting '{key}'")
+        if flag not in known[command]:
+            continue  # another command's setting
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif isinstance(value, bool) or isinstance(value, dict):
+            raise UsageError(f"config file '{path}': setting '{key}' must be a string, number or list")
+        tokens += [flag, str(value)]
+    return tokens
+
+
+def parse_args(command: str, argv: list[str], prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(command, prog)
+    config = parser.parse_known_args(argv)[0].config
+    args = parser.parse_args((_config_argv(config, command, parser) if config else []) + list(argv))
+    args.command = command
+    required = ["input", "features", "k"] if command == "fit" else ["input", "model", "predictions_out"]
+    missing = [f"--{name.replace('_', '-')}" for name in required if getattr(args, name) is None]
+    if missing:
+        raise UsageError(f"missing required argument{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
+    outputs = [args.prediction_col, args.probability_col, args.log_likelihood_col]
+    outputs = [o for o in outputs if o is not None]
     if not all(o.strip() for o in outputs) or len(set(outputs)) != len(outputs):
         raise UsageError("the prediction, probability and log-likelihood columns need distinct names")
-    for flag in ("input", "model_out", "predictions_out", "weight_col"):
-        value = getattr(args, flag)
+    for flag in ("input", "model_out", "model", "predictions_out", "weight_col", "checkpoint_dir"):
+        value = getattr(args, flag, None)
         if value is not None and not value.strip():
             raise UsageError(f"argument --{flag.replace('_', '-')}: must not be empty")
     return args
@@ -301,16 +364,26 @@ def resolve_features(df, names: list[str]) -> dict:
     return {"inputCols": names}
 
 
+def is_table_name(target: str) -> bool:
+    """Outputs: a name without '/' or a scheme is a catalog table; anything else is a path."""
+    return "/" not in target and not _URI_SCHEME.match(target) and bool(_TABLE_NAME.match(target))
+
+
+def output_exists(spark, target: str) -> bool:
+    if is_table_name(target):
+        return spark.catalog.tableExists(target)
+    return bool(path_exists(spark, target))
+
+
 def check_outputs(spark, args, input_columns: list[str]) -> None:
-    """Refuse before fitting what would fail after it: existing outputs, clashing column names."""
-    if args.model_out and args.mode != "overwrite" and path_exists(spark, args.model_out):
-        raise JobError(
-            f"model directory '{args.model_out}' already exists; use --mode overwrite to replace it"
-        )
+    """Refuse before the work what would fail after it: existing outputs, clashing column names."""
+    model_out = getattr(args, "model_out", None)
+    if model_out and args.mode != "overwrite" and path_exists(spark, model_out):
+        raise JobError(f"model directory '{model_out}' already exists; use --mode overwrite to replace it")
     if args.predictions_out:
-        if args.mode == "errorifexists" and path_exists(spark, args.predictions_out):
+        if args.mode == "errorifexists" and output_exists(spark, args.predictions_out):
             raise JobError(
-                f"predictions path '{args.predictions_out}' already exists; use --mode overwrite "
+                f"predictions output '{args.predictions_out}' already exists; use --mode overwrite "
                 "or --mode append"
             )
         added = [args.prediction_col, args.probability_col, args.log_likelihood_col]
@@ -320,23 +393,88 @@ def check_outputs(spark, args, input_columns: list[str]) -> None:
                 f"the input already has a column named '{clash[0]}'; choose another name with "
                 "--prediction-col / --probability-col / --log-likelihood-col"
             )
+        missing = [c for c in args.partition_by or [] if c not in input_columns]
+        if missing:
+            raise JobError(f"--partition-by column '{missing[0]}' is not in the input")
 
 
-# -- the job -------------------------------------------------------------------------------------
+def _hadoop(spark):
+    """(jvm, FileSystem-for-path function), or None under Spark Connect."""
+    try:
+        jvm, conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    except Exception:  # noqa: BLE001 - Spark Connect: no JVM
+        return None
+
+    def filesystem(path):
+        hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+        return hadoop_path.getFileSystem(conf), hadoop_path
+
+    return filesystem
 
 
-def run(spark, args) -> dict:
-    """Read, fit, save; returns the summary fields (without status and seconds)."""
-    from pyspark.errors import AnalysisException
+def write_predictions(spark, predictions, args) -> None:
+    """Write to a table (saveAsTable) or a path. A path is written beside the target and renamed
+    into place when complete, so a killed job leaves no half-written directory under that name."""
+    target, mode = args.predictions_out, "error" if args.mode == "errorifexists" else args.mode
+    writer = predictions.write.format(args.output_format)
+    if args.partition_by:
+        writer = writer.partitionBy(*args.partition_by)
+    if is_table_name(target):
+        writer.mode(mode).saveAsTable(target)
+        return
+    filesystem = _hadoop(spark)
+    if filesystem is None or args.mode == "append":
+        writer.mode(mode).save(target)  # Spark's commit protocol only
+        return
+    fs, final = filesystem(target)
+    name = final.getName()
+    staging = final.getParent().suffix(f"/.{name}.spark-gmm-{uuid.uuid4().hex[:12]}")
+    writer.mode("error").save(staging.toString())
+    if fs.exists(final):
+        if args.mode != "overwrite":
+            fs.delete(staging, True)
+            raise JobError(f"predictions output '{target}' appeared while the job ran")
+        old = final.getParent().suffix(f"/.{name}.spark-gmm-old-{uuid.uuid4().hex[:12]}")
+        if not fs.rename(final, old):
+            raise JobError(f"cannot move the old predictions '{target}' aside")
+        if not fs.rename(staging, final):
+            fs.rename(old, final)
+            raise JobError(f"cannot move the new predictions into '{target}'")
+        fs.delete(old, True)
+    elif not fs.rename(staging, final):
+        raise JobError(f"cannot move the new predictions into '{target}'")
+
+
+def _scored(model, df, args):
+    """The input rows plus the prediction (and optionally probabilities and log density)."""
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
+
+    probability = args.probability_col or "__spark_gmm_probability"
+    model = model.copy()
+    model.setPredictionCol(args.prediction_col).setProbabilityCol(probability)
+    if args.log_likelihood_col:
+        model.setLogLikelihoodCol(args.log_likelihood_col)
+    else:
+        model.clear(model.logLikelihoodCol)
+    out = model.transform(df)
+    if not args.probability_col:
+        return out.drop(probability)
+    column = F.col(f"`{probability}`")
+    # vector_to_array fails on null (unscorable rows), so only convert the others.
+    return out.withColumn(probability, F.when(column.isNotNull(), vector_to_array(column, "float64")))
+
+
+def run_fit(spark, args) -> dict:
+    """Read, fit, save; returns the summary fields (without status and seconds)."""
+    from pyspark.errors import AnalysisException
 
     from spark_gmm import GaussianMixture, InvalidInputError
 
     df, kind = read_input(spark, args.input, args.format)
-    features = resolve_features(df, args.feature_names)
+    features = resolve_features(df, args.features)
     check_outputs(spark, args, df.columns)
-    log.info("input %s '%s': features %s, k=%d", kind, args.input, ", ".join(args.feature_names), args.k)
+    log.info("input %s '%s': features %s, k=%d", kind, args.input, ", ".join(args.features), args.k)
 
     estimator = GaussianMixture(
         k=args.k,
@@ -347,13 +485,11 @@ def run(spark, args) -> dict:
         regCovar=args.reg_covar,
         initMode=args.init_mode,
         handleInvalid=args.handle_invalid,
-        predictionCol=args.prediction_col,
-        probabilityCol=args.probability_col,
-        logLikelihoodCol=args.log_likelihood_col,
+        engine=args.engine,
+        checkpointDir=args.checkpoint_dir,
+        checkpointInterval=args.checkpoint_interval,
         **features,
     )
-    if args.engine:
-        estimator.setEngine(args.engine)
     began = time.perf_counter()
     progress = _IterationCounter()
     library_log = logging.getLogger("spark_gmm")
@@ -381,32 +517,82 @@ def run(spark, args) -> dict:
         log.info("model saved to %s", args.model_out)
 
     if args.predictions_out:
-        probability = F.col(f"`{args.probability_col}`")
-        predictions = model.transform(df).withColumn(
-            # vector_to_array fails on null (unscorable rows), so only convert the others.
-            args.probability_col,
-            F.when(probability.isNotNull(), vector_to_array(probability, "float64")),
-        )
-        try:
-            predictions.write.mode(args.mode).parquet(args.predictions_out)
-        except AnalysisException as error:
-            raise JobError(
-                f"cannot write predictions to '{args.predictions_out}': {_short(error)}"
-            ) from None
-        log.info("predictions written to %s (mode %s)", args.predictions_out, args.mode)
+        _write(spark, _scored(model, df, args), args)
 
     return {
         "k": model.getK(),
         "iterations": summary.numIter,
         "converged": summary.converged,
         "logLikelihood": summary.logLikelihood,
+        "resumedFromIteration": summary.resumedFromIteration,
         "modelPath": args.model_out,
         "predictionsPath": args.predictions_out,
         "rows": int(sum(summary.clusterSizes)),
-        "features": args.feature_names,
+        "features": args.features,
         "clusterSizes": summary.clusterSizes,
         "weights": model.weights,
         "fitSeconds": round(fit_seconds, 3),
+    }
+
+
+def _write(spark, predictions, args) -> None:
+    from pyspark.errors import AnalysisException
+
+    try:
+        write_predictions(spark, predictions, args)
+    except AnalysisException as error:
+        raise JobError(f"cannot write predictions to '{args.predictions_out}': {_short(error)}") from None
+    log.info("predictions written to %s (mode %s)", args.predictions_out, args.mode)
+
+
+def model_features(model, df, names: list[str] | None) -> dict:
+    """Estimator-style feature params for scoring `df` with `model`, checked against the model."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import functions as F
+
+    if names is None:  # the columns the model was fitted on
+        names = model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()]
+    features = resolve_features(df, names)
+    if "inputCols" in features:
+        count = len(features["inputCols"])
+    else:
+        column = F.col(f"`{features['featuresCol']}`")
+        if isinstance(df.schema[features["featuresCol"]].dataType, VectorUDT):
+            column = vector_to_array(column)
+        first = df.where(column.isNotNull()).select(F.size(column)).first()
+        count = first[0] if first else model.numFeatures
+    if count != model.numFeatures:
+        raise JobError(
+            f"the model has {model.numFeatures} features but --features {', '.join(names)} gives "
+            f"{count}"
+        )
+    return features
+
+
+def run_score(spark, args) -> dict:
+    from spark_gmm import GaussianMixtureModel, ModelFormatError
+
+    try:
+        model = GaussianMixtureModel.load(args.model)
+    except ModelFormatError as error:
+        raise JobError(_short(error)) from None
+    df, kind = read_input(spark, args.input, args.format)
+    features = model_features(model, df, args.features)
+    check_outputs(spark, args, df.columns)
+    model = model.copy()
+    if "inputCols" in features:
+        model.setInputCols(features["inputCols"])
+    else:
+        model.clear(model.inputCols)
+        model.setFeaturesCol(features["featuresCol"])
+    log.info("scoring input %s '%s' with %s (k=%d)", kind, args.input, args.model, model.getK())
+    _write(spark, _scored(model, df, args), args)
+    return {
+        "k": model.getK(),
+        "modelPath": args.model,
+        "predictionsPath": args.predictions_out,
+        "features": features.get("inputCols") or [features["featuresCol"]],
     }
 
 
@@ -417,38 +603,47 @@ def _emit(fields: dict, began: float) -> None:
 
 
 def main(argv=None, prog: str | None = None) -> int:
-    """Run the job with command-line arguments `argv` (default sys.argv[1:]); returns the exit code."""
+    """`spark-gmm COMMAND [flags]` with argv = [COMMAND, flags...] (default sys.argv[1:]); returns
+    the exit code."""
     began = time.perf_counter()
     stderr = error_stream()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
     try:
-        args = parse_args(argv, prog)
+        if command not in COMMANDS:
+            if command in ("-h", "--help"):
+                print(f"usage: {prog or 'spark-gmm'} {{{','.join(COMMANDS)}}} [--help] [flags]")
+                return 0
+            raise UsageError(f"the first argument must be a command: {', '.join(COMMANDS)}")
+        args = parse_args(command, argv[1:], f"{prog or 'spark-gmm'} {command}")
     except UsageError as error:
         message = " ".join(str(error).split())
         print(f"error: {message}", file=stderr, flush=True)
-        _emit({"status": "error", "error": message}, began)
+        _emit({"status": "error", "command": command, "error": message}, began)
         return 2
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
 
     configure_logging(args.log_level, stderr)
     spark = created = None
-    code, fields = 1, {}
+    code, fields = 1, {"command": command}
     with warnings.catch_warnings():
         warnings.showwarning = _log_warning
         try:
             from pyspark.sql import SparkSession
 
             created = SparkSession.getActiveSession() is None
-            spark = SparkSession.builder.appName("spark-gmm fit").getOrCreate()
-            fields = {"status": "ok", **run(spark, args)}
+            spark = SparkSession.builder.appName(f"spark-gmm {command}").getOrCreate()
+            run = run_fit if command == "fit" else run_score
+            fields = {"status": "ok", "command": command, **run(spark, args)}
             code = 0
         except (JobError, UsageError) as error:
-            fields = {"status": "error", "error": " ".join(str(error).split())}
+            fields = {"status": "error", "command": command, "error": " ".join(str(error).split())}
         except KeyboardInterrupt:
-            code, fields = 130, {"status": "error", "error": "interrupted"}
+            code, fields = 130, {"status": "error", "command": command, "error": "interrupted"}
         except Exception as error:  # a bug or a cluster failure: keep the trace for whoever debugs it
             traceback.print_exc(file=stderr)
-            fields = {"status": "error", "error": f"{type(error).__name__}: {_short(error)}"}
+            fields = {"status": "error", "command": command, "error": f"{type(error).__name__}: {_short(error)}"}
         finally:
             if spark is not None and created:
                 try:
@@ -459,7 +654,3 @@ def main(argv=None, prog: str | None = None) -> int:
         print(f"error: {fields['error']}", file=stderr, flush=True)
     _emit(fields, began)
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main(prog=os.path.basename(sys.argv[0]) or None))

@@ -39,6 +39,7 @@ from .inputs import (
     InvalidInputError,
     check_driver_memory,
     feature_array,
+    feature_names,
     jvm_bytes,
     weight_column,
 )
@@ -326,6 +327,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
                 stacklevel=3,
             )
         model = GaussianMixtureModel(final.weights, final.means, final.covariances)
+        input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
+        names = feature_names(dataset, self.getFeaturesCol(), input_cols)
+        model._feature_names = names if names and len(names) == summary.d else None
         self._copyValues(model)
         model._summary = GaussianMixtureSummary(model, dataset, result, skipped)
         log.info(
@@ -500,6 +504,7 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         self._center = (means.min(axis=0) + means.max(axis=0)) / 2
         self._centred = self._mixture.shifted(-self._center)
         self._summary: GaussianMixtureSummary | None = None
+        self._feature_names: list[str] | None = None
         self._setDefault(k=k)
         self._set(k=k)
 
@@ -523,6 +528,11 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
     @property
     def numFeatures(self) -> int:
         return self._mixture.d
+
+    @property
+    def featureNames(self) -> list[str] | None:
+        """The features' names (inputCols, or the vector column's attributes), when known."""
+        return None if self._feature_names is None else list(self._feature_names)
 
     @property
     def gaussians(self) -> list[MultivariateGaussian]:
@@ -582,7 +592,12 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         return scored.select(*out)
 
     def _save(self, path: str, overwrite: bool) -> str:
-        extra = {"k": self.getK(), "numFeatures": self.numFeatures}
+        extra = {
+            "k": self.getK(),
+            "numFeatures": self.numFeatures,
+            "featureNames": self._feature_names,
+            "covarianceType": "full",
+        }
         if self._summary is not None:
             extra["summary"] = self._summary.to_dict()
         m = self._mixture
@@ -594,6 +609,7 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
     def _load(cls, path: str) -> "GaussianMixtureModel":
         metadata = persistence.read_metadata(path, cls.__name__)
         model = cls(*persistence.read_components(path, metadata))
+        model._feature_names = metadata.get("featureNames")
         persistence.restore_params(model, metadata)
         return model
 

@@ -54,6 +54,18 @@ def feature_array(df: DataFrame, features_col: str, input_cols: list[str] | None
     )
 
 
+def feature_names(df: DataFrame, features_col: str, input_cols: list[str] | None) -> list[str] | None:
+    """Names of the features: the inputCols, or a vector column's ML attributes (as VectorAssembler
+    writes them); None when the input does not name them all."""
+    if input_cols:
+        return list(input_cols)
+    attributes = df.schema[features_col].metadata.get("ml_attr", {})
+    by_index = {a["idx"]: a.get("name") for group in attributes.get("attrs", {}).values() for a in group}
+    count = attributes.get("num_attrs", len(by_index))
+    names = [by_index.get(i) for i in range(count)]
+    return names if names and all(names) else None
+
+
 def weight_column(df: DataFrame, weight_col: str | None) -> Column | None:
     if not weight_col:
         return None

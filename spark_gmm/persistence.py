@@ -8,7 +8,8 @@ Layout of a saved directory (format version 1):
 - ``metadata/``: one text file holding one JSON object — ``class``, ``formatVersion``,
   ``sparkGmmVersion``, ``sparkVersion``, ``uid``, ``timestamp``, ``writeId``, ``paramMap``,
   ``defaultParamMap``; for estimators ``hasInitialModel`` (the model in ``initialModel/``, with its
-  ``initialModelWriteId``); for models ``k``, ``numFeatures`` and ``summary`` (training log-likelihood, history, iterations).
+  ``initialModelWriteId``); for models ``k``, ``numFeatures``, ``featureNames`` (or null), ``covarianceType`` and ``summary``
+(training log-likelihood, history, iterations).
 
 Each save draws a fresh ``writeId``, stored in the metadata and in every data row, and writes the
 metadata last. So a save killed at any moment leaves a directory that does not load as a model: either

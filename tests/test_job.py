@@ -1,25 +1,21 @@
-"""jobs/fit_gmm.py: in-process for the outputs and errors, once through spark-submit."""
+"""The jobs (`spark-gmm fit|score`, jobs/*.py): in-process for outputs and errors, and as real
+processes for spark-submit and for a killed-and-restarted fit."""
 
-import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from spark_gmm import GaussianMixtureModel
+from spark_gmm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _job():
-    spec = importlib.util.spec_from_file_location("fit_gmm", ROOT / "jobs" / "fit_gmm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -27,59 +23,183 @@ def table(spark, tmp_path_factory):
     rng = np.random.default_rng(5)
     centers = np.array([[0.0, 0.0], [8.0, 8.0]])
     x = np.vstack([rng.normal(c, 1.0, size=(500, 2)) for c in centers])
-    rows = [(i, float(a), float(b)) for i, (a, b) in enumerate(x)]
+    rows = [(i, f"g{i % 3}", float(a), float(b)) for i, (a, b) in enumerate(x)]
     path = str(tmp_path_factory.mktemp("job") / "points.parquet")
-    spark.createDataFrame(rows, "id long, x double, y double").write.parquet(path)
+    spark.createDataFrame(rows, "id long, grp string, x double, y double").write.parquet(path)
     return path
 
 
-def _summary(output: str) -> dict:
+def summary_line(output: str) -> dict:
     return json.loads(output.strip().splitlines()[-1])
 
 
-def test_fit_job_writes_model_and_predictions(spark, table, tmp_path, capsys):
+def run(capsys, *argv):
+    code = main(list(argv))
+    return code, summary_line(capsys.readouterr().out)
+
+
+def test_fit_writes_model_and_predictions(spark, table, tmp_path, capsys):
     model_dir, predictions = str(tmp_path / "model"), str(tmp_path / "predictions")
-    code = _job().main(
-        ["--input", table, "--features", "x,y", "--k", "2", "--seed", "1",
-         "--model-out", model_dir, "--predictions-out", predictions]
-    )
-    summary = _summary(capsys.readouterr().out)
-    assert code == 0 and summary["status"] == "ok"
-    assert summary["k"] == 2 and summary["converged"] is True
+    code, summary = run(capsys, "fit", "--input", table, "--features", "x,y", "--k", "2", "--seed", "1",
+                        "--model-out", model_dir, "--predictions-out", predictions,
+                        "--probability-col", "p")
+    assert code == 0 and summary["status"] == "ok" and summary["command"] == "fit"
+    for key in ("k", "iterations", "converged", "logLikelihood", "resumedFromIteration", "modelPath", "seconds"):
+        assert key in summary
+    assert summary["k"] == 2 and summary["converged"] is True and summary["resumedFromIteration"] == 0
     model = GaussianMixtureModel.load(model_dir)
+    assert model.featureNames == ["x", "y"]
     assert sorted(np.round(model.means[:, 0]).tolist()) == [0.0, 8.0]
     out = spark.read.parquet(predictions)
-    assert {"id", "x", "y", "prediction", "probability"} <= set(out.columns)
+    assert out.columns == ["id", "grp", "x", "y", "prediction", "p"]
     assert out.count() == 1000
     assert out.select("prediction").distinct().count() == 2
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left behind
 
 
-def test_fit_job_names_a_missing_column(table, tmp_path, capsys):
-    code = _job().main(["--input", table, "--features", "x,nope", "--k", "2",
-                        "--model-out", str(tmp_path / "m")])
+def test_score_with_a_saved_model(spark, table, tmp_path, capsys):
+    model_dir = str(tmp_path / "model")
+    assert run(capsys, "fit", "--input", table, "--features", "x,y", "--k", "2", "--model-out", model_dir)[0] == 0
+    scored = str(tmp_path / "scored")
+    code, summary = run(capsys, "score", "--model", model_dir, "--input", table, "--predictions-out", scored,
+                        "--log-likelihood-col", "ll", "--partition-by", "grp")
+    assert code == 0 and summary["command"] == "score" and summary["features"] == ["x", "y"]
+    assert sorted(p for p in os.listdir(scored) if p.startswith("grp=")) == ["grp=g0", "grp=g1", "grp=g2"]
+    out = spark.read.parquet(scored)
+    assert set(out.columns) == {"id", "grp", "x", "y", "prediction", "ll"}
+    model = GaussianMixtureModel.load(model_dir)
+    expected = model.transform(spark.read.parquet(table)).select("id", "prediction")
+    assert sorted(out.select("id", "prediction").collect()) == sorted(expected.collect())
+
+
+def test_score_refuses_a_model_feature_mismatch(spark, table, tmp_path, capsys):
+    model_dir = str(tmp_path / "model")
+    GaussianMixtureModel.fromArrays([1.0], [[0.0, 0.0, 0.0]], [np.eye(3)]).save(model_dir)
+    code, summary = run(capsys, "score", "--model", model_dir, "--input", table, "--features", "x,y",
+                        "--predictions-out", str(tmp_path / "p"))
+    assert code == 1
+    assert summary["error"] == "the model has 3 features but --features x, y gives 2"
+    code, summary = run(capsys, "score", "--model", str(tmp_path / "nothing"), "--input", table,
+                        "--predictions-out", str(tmp_path / "p"))
+    assert code == 1 and "not a saved spark_gmm GaussianMixtureModel" in summary["error"]
+
+
+def test_catalog_tables_in_and_out(spark, table, tmp_path, capsys):
+    spark.read.parquet(table).write.saveAsTable("points_in")
+    code, summary = run(capsys, "fit", "--input", "points_in", "--features", "x,y", "--k", "2",
+                        "--predictions-out", "points_out", "--output-format", "parquet")
+    assert code == 0, summary
+    assert spark.table("points_out").count() == 1000
+    code, summary = run(capsys, "fit", "--input", "points_in", "--features", "x,y", "--k", "2",
+                        "--predictions-out", "points_out")
+    assert code == 1 and "'points_out' already exists" in summary["error"]
+    code, _ = run(capsys, "fit", "--input", "points_in", "--features", "x,y", "--k", "2",
+                  "--predictions-out", "points_out", "--mode", "append")
+    assert code == 0 and spark.table("points_out").count() == 2000
+
+
+def test_config_file_and_flags_that_override_it(spark, table, tmp_path, capsys):
+    config = tmp_path / "job.toml"
+    config.write_text(
+        f'input = "{table}"\nfeatures = ["x", "y"]\nlog-level = "WARNING"\n'
+        '[fit]\nk = 5\nmax_iter = 3\nseed = 4\n'
+        '[score]\nprobability-col = "p"\n'
+    )
+    code, summary = run(capsys, "fit", "--config", str(config), "--k", "2")
+    assert code == 0 and summary["k"] == 2 and summary["iterations"] <= 3
+    config.write_text('input = "x"\nfeatures = "x,y"\nkay = 3\n')
+    code, summary = run(capsys, "fit", "--config", str(config), "--k", "2")
+    assert code == 2 and "unknown setting 'kay'" in summary["error"]
+    config.write_text("k = [\n")
+    assert run(capsys, "fit", "--config", str(config))[0] == 2
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["fit", "--features", "x", "--k", "2"], 2, "missing required argument: --input"),
+        (["fit", "--input", "{table}", "--features", "x,nope", "--k", "2"], 1, "'nope' not found"),
+        (["fit", "--input", "{tmp}/absent.parquet", "--features", "x", "--k", "2"], 1, "does not exist"),
+        (["fit", "--input", "{table}", "--features", "x", "--k", "0"], 2, "expected an integer >= 1"),
+        (["score", "--input", "{table}", "--predictions-out", "{tmp}/p"], 2, "missing required argument: --model"),
+        (["cluster"], 2, "the first argument must be a command"),
+    ],
+)
+def test_exit_codes_and_one_line_errors(table, tmp_path, capsys, argv, code, message):
+    argv = [a.format(table=table, tmp=tmp_path) for a in argv]
+    got = main(argv)
     captured = capsys.readouterr()
-    assert code != 0
-    assert _summary(captured.out)["status"] == "error"
-    assert "nope" in _summary(captured.out)["error"]
+    assert got == code
+    assert message in summary_line(captured.out)["error"]
+    assert summary_line(captured.out)["status"] == "error"
 
 
-def test_fit_job_refuses_a_missing_input(tmp_path, capsys):
-    code = _job().main(["--input", str(tmp_path / "absent.parquet"), "--features", "x", "--k", "2"])
-    assert code != 0
-    assert "does not exist" in _summary(capsys.readouterr().out)["error"]
+def _env():
+    return dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
 
 
-def test_fit_job_under_spark_submit(table, tmp_path):
+def test_fit_and_score_under_spark_submit(table, tmp_path):
     spark_submit = Path(sys.executable).parent / "spark-submit"
     model_dir = str(tmp_path / "model")
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    done = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-         str(ROOT / "jobs" / "fit_gmm.py"), "--input", table, "--features", "x,y", "--k", "2",
-         "--model-out", model_dir],
-        capture_output=True, text=True, env=env, timeout=300,
+    common = [str(spark_submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
+    fit = subprocess.run(
+        common + [str(ROOT / "jobs" / "fit_gmm.py"), "--input", table, "--features", "x,y", "--k", "2",
+                  "--model-out", model_dir],
+        capture_output=True, text=True, env=_env(), timeout=300,
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = _summary(done.stdout)
-    assert summary["status"] == "ok" and summary["modelPath"].endswith("model")
-    assert Path(model_dir, "metadata").is_dir() and Path(model_dir, "data").is_dir()
+    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
+    assert summary_line(fit.stdout)["status"] == "ok"
+    assert "iteration 1: log-likelihood" in fit.stderr  # the per-iteration log line
+    score = subprocess.run(
+        common + [str(ROOT / "jobs" / "score_gmm.py"), "--input", table, "--model", model_dir,
+                  "--predictions-out", str(tmp_path / "scored")],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert score.returncode == 0, score.stdout[-2000:] + score.stderr[-2000:]
+    assert summary_line(score.stdout)["predictionsPath"].endswith("scored")
+
+
+@pytest.fixture(scope="module")
+def big_table(spark, tmp_path_factory):
+    rng = np.random.default_rng(8)
+    centers = rng.normal(scale=3.0, size=(6, 6))
+    x = np.vstack([rng.normal(c, 1.0, size=(10_000, 6)) for c in centers])
+    path = str(tmp_path_factory.mktemp("big") / "points.parquet")
+    spark.createDataFrame([tuple(r) for r in x.tolist()], [f"f{i}" for i in range(6)]).coalesce(2).write.parquet(path)
+    return path
+
+
+def test_killed_fit_job_resumes_to_the_same_model(big_table, tmp_path):
+    """kill -9 a fit job (driver and JVM) after a few checkpoints; the rerun with the same arguments
+    resumes and saves the model an uninterrupted job saves."""
+    def job(model_dir, checkpoint_dir):
+        return [sys.executable, str(ROOT / "jobs" / "fit_gmm.py"), "--input", big_table,
+                "--features", ",".join(f"f{i}" for i in range(6)), "--k", "6", "--tol", "0",
+                "--max-iter", "12", "--model-out", model_dir, "--checkpoint-dir", checkpoint_dir]
+
+    checkpoints = tmp_path / "ckpt"
+    proc = subprocess.Popen(job(str(tmp_path / "killed"), str(checkpoints)), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (checkpoints / "slot-1" / "_SUCCESS").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    resumed = subprocess.run(job(str(tmp_path / "resumed"), str(checkpoints)), capture_output=True,
+                             text=True, env=_env(), timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    summary = summary_line(resumed.stdout)
+    assert summary["resumedFromIteration"] >= 1  # slot-1 holds iteration 1 (then 3, 5, ...)
+
+    fresh = subprocess.run(job(str(tmp_path / "fresh"), str(tmp_path / "fresh-ckpt")), capture_output=True,
+                           text=True, env=_env(), timeout=300)
+    assert fresh.returncode == 0 and summary_line(fresh.stdout)["resumedFromIteration"] == 0
+    a = GaussianMixtureModel.load(str(tmp_path / "resumed"))
+    b = GaussianMixtureModel.load(str(tmp_path / "fresh"))
+    np.testing.assert_array_equal(a.means, b.means)
+    np.testing.assert_array_equal(a.covariances, b.covariances)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert summary["logLikelihood"] == summary_line(fresh.stdout)["logLikelihood"]
