@@ -572,9 +572,11 @@ def model_features(model, df, names: list[str] | None) -> dict:
 
 def run_score(spark, args) -> dict:
     from spark_gmm import GaussianMixtureModel, ModelFormatError
+    from spark_gmm.persistence import read_metadata
 
     try:
         model = GaussianMixtureModel.load(args.model)
+        trained = read_metadata(args.model, "GaussianMixtureModel").get("summary") or {}
     except ModelFormatError as error:
         raise JobError(_short(error)) from None
     df, kind = read_input(spark, args.input, args.format)
@@ -590,6 +592,11 @@ def run_score(spark, args) -> dict:
     _write(spark, _scored(model, df, args), args)
     return {
         "k": model.getK(),
+        # the model's training, for schedulers that read one summary shape from both jobs
+        "iterations": trained.get("numIter"),
+        "converged": trained.get("converged"),
+        "logLikelihood": trained.get("logLikelihood"),
+        "resumedFromIteration": 0,
         "modelPath": args.model,
         "predictionsPath": args.predictions_out,
         "features": features.get("inputCols") or [features["featuresCol"]],
