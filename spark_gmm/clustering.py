@@ -310,12 +310,14 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         w = self._weight_column(dataset)
         cache = BlockCache(dataset, x, w, self.getAggregationDepth())
         try:
+            cache.describe("reading the input into cached blocks")
             summary = cache.summarize()
             skipped = self._validate(summary, dataset.sparkSession)
             if self.getDtype() == "float32":
                 cache.narrow()
             result = self._run(cache, summary, dataset.sparkSession)
         finally:
+            cache.describe(None)
             cache.unpersist()
         final = result.mixture.shifted(summary.shift)
         for j, variance in thin_components(final.covariances, self.getRegCovar(), summary.span > 0):
@@ -405,13 +407,10 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             else:  # the barrier stage iterates inside a task, which cannot write checkpoints
                 log.warning("checkpointDir is set: the fit runs on the driver engine, which checkpoints")
         resume = checkpointer.latest() if checkpointer else None
-        try:
-            return em.fit_mixture(
-                cache.reduce, summary.d, summary.total_weight, settings, resume=resume,
-                on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
-            )
-        finally:
-            cache.describe(None)
+        return em.fit_mixture(
+            cache.reduce, summary.d, summary.total_weight, settings, resume=resume,
+            on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
+        )
 
     def _checkpointer(self, spark, summary) -> Checkpointer | None:
         directory = self.getCheckpointDir()
