@@ -43,8 +43,8 @@ from .inputs import (
     jvm_bytes,
     weight_column,
 )
-from .kernels import log_sum_exp, weighted_log_joint
-from .mixture import ComponentStatistics, Mixture, thin_components
+from .kernels import log_sum_exp, row_uniforms, weighted_log_joint
+from .mixture import ComponentStatistics, Mixture, free_parameters, thin_components
 
 log = logging.getLogger("spark_gmm")
 
@@ -146,7 +146,7 @@ class _GaussianMixtureParams(
     def getLogLikelihoodCol(self) -> str | None:
         return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
 
-    # Column setters: the estimator's and the model's, as in pyspark.ml.
+    # Column setters (and handleInvalid): the estimator's and the model's, as in pyspark.ml.
 
     def setFeaturesCol(self, value: str):
         return self._set(featuresCol=value)
@@ -162,6 +162,12 @@ class _GaussianMixtureParams(
 
     def setLogLikelihoodCol(self, value: str):
         return self._set(logLikelihoodCol=value)
+
+    def setWeightCol(self, value: str):
+        return self._set(weightCol=value)
+
+    def setHandleInvalid(self, value: str):
+        return self._set(handleInvalid=value)
 
     def _feature_array(self, df: DataFrame):
         input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
@@ -235,9 +241,6 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
     def setK(self, value: int):
         return self._set(k=value)
 
-    def setWeightCol(self, value: str):
-        return self._set(weightCol=value)
-
     def setMaxIter(self, value: int):
         return self._set(maxIter=value)
 
@@ -255,9 +258,6 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def setInitMode(self, value: str):
         return self._set(initMode=value)
-
-    def setHandleInvalid(self, value: str):
-        return self._set(handleInvalid=value)
 
     def setEngine(self, value: str):
         return self._set(engine=value)
@@ -590,6 +590,59 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
             out.append(F.col("__spark_gmm_scores.logLikelihood").alias(self.getLogLikelihoodCol()))
         return scored.select(*out)
 
+    def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
+        """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored are refused
+        (or, with handleInvalid='skip', left out)."""
+        x = self._feature_array(dataset)
+        w = self._weight_column(dataset) if self.isDefined(self.weightCol) else None
+        ll = _scoring_udf(self._centred, self._center)(x).logLikelihood
+        weight = F.lit(1.0) if w is None else w
+        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & ~F.isnan(weight)
+        total, mass, bad = dataset.select(
+            F.sum(F.when(usable, ll * weight)),
+            F.sum(F.when(usable, weight)),
+            F.count(F.when(~usable, F.lit(1))),
+        ).first()
+        if bad and self.getHandleInvalid() != "skip":
+            raise InvalidInputError(
+                f"{bad} rows cannot be scored (null, NaN or infinite features, a vector of other than "
+                f"{self.numFeatures} features, or a bad weight); set handleInvalid='skip' to leave them out"
+            )
+        if not mass:
+            raise InvalidInputError("no rows to score: the input is empty")
+        return float(total), float(mass)
+
+    def score(self, dataset: DataFrame) -> float:
+        """Mean log-likelihood per row (per unit of weight with weightCol), as scikit-learn's."""
+        total, mass = self._log_likelihood(dataset)
+        return total / mass
+
+    def bic(self, dataset: DataFrame) -> float:
+        """Bayesian information criterion on `dataset` (lower is better), with scikit-learn's count
+        of free parameters; n is the row count (the total weight with weightCol)."""
+        total, mass = self._log_likelihood(dataset)
+        return -2.0 * total + free_parameters(self.getK(), self.numFeatures) * np.log(mass)
+
+    def aic(self, dataset: DataFrame) -> float:
+        """Akaike information criterion on `dataset` (lower is better)."""
+        total, _ = self._log_likelihood(dataset)
+        return -2.0 * total + 2.0 * free_parameters(self.getK(), self.numFeatures)
+
+    def sample(self, n: int, seed: int = 0, numPartitions: int | None = None) -> DataFrame:
+        """`n` rows drawn from the mixture: `features` (vector) and `component` (int).
+
+        Row i's draw is a function of (i, seed) alone, so the sample does not depend on the
+        partitioning.
+        """
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        spark = SparkSession.active()
+        ids = spark.range(0, n, numPartitions=numPartitions)
+        drawn = ids.mapInPandas(
+            _sampler(self._mixture, seed), "features array<double>, component int"
+        )
+        return drawn.select(array_to_vector("features").alias("features"), "component")
+
     def _save(self, path: str, overwrite: bool) -> str:
         extra = {
             "k": self.getK(),
@@ -639,6 +692,25 @@ def _scoring_udf(mixture: Mixture, center: np.ndarray):
         )
 
     return score
+
+
+def _sampler(mixture: Mixture, seed: int):
+    """mapInPandas function: row i's component and Gaussian draw from uniforms hashed from (i, seed)."""
+    cumulative = np.cumsum(mixture.weights)
+    factors = np.linalg.cholesky(mixture.covariances)
+
+    def draw(batches):
+        for batch in batches:
+            ids = batch["id"].to_numpy(dtype=np.float64)[:, None]
+            d = mixture.d
+            pick = np.searchsorted(cumulative, row_uniforms(ids, seed, 0) * cumulative[-1], side="right")
+            pick = np.minimum(pick, mixture.k - 1)
+            u = np.column_stack([1.0 - row_uniforms(ids, seed, 1 + j) for j in range(2 * d)])
+            z = np.sqrt(-2.0 * np.log(u[:, :d])) * np.cos(2.0 * np.pi * u[:, d:])  # Box–Muller
+            x = mixture.means[pick] + np.einsum("nij,nj->ni", factors[pick], z)
+            yield pd.DataFrame({"features": list(x), "component": pick.astype(np.int32)})
+
+    return draw
 
 
 class GaussianMixtureSummary:

@@ -68,6 +68,11 @@ def precision_cholesky(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
     return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
 
 
+def free_parameters(k: int, d: int) -> int:
+    """Free parameters of a k-component mixture with full covariances (for BIC and AIC)."""
+    return k * packed_size(d) + k * d + k - 1
+
+
 def thin_components(covariances: np.ndarray, reg_covar: float, varying: np.ndarray) -> list[tuple[int, float]]:
     """(j, variance) of the components whose own variance, in their thinnest direction over the
     `varying` features, is at most `reg_covar`: without the regulariser they would be singular (a

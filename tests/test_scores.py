@@ -1,0 +1,93 @@
+"""score, bic and aic against scikit-learn on the same parameters; sample against the parameters."""
+
+import numpy as np
+import pytest
+from pyspark.ml.functions import vector_to_array
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from spark_gmm import GaussianMixtureModel, InvalidInputError
+
+WEIGHTS = np.array([0.5, 0.3, 0.2])
+MEANS = np.array([[0.0, 0.0, 1e4], [5.0, 1.0, 1e4], [1.0, 6.0, 1e4 + 3.0]])
+COVARIANCES = np.array([
+    [[1.0, 0.3, 0.0], [0.3, 2.0, 0.1], [0.0, 0.1, 0.5]],
+    [[0.5, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.5]],
+    [[2.0, -0.4, 0.2], [-0.4, 1.0, 0.0], [0.2, 0.0, 1.5]],
+])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GaussianMixtureModel.fromArrays(WEIGHTS, MEANS, COVARIANCES)
+
+
+@pytest.fixture(scope="module")
+def sklearn_model():
+    sk = SkGaussianMixture(n_components=3, covariance_type="full")
+    sk.weights_, sk.means_, sk.covariances_ = WEIGHTS, MEANS, COVARIANCES
+    sk.precisions_cholesky_ = np.linalg.cholesky(np.linalg.inv(COVARIANCES))
+    return sk
+
+
+@pytest.fixture(scope="module")
+def points(rng_module):
+    labels = rng_module.choice(3, size=900, p=WEIGHTS)
+    return np.array([rng_module.multivariate_normal(MEANS[j], COVARIANCES[j]) for j in labels])
+
+
+@pytest.fixture(scope="module")
+def rng_module():
+    return np.random.default_rng(77)
+
+
+def frame(spark, x, **extra):
+    rows = [(r.tolist(), *[float(v[i]) for v in extra.values()]) for i, r in enumerate(x)]
+    schema = "features array<double>" + "".join(f", {name} double" for name in extra)
+    return spark.createDataFrame(rows, schema).repartition(3)
+
+
+def test_score_bic_aic_equal_sklearn(spark, model, sklearn_model, points):
+    df = frame(spark, points)
+    np.testing.assert_allclose(model.score(df), sklearn_model.score(points), rtol=1e-11)
+    np.testing.assert_allclose(model.bic(df), sklearn_model.bic(points), rtol=1e-11)
+    np.testing.assert_allclose(model.aic(df), sklearn_model.aic(points), rtol=1e-11)
+
+
+def test_integer_weights_score_like_duplicated_rows(spark, model, points):
+    counts = np.arange(len(points)) % 3 + 1
+    weighted = model.copy().setWeightCol("w")
+    repeated = frame(spark, np.repeat(points, counts, axis=0))
+    np.testing.assert_allclose(
+        weighted.score(frame(spark, points, w=counts.astype(float))), model.score(repeated), rtol=1e-11
+    )
+    np.testing.assert_allclose(
+        weighted.bic(frame(spark, points, w=counts.astype(float))), model.bic(repeated), rtol=1e-11
+    )
+
+
+def test_unscorable_rows_are_refused_or_skipped(spark, model, points):
+    bad = points.copy()
+    bad[[3, 9], 1] = np.nan
+    df = frame(spark, bad)
+    with pytest.raises(InvalidInputError, match="^2 rows cannot be scored"):
+        model.score(df)
+    skipping = model.copy().setHandleInvalid("skip")
+    np.testing.assert_allclose(
+        skipping.score(df), model.score(frame(spark, np.delete(points, [3, 9], axis=0))), rtol=1e-11
+    )
+
+
+def test_sample_follows_the_mixture_and_not_the_partitioning(spark, model):
+    drawn = model.sample(30_000, seed=5, numPartitions=3)
+    table = drawn.select(vector_to_array("features").alias("x"), "component").toPandas()
+    x, labels = np.stack(table["x"].to_numpy()), table["component"].to_numpy()
+    assert x.shape == (30_000, 3)
+    np.testing.assert_allclose(np.bincount(labels, minlength=3) / len(labels), WEIGHTS, atol=0.01)
+    for j in range(3):
+        rows = x[labels == j]
+        np.testing.assert_allclose(rows.mean(axis=0), MEANS[j], atol=0.06)
+        np.testing.assert_allclose(np.cov(rows.T), COVARIANCES[j], atol=0.08)
+    again = model.sample(30_000, seed=5, numPartitions=1).select(vector_to_array("features").alias("x"))
+    assert sorted(map(tuple, np.stack(again.toPandas()["x"].to_numpy()))) == sorted(map(tuple, x))
+    other = model.sample(100, seed=6).select(vector_to_array("features").alias("x")).toPandas()
+    assert not np.array_equal(np.stack(other["x"].to_numpy()), x[:100])
