@@ -1,0 +1,54 @@
+"""spark_gmm as a pyspark.ml Pipeline stage, with param grids and CrossValidator."""
+
+import numpy as np
+import pytest
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.evaluation import ClusteringEvaluator
+from pyspark.ml.feature import StandardScaler, VectorAssembler
+from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+
+from spark_gmm import GaussianMixture, GaussianMixtureModel
+
+
+@pytest.fixture(scope="module")
+def data(spark):
+    rng = np.random.default_rng(3)
+    x = np.vstack([rng.normal([0.0, 0.0], 1.0, size=(300, 2)), rng.normal([9.0, 3.0], 1.0, size=(300, 2))])
+    return spark.createDataFrame([(i, float(a), float(b)) for i, (a, b) in enumerate(x)], "id long, a double, b double")
+
+
+def stages():
+    return [
+        VectorAssembler(inputCols=["a", "b"], outputCol="raw"),
+        StandardScaler(inputCol="raw", outputCol="features"),
+        GaussianMixture(k=2, seed=1, probabilityCol="p"),
+    ]
+
+
+def test_pipeline_model_round_trip(data, tmp_path):
+    pipeline = Pipeline(stages=stages())
+    fitted = pipeline.fit(data)
+    assert isinstance(fitted.stages[-1], GaussianMixtureModel)
+    fitted.write().overwrite().save(str(tmp_path / "pipeline_model"))
+    loaded = PipelineModel.load(str(tmp_path / "pipeline_model"))
+    assert isinstance(loaded.stages[-1], GaussianMixtureModel)
+    expected = fitted.transform(data).select("id", "prediction").orderBy("id").collect()
+    assert loaded.transform(data).select("id", "prediction").orderBy("id").collect() == expected
+    assert len({row.prediction for row in expected}) == 2
+
+    pipeline.save(str(tmp_path / "pipeline"))
+    again = Pipeline.load(str(tmp_path / "pipeline")).fit(data)
+    np.testing.assert_array_equal(again.stages[-1].means, fitted.stages[-1].means)
+
+
+def test_param_grid_fits_every_candidate(data):
+    assembled = Pipeline(stages=stages()[:2]).fit(data).transform(data)
+    estimator = GaussianMixture(seed=1, maxIter=20)
+    grid = ParamGridBuilder().addGrid(estimator.k, [1, 2, 3]).build()
+    models = dict(estimator.fitMultiple(assembled, grid))
+    assert sorted(m.getK() for m in models.values()) == [1, 2, 3]
+    best = CrossValidator(
+        estimator=estimator, estimatorParamMaps=ParamGridBuilder().addGrid(estimator.k, [2, 3]).build(),
+        evaluator=ClusteringEvaluator(), numFolds=2, seed=7,
+    ).fit(assembled)
+    assert best.bestModel.getK() == 2  # two blobs: the silhouette is best at k=2
