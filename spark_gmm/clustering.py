@@ -512,6 +512,18 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         """A model from k weights, k×d means and k×d×d covariances (to score, or to start a fit)."""
         return cls(weights, means, covariances)
 
+    @classmethod
+    def fromMLlib(cls, model) -> "GaussianMixtureModel":
+        """A spark_gmm model with the parameters and column settings of a fitted
+        `pyspark.ml.clustering.GaussianMixtureModel` (to score with it, or to start a fit from it)."""
+        rows = model.gaussiansDF.collect()  # works in classic and Spark Connect sessions
+        means = [row["mean"].toArray() for row in rows]
+        covariances = [row["cov"].toArray() for row in rows]
+        converted = cls(list(model.weights), means, covariances)
+        for name in ("featuresCol", "predictionCol", "probabilityCol"):
+            converted._set(**{name: model.getOrDefault(name)})
+        return converted
+
     @property
     def weights(self) -> list[float]:
         return self._mixture.weights.tolist()

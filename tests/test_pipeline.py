@@ -52,3 +52,23 @@ def test_param_grid_fits_every_candidate(data):
         evaluator=ClusteringEvaluator(), numFolds=2, seed=7,
     ).fit(assembled)
     assert best.bestModel.getK() == 2  # two blobs: the silhouette is best at k=2
+
+
+def test_a_fitted_mllib_model_converts(spark, data):
+    from pyspark.ml.clustering import GaussianMixture as MLlibGaussianMixture
+
+    assembled = VectorAssembler(inputCols=["a", "b"], outputCol="features").transform(data)
+    mllib = MLlibGaussianMixture(k=2, seed=3, maxIter=30).fit(assembled)
+    converted = GaussianMixtureModel.fromMLlib(mllib)
+    np.testing.assert_allclose(converted.weights, mllib.weights, rtol=1e-12)
+    for j, gaussian in enumerate(mllib.gaussians):
+        np.testing.assert_allclose(converted.means[j], gaussian.mean.toArray(), rtol=1e-12)
+        np.testing.assert_allclose(converted.covariances[j], gaussian.cov.toArray(), rtol=1e-12)
+    ours = converted.transform(assembled).select("id", "prediction").orderBy("id").collect()
+    theirs = mllib.transform(assembled).select("id", "prediction").orderBy("id").collect()
+    assert ours == theirs
+    # ... and as the start of a spark_gmm fit
+    refit = GaussianMixture(maxIter=5).setInitialModel(converted).fit(assembled)
+    start = refit.summary.logLikelihoodHistory[0]
+    np.testing.assert_allclose(start, mllib.summary.logLikelihood, rtol=1e-9)  # MLlib's own figure
+    assert refit.summary.logLikelihood >= start - 1e-9 * abs(start)  # EM from there: no worse
