@@ -118,6 +118,8 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                          help="added to each covariance diagonal (default: 1e-6)")
         fit.add_argument("--init-mode", choices=("k-means||", "random"), default="k-means||",
                          help="initialisation (default: k-means||)")
+        fit.add_argument("--covariance-type", choices=("full", "diag", "spherical", "tied"),
+                         default="full", help="covariance structure (default: full)")
         fit.add_argument("--engine", choices=("driver", "barrier"), default="driver",
                          help="one Spark job per EM pass (driver, default) or the whole fit in one "
                          "barrier stage (barrier)")
@@ -484,6 +486,7 @@ def run_fit(spark, args) -> dict:
         weightCol=args.weight_col,
         regCovar=args.reg_covar,
         initMode=args.init_mode,
+        covarianceType=args.covariance_type,
         handleInvalid=args.handle_invalid,
         engine=args.engine,
         checkpointDir=args.checkpoint_dir,

@@ -44,7 +44,13 @@ from .inputs import (
     weight_column,
 )
 from .kernels import log_sum_exp, row_uniforms, weighted_log_joint
-from .mixture import ComponentStatistics, Mixture, free_parameters, thin_components
+from .mixture import (
+    COVARIANCE_TYPES,
+    ComponentStatistics,
+    Mixture,
+    free_parameters,
+    thin_components,
+)
 
 log = logging.getLogger("spark_gmm")
 
@@ -95,6 +101,13 @@ class _GaussianMixtureParams(
         "float32 (half the bytes per pass), statistics combined in float64.",
         TypeConverters.toString,
     )
+    covarianceType = Param(
+        Params._dummy(),
+        "covarianceType",
+        "Covariance structure, as in scikit-learn: 'full', 'diag', 'spherical' or 'tied' "
+        "(covariances are always returned as k×d×d matrices).",
+        TypeConverters.toString,
+    )
     checkpointDir = Param(
         Params._dummy(),
         "checkpointDir",
@@ -123,6 +136,7 @@ class _GaussianMixtureParams(
             engine="driver",
             dtype="float64",
             checkpointInterval=10,
+            covarianceType="full",
         )
 
     def getK(self) -> int:
@@ -139,6 +153,9 @@ class _GaussianMixtureParams(
 
     def getDtype(self) -> str:
         return self.getOrDefault(self.dtype)
+
+    def getCovarianceType(self) -> str:
+        return self.getOrDefault(self.covarianceType)
 
     def getCheckpointDir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
@@ -207,6 +224,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         dtype="float64",
         checkpointDir=None,
         checkpointInterval=10,
+        covarianceType="full",
     ):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
@@ -234,6 +252,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         dtype="float64",
         checkpointDir=None,
         checkpointInterval=10,
+        covarianceType="full",
     ):
         kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
         return self._set(**kwargs)
@@ -264,6 +283,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def setDtype(self, value: str):
         return self._set(dtype=value)
+
+    def setCovarianceType(self, value: str):
+        return self._set(covarianceType=value)
 
     def setCheckpointDir(self, value: str):
         return self._set(checkpointDir=value)
@@ -301,6 +323,10 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             raise ValueError(f"engine must be one of {ENGINES}, got '{self.getEngine()}'")
         if self.getDtype() not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got '{self.getDtype()}'")
+        if self.getCovarianceType() not in COVARIANCE_TYPES:
+            raise ValueError(
+                f"covarianceType must be one of {COVARIANCE_TYPES}, got '{self.getCovarianceType()}'"
+            )
         if self.getHandleInvalid() not in ("error", "skip"):
             raise ValueError(f"handleInvalid must be 'error' or 'skip', got '{self.getHandleInvalid()}'")
 
@@ -427,6 +453,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             "seed": self.getSeed(),
             "initMode": self.getInitMode() if self._initial_model is None else "initialModel",
             "dtype": self.getDtype(),
+            "covarianceType": self.getCovarianceType(),
         }
         return Checkpointer(spark, directory, self.getCheckpointInterval(), fingerprint, self.getRegCovar())
 
@@ -459,6 +486,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             seed=self.getSeed(),
             init_mode=self.getInitMode(),
             start=start,
+            covariance_type=self.getCovarianceType(),
         )
 
     # -- persistence ---------------------------------------------------------------------------
@@ -508,9 +536,24 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         self._set(k=k)
 
     @classmethod
-    def fromArrays(cls, weights, means, covariances) -> "GaussianMixtureModel":
-        """A model from k weights, k×d means and k×d×d covariances (to score, or to start a fit)."""
-        return cls(weights, means, covariances)
+    def fromArrays(cls, weights, means, covariances, covarianceType: str = "full") -> "GaussianMixtureModel":
+        """A model from k weights, k×d means and k×d×d covariances (to score, or to start a fit);
+        `covarianceType` must describe the covariances (it sets the parameter count of bic/aic)."""
+        model = cls(weights, means, covariances)
+        if covarianceType not in COVARIANCE_TYPES:
+            raise ValueError(f"covarianceType must be one of {COVARIANCE_TYPES}, got '{covarianceType}'")
+        c = model.covariances
+        diagonal_only = not (c * (1 - np.eye(model.numFeatures))).any()
+        variances = np.diagonal(c, axis1=1, axis2=2)
+        fits = {
+            "full": True,
+            "diag": diagonal_only,
+            "spherical": diagonal_only and (variances == variances[:, :1]).all(),
+            "tied": (c == c[0]).all(),
+        }[covarianceType]
+        if not fits:
+            raise ValueError(f"the covariances do not have the structure of covarianceType '{covarianceType}'")
+        return model._set(covarianceType=covarianceType)
 
     @classmethod
     def fromMLlib(cls, model) -> "GaussianMixtureModel":
@@ -633,12 +676,12 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         """Bayesian information criterion on `dataset` (lower is better), with scikit-learn's count
         of free parameters; n is the row count (the total weight with weightCol)."""
         total, mass = self._log_likelihood(dataset)
-        return -2.0 * total + free_parameters(self.getK(), self.numFeatures) * np.log(mass)
+        return -2.0 * total + free_parameters(self.getK(), self.numFeatures, self.getCovarianceType()) * np.log(mass)
 
     def aic(self, dataset: DataFrame) -> float:
         """Akaike information criterion on `dataset` (lower is better)."""
         total, _ = self._log_likelihood(dataset)
-        return -2.0 * total + 2.0 * free_parameters(self.getK(), self.numFeatures)
+        return -2.0 * total + 2.0 * free_parameters(self.getK(), self.numFeatures, self.getCovarianceType())
 
     def sample(self, n: int, seed: int = 0, numPartitions: int | None = None) -> DataFrame:
         """`n` rows drawn from the mixture: `features` (vector) and `component` (int).
@@ -660,7 +703,7 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
             "k": self.getK(),
             "numFeatures": self.numFeatures,
             "featureNames": self._feature_names,
-            "covarianceType": "full",
+            "covarianceType": self.getCovarianceType(),
         }
         if self._summary is not None:
             extra["summary"] = self._summary.to_dict()

@@ -45,6 +45,7 @@ class FitSettings:
     seed: int
     init_mode: str = "k-means||"
     start: Mixture | None = None  # explicit start, in shifted coordinates
+    covariance_type: str = "full"
 
 
 @dataclass
@@ -145,11 +146,13 @@ def random_centers(reduce: Reduce, d: int, k: int, seed: int) -> np.ndarray:
     return rows
 
 
-def mixture_from_centers(reduce: Reduce, centers: np.ndarray, reg_covar: float) -> Mixture:
+def mixture_from_centers(
+    reduce: Reduce, centers: np.ndarray, reg_covar: float, covariance_type: str = "full"
+) -> Mixture:
     """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
     k, d = centers.shape
     stats = ComponentStatistics.unpack(reduce(kernels.HardAssignmentPass(centers)), k, d)
-    weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar)
+    weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
     if lonely.any():  # a centre nobody is closest to: give it the pooled covariance
         filled = ~lonely
         covariances[lonely] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
@@ -183,6 +186,7 @@ def run_em(
     on_iteration: Callable[[int, float, float | None, float], None] | None = None,
     on_state: Callable[[EMState], None] | None = None,
     describe: Callable[[str], None] | None = None,
+    covariance_type: str = "full",
 ) -> FitResult:
     """EM from `state` until the mean log-likelihood changes by less than `tol` or `max_iter` M-steps.
 
@@ -231,7 +235,7 @@ def run_em(
         if iteration >= max_iter:
             break
         previous = mixture
-        mixture, newly_empty = m_step(stats, mixture, reg_covar)
+        mixture, newly_empty = m_step(stats, mixture, reg_covar, covariance_type)
         iteration += 1
         for j in set(newly_empty.tolist()) - empty:
             warnings.warn(
@@ -277,7 +281,7 @@ def fit_mixture(
                 centers = random_centers(reduce, d, settings.k, settings.seed)
             else:
                 centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
-            start = mixture_from_centers(reduce, centers, settings.reg_covar)
+            start = mixture_from_centers(reduce, centers, settings.reg_covar, settings.covariance_type)
         state = EMState.fresh(start)
     else:
         log.info("resuming from iteration %d", state.iteration)
@@ -290,5 +294,5 @@ def fit_mixture(
 
     return run_em(
         reduce, state, total_weight, settings.max_iter, settings.tol, settings.reg_covar, report,
-        on_state, describe,
+        on_state, describe, settings.covariance_type,
     )

@@ -68,9 +68,10 @@ def precision_cholesky(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
     return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
 
 
-def free_parameters(k: int, d: int) -> int:
-    """Free parameters of a k-component mixture with full covariances (for BIC and AIC)."""
-    return k * packed_size(d) + k * d + k - 1
+def free_parameters(k: int, d: int, covariance_type: str = "full") -> int:
+    """Free parameters of a k-component mixture (for BIC and AIC), counted as scikit-learn does."""
+    covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
+    return covariance[covariance_type] + k * d + k - 1
 
 
 def thin_components(covariances: np.ndarray, reg_covar: float, varying: np.ndarray) -> list[tuple[int, float]]:
@@ -143,26 +144,65 @@ class ComponentStatistics:
         )
 
 
-def gaussians_from_moments(stats: ComponentStatistics, centers: np.ndarray, reg_covar: float):
+# Each covariance type constrains the components' full empirical covariances (k×d×d, centred on
+# their new means, before regularisation; `mass` is each component's Σγ). All types keep full k×d×d
+# matrices, so densities and statistics are computed one way; the types differ only here.
+
+
+def _full_covariances(raw: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    return raw
+
+
+def _diag_covariances(raw: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    return raw * np.eye(raw.shape[-1])
+
+
+def _spherical_covariances(raw: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    variance = np.trace(raw, axis1=1, axis2=2) / raw.shape[-1]
+    return variance[:, None, None] * np.eye(raw.shape[-1])
+
+
+def _tied_covariances(raw: np.ndarray, mass: np.ndarray) -> np.ndarray:
+    shared = np.tensordot(mass, raw, axes=1) / mass.sum()
+    return np.broadcast_to(shared, raw.shape).copy()
+
+
+CONSTRAINTS = {
+    "full": _full_covariances,
+    "diag": _diag_covariances,
+    "spherical": _spherical_covariances,
+    "tied": _tied_covariances,
+}
+COVARIANCE_TYPES = tuple(CONSTRAINTS)
+
+
+def gaussians_from_moments(
+    stats: ComponentStatistics, centers: np.ndarray, reg_covar: float, covariance_type: str = "full"
+):
     """(weights, means, covariances, empty mask) from moments centred on `centers`.
 
     Components whose mass is below `EMPTY_SHARE` of the total are flagged; their rows of the
-    returned means and covariances are not meaningful and must be replaced by the caller.
+    returned means (and, except for tied covariances, covariances) are not meaningful and must be
+    replaced by the caller.
     """
     total = stats.resp.sum()
     empty = stats.resp <= EMPTY_SHARE * total
     mass = np.where(empty, 1.0, stats.resp)
     shift = stats.first / mass[:, None]
-    covariances = unpack_symmetric(stats.second, centers.shape[1]) / mass[:, None, None]
-    covariances -= shift[:, :, None] * shift[:, None, :]
+    raw = unpack_symmetric(stats.second, centers.shape[1]) / mass[:, None, None]
+    raw -= shift[:, :, None] * shift[:, None, :]
+    covariances = CONSTRAINTS[covariance_type](raw, np.where(empty, 0.0, stats.resp))
     covariances += reg_covar * np.eye(centers.shape[1])
     weights = np.maximum(stats.resp / total, WEIGHT_FLOOR)
     return weights, centers + shift, covariances, empty
 
 
-def m_step(stats: ComponentStatistics, current: Mixture, reg_covar: float):
+def m_step(stats: ComponentStatistics, current: Mixture, reg_covar: float, covariance_type: str = "full"):
     """New mixture from the statistics gathered under `current`; returns (mixture, empty indices)."""
-    weights, means, covariances, empty = gaussians_from_moments(stats, current.means, reg_covar)
+    weights, means, covariances, empty = gaussians_from_moments(
+        stats, current.means, reg_covar, covariance_type
+    )
     means[empty] = current.means[empty]
-    covariances[empty] = current.covariances[empty]
+    if covariance_type != "tied":  # a tied covariance is estimated from the other components
+        covariances[empty] = current.covariances[empty]
     return Mixture.from_covariances(weights, means, covariances, reg_covar), np.flatnonzero(empty)

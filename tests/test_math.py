@@ -449,3 +449,49 @@ def test_float32_blocks_keep_moments_of_components_far_from_the_shift():
     (narrow,) = estep.split(estep.map_block(narrow_x, narrow_x, None))
     per_row = lambda stats: stats.second / stats.resp[:, None]  # noqa: E731 - centred σ² entries
     np.testing.assert_allclose(per_row(narrow), per_row(wide), atol=2e-6)
+
+
+def _full_from_sklearn(sk, k, d):
+    """sklearn's covariances_ of any covariance type as k×d×d matrices."""
+    c = sk.covariances_
+    return {
+        "full": lambda: c,
+        "diag": lambda: np.array([np.diag(v) for v in c]),
+        "spherical": lambda: np.array([v * np.eye(d) for v in c]),
+        "tied": lambda: np.broadcast_to(c, (k, d, d)),
+    }[sk.covariance_type]()
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_covariance_types_match_sklearn_from_identical_start(rng, covariance_type):
+    # At the origin: sklearn's diag/spherical/tied M-steps use E[x²] − μ², which loses digits far away.
+    x, _, _, true_means, _ = three_clusters(rng)
+    w0, mu0, cov0 = start_from(true_means, rng)  # isotropic: a valid start of every type
+    k, d = mu0.shape
+    reduce = make_reduce(x)
+    start = Mixture.from_covariances(w0, mu0 - reduce.shift, cov0, REG)
+    result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=8, tol=0.0,
+                       reg_covar=REG, covariance_type=covariance_type)
+    precisions = {
+        "full": np.linalg.inv(cov0),
+        "diag": np.full((k, d), 1 / 1.5),
+        "spherical": np.full(k, 1 / 1.5),
+        "tied": np.linalg.inv(cov0[0]),
+    }[covariance_type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sk = SkGaussianMixture(
+            n_components=k, covariance_type=covariance_type, weights_init=w0, means_init=mu0,
+            precisions_init=precisions, max_iter=8, tol=0, reg_covar=REG, random_state=0,
+        ).fit(x)
+    ours = result.mixture.shifted(reduce.shift)
+    np.testing.assert_allclose(ours.weights, sk.weights_, rtol=1e-6)
+    np.testing.assert_allclose(ours.means, sk.means_, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(ours.covariances, _full_from_sklearn(sk, k, d), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(result.history[-1], sk.score(x) * len(x), rtol=1e-9)
+    if covariance_type != "full":  # the constraint really holds
+        off_diagonal = ours.covariances * (1 - np.eye(d))
+        if covariance_type in ("diag", "spherical"):
+            assert not off_diagonal.any()
+        if covariance_type == "tied":
+            assert (ours.covariances == ours.covariances[0]).all()

@@ -91,3 +91,24 @@ def test_sample_follows_the_mixture_and_not_the_partitioning(spark, model):
     assert sorted(map(tuple, np.stack(again.toPandas()["x"].to_numpy()))) == sorted(map(tuple, x))
     other = model.sample(100, seed=6).select(vector_to_array("features").alias("x")).toPandas()
     assert not np.array_equal(np.stack(other["x"].to_numpy()), x[:100])
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_covariance_types_fit_like_sklearn_and_score_like_it(spark, points, covariance_type):
+    from spark_gmm import GaussianMixture
+
+    df = frame(spark, points)
+    model = GaussianMixture(k=3, seed=2, tol=1e-9, maxIter=200, covarianceType=covariance_type).fit(df)
+    sk = SkGaussianMixture(n_components=3, covariance_type=covariance_type, tol=1e-9, max_iter=200,
+                           means_init=model.means - [0, 0, 1e4], random_state=0).fit(points - [0, 0, 1e4])
+    # Both reach the same optimum from the same means (sklearn on data moved to the origin, where its
+    # E[x²] − μ² M-steps keep their digits).
+    np.testing.assert_allclose(model.score(df), sk.score(points - [0, 0, 1e4]), rtol=1e-6)
+    assert model.getCovarianceType() == covariance_type
+    np.testing.assert_allclose(model.bic(df), sk.bic(points - [0, 0, 1e4]), rtol=1e-6)
+    np.testing.assert_allclose(model.aic(df), sk.aic(points - [0, 0, 1e4]), rtol=1e-6)
+    rebuilt = GaussianMixtureModel.fromArrays(model.weights, model.means, model.covariances, covariance_type)
+    np.testing.assert_allclose(rebuilt.bic(df), model.bic(df), rtol=1e-12)
+    if covariance_type != "full":
+        with pytest.raises(ValueError, match=f"structure of covarianceType '{covariance_type}'"):
+            GaussianMixtureModel.fromArrays(WEIGHTS, MEANS, COVARIANCES, covariance_type)
