@@ -270,7 +270,7 @@ class _IterationCounter(logging.Filter):
         self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith("iteration "):
+        if isinstance(record.msg, str) and "iteration %d: log-likelihood" in record.msg:
             self.count += 1
         return True
 

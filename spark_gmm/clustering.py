@@ -332,19 +332,62 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def _fit(self, dataset: DataFrame) -> "GaussianMixtureModel":
         self._check_params()
+        cache, summary, skipped = self._prepare(dataset)
+        try:
+            result = self._run(cache, summary, dataset.sparkSession)
+        finally:
+            self._release(cache)
+        return self._model(result, dataset, summary, skipped)
+
+    #: Params that may differ between candidates fitted together in shared passes.
+    CANDIDATE_PARAMS = ("k", "covarianceType", "seed", "initMode", "maxIter", "tol", "regCovar")
+
+    def fitMultiple(self, dataset: DataFrame, paramMaps):
+        """Fit one model per param map. When the maps only change `CANDIDATE_PARAMS` (k, covariance
+        type, seed, ...), the candidates share every EM pass over the data (each still takes exactly
+        the steps it takes alone); otherwise they are fitted one by one."""
+        estimators = [self.copy(param_map) for param_map in paramMaps]
+        shared = all(
+            param.name in self.CANDIDATE_PARAMS
+            for param_map in paramMaps for param in param_map
+        ) and self.getCheckpointDir() is None and self._initial_model is None
+        if not shared or len(estimators) < 2:
+            return super().fitMultiple(dataset, paramMaps)
+        for estimator in estimators:
+            estimator._check_params()
+        cache, summary, skipped = self._prepare(dataset, max(e.getK() for e in estimators))
+        try:
+            results = em.fit_together(
+                cache.reduce, summary.d, summary.total_weight,
+                [e._settings(summary) for e in estimators], cache.describe,
+            )
+        finally:
+            self._release(cache)
+        models = [e._model(r, dataset, summary, skipped) for e, r in zip(estimators, results)]
+        return iter(list(enumerate(models)))
+
+    def _prepare(self, dataset: DataFrame, k: int | None = None):
+        """(cached blocks, input summary, rows skipped), validated for `k` (default: this k)."""
         x = self._feature_array(dataset)
         w = self._weight_column(dataset)
         cache = BlockCache(dataset, x, w, self.getAggregationDepth())
         try:
             cache.describe("reading the input into cached blocks")
             summary = cache.summarize()
-            skipped = self._validate(summary, dataset.sparkSession)
+            skipped = self.copy({self.k: k or self.getK()})._validate(summary, dataset.sparkSession)
             if self.getDtype() == "float32":
                 cache.narrow()
-            result = self._run(cache, summary, dataset.sparkSession)
-        finally:
-            cache.describe(None)
-            cache.unpersist()
+        except BaseException:
+            self._release(cache)
+            raise
+        return cache, summary, skipped
+
+    @staticmethod
+    def _release(cache: BlockCache) -> None:
+        cache.describe(None)
+        cache.unpersist()
+
+    def _model(self, result: em.FitResult, dataset: DataFrame, summary, skipped: int) -> "GaussianMixtureModel":
         final = result.mixture.shifted(summary.shift)
         for j, variance in thin_components(final.covariances, self.getRegCovar(), summary.span > 0):
             warnings.warn(
@@ -352,7 +395,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
                 f"{max(variance, 0.0):.3g} ≤ regCovar={self.getRegCovar():g}): it sits on fewer distinct "
                 "points than features, or on collinear features, and regCovar sets its shape there",
                 em.ComponentWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         model = GaussianMixtureModel(final.weights, final.means, final.covariances)
         input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None

@@ -176,6 +176,120 @@ class EMState:
         return cls(0, start, None, [], [], [])
 
 
+@dataclass
+class EMRun:
+    """One candidate's EM: its settings, where it stands, and what it reports."""
+
+    state: EMState
+    max_iter: int
+    tol: float
+    reg_covar: float
+    covariance_type: str = "full"
+    label: str = ""  # prefixed to its messages when several candidates run together
+    on_state: Callable[[EMState], None] | None = None
+    done: bool = False
+    converged: bool = False
+    stats: ComponentStatistics | None = None
+    revert: bool = False  # the last pass lowered the log-likelihood: evaluate `previous` and stop
+
+    def observe(self, stats: ComponentStatistics, total_weight: float, seconds: float, on_iteration) -> None:
+        """Take the pass's statistics of the current mixture: stop, or make the M-step."""
+        s, iteration = self.state, self.state.iteration
+        mean_ll = stats.log_likelihood / total_weight
+        if not np.isfinite(stats.log_likelihood):
+            raise FloatingPointError(
+                f"{self.label}log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
+                "check the input for extreme values or raise regCovar"
+            )
+        change = mean_ll - s.history[-1] / total_weight if s.history else None
+        if change is not None and change < -DECREASE_TOLERANCE * max(1.0, abs(mean_ll - change)):
+            warnings.warn(
+                f"{self.label}log-likelihood decreased by {-change:.3g} per row at iteration {iteration} "
+                "(round-off or regularisation); keeping the previous parameters",
+                ComponentWarning,
+                stacklevel=3,
+            )
+            s.mixture, s.iteration = s.previous, iteration - 1
+            self.revert = self.done = self.converged = True
+            return
+        self.stats = stats
+        s.history.append(stats.log_likelihood)
+        s.seconds.append(seconds)
+        if on_iteration:
+            on_iteration(self.label, iteration, stats.log_likelihood, change, seconds)
+        if change is not None and abs(change) < self.tol:
+            self.done = self.converged = True
+            return
+        if iteration >= self.max_iter:
+            self.done = True
+            return
+        s.previous = s.mixture
+        s.mixture, newly_empty = m_step(stats, s.mixture, self.reg_covar, self.covariance_type)
+        s.iteration += 1
+        for j in set(newly_empty.tolist()) - set(s.empty):
+            warnings.warn(
+                f"{self.label}component {j} lost all its data at iteration {s.iteration}; it keeps its "
+                "previous mean and covariance with a negligible weight (consider a smaller k)",
+                ComponentWarning,
+                stacklevel=3,
+            )
+        s.empty = sorted(set(s.empty) | set(newly_empty.tolist()))
+        if self.on_state:
+            self.on_state(EMState(s.iteration, s.mixture, s.previous, list(s.history), list(s.seconds), s.empty))
+
+    def result(self, resumed_from: int) -> FitResult:
+        s = self.state
+        return FitResult(
+            mixture=s.mixture,
+            log_likelihood=self.stats.log_likelihood,
+            history=s.history,
+            iterations=s.iteration,
+            converged=self.converged,
+            cluster_sizes=[int(c) for c in self.stats.hard_counts],
+            empty_components=s.empty,
+            iteration_seconds=s.seconds,
+            resumed_from=resumed_from,
+        )
+
+
+def run_em_together(
+    reduce: Reduce,
+    runs: list[EMRun],
+    total_weight: float,
+    on_iteration=None,
+    describe: Callable[[str], None] | None = None,
+) -> list[FitResult]:
+    """EM for several candidates at once: one pass per iteration evaluates every candidate still
+    running (those that converge drop out). Each candidate takes exactly the steps it would take
+    alone, so its result is the same as `run_em`'s.
+
+    Each pass evaluates the current parameters (their log-likelihood and sufficient statistics), so
+    the returned log-likelihood, history and cluster sizes belong exactly to the returned mixture.
+    """
+    resumed = [run.state.iteration for run in runs]
+    for run in runs:  # the caller's state objects are not modified
+        s = run.state
+        run.state = EMState(s.iteration, s.mixture, s.previous, list(s.history), list(s.seconds), list(s.empty))
+
+    def evaluate(group: list[EMRun], label: str) -> list[ComponentStatistics]:
+        if describe:
+            describe(label)
+        estep = kernels.EStepPass([run.state.mixture for run in group])
+        return estep.split(reduce(estep))
+
+    while active := [run for run in runs if not run.done]:
+        iteration = max(run.state.iteration for run in active)
+        began = time.perf_counter()
+        label = f"EM iteration {iteration}" + (f" ({len(active)} candidates)" if len(runs) > 1 else "")
+        for run, stats in zip(active, evaluate(active, label)):
+            run.observe(stats, total_weight, time.perf_counter() - began, on_iteration)
+        reverted = [run for run in active if run.revert]
+        if reverted:  # rare: their statistics are those of the kept parameters
+            for run, stats in zip(reverted, evaluate(reverted, "EM: parameters kept")):
+                run.stats, run.revert = stats, False
+    return [run.result(start) for run, start in zip(runs, resumed)]
+
+
 def run_em(
     reduce: Reduce,
     state: EMState,
@@ -183,81 +297,39 @@ def run_em(
     max_iter: int,
     tol: float,
     reg_covar: float,
-    on_iteration: Callable[[int, float, float | None, float], None] | None = None,
+    on_iteration=None,
     on_state: Callable[[EMState], None] | None = None,
     describe: Callable[[str], None] | None = None,
     covariance_type: str = "full",
 ) -> FitResult:
     """EM from `state` until the mean log-likelihood changes by less than `tol` or `max_iter` M-steps.
+    `on_iteration(label, iteration, ll, change, seconds)` sees each pass, `on_state` the state after
+    every M-step (to checkpoint it), `describe` names each pass."""
+    run = EMRun(state, max_iter, tol, reg_covar, covariance_type, on_state=on_state)
+    return run_em_together(reduce, [run], total_weight, on_iteration, describe)[0]
 
-    Each pass evaluates the current parameters (their log-likelihood and sufficient statistics), so
-    the returned log-likelihood, history and cluster sizes belong exactly to the returned mixture.
-    `on_state` sees the state after every M-step (to checkpoint it); `describe` names each pass.
-    """
 
-    def evaluate(mixture: Mixture, label: str) -> ComponentStatistics:
-        if describe:
-            describe(label)
-        estep = kernels.EStepPass([mixture])
-        (stats,) = estep.split(reduce(estep))
-        return stats
+def initial_mixture(reduce: Reduce, d: int, settings: FitSettings, describe=None) -> Mixture:
+    """The start of EM: `settings.start`, or `initMode` on the data."""
+    if settings.start is not None:
+        return settings.start
+    if describe:
+        describe(f"initialisation ({settings.init_mode}, k={settings.k})")
+    if settings.init_mode == "random":
+        centers = random_centers(reduce, d, settings.k, settings.seed)
+    else:
+        centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
+    return mixture_from_centers(reduce, centers, settings.reg_covar, settings.covariance_type)
 
-    mixture, previous, iteration = state.mixture, state.previous, state.iteration
-    history, seconds, empty = list(state.history), list(state.seconds), set(state.empty)
-    converged = False
-    while True:
-        began = time.perf_counter()
-        stats = evaluate(mixture, f"EM iteration {iteration}")
-        mean_ll = stats.log_likelihood / total_weight
-        if not np.isfinite(stats.log_likelihood):
-            raise FloatingPointError(
-                f"log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
-                "check the input for extreme values or raise regCovar"
-            )
-        change = mean_ll - history[-1] / total_weight if history else None
-        if change is not None and change < -DECREASE_TOLERANCE * max(1.0, abs(mean_ll - change)):
-            warnings.warn(
-                f"log-likelihood decreased by {-change:.3g} per row at iteration {iteration} "
-                "(round-off or regularisation); keeping the previous parameters",
-                ComponentWarning,
-                stacklevel=2,
-            )
-            mixture, iteration, converged = previous, iteration - 1, True
-            stats = evaluate(mixture, f"EM iteration {iteration} (kept)")
-            break
-        history.append(stats.log_likelihood)
-        seconds.append(time.perf_counter() - began)
-        if on_iteration:
-            on_iteration(iteration, stats.log_likelihood, change, seconds[-1])
-        if change is not None and abs(change) < tol:
-            converged = True
-            break
-        if iteration >= max_iter:
-            break
-        previous = mixture
-        mixture, newly_empty = m_step(stats, mixture, reg_covar, covariance_type)
-        iteration += 1
-        for j in set(newly_empty.tolist()) - empty:
-            warnings.warn(
-                f"component {j} lost all its data at iteration {iteration}; it keeps its "
-                "previous mean and covariance with a negligible weight (consider a smaller k)",
-                ComponentWarning,
-                stacklevel=2,
-            )
-        empty |= set(newly_empty.tolist())
-        if on_state:
-            on_state(EMState(iteration, mixture, previous, list(history), list(seconds), sorted(empty)))
-    return FitResult(
-        mixture=mixture,
-        log_likelihood=stats.log_likelihood,
-        history=history,
-        iterations=iteration,
-        converged=converged,
-        cluster_sizes=[int(c) for c in stats.hard_counts],
-        empty_components=sorted(empty),
-        iteration_seconds=seconds,
-        resumed_from=state.iteration,
-    )
+
+def _reporter(total_weight: float):
+    def report(label, iteration, ll, change, seconds):
+        log.info(
+            "%siteration %d: log-likelihood %.10g (%.6g per row, change %s), %.3f s",
+            label, iteration, ll, ll / total_weight, "—" if change is None else f"{change:+.3g}", seconds,
+        )
+
+    return report
 
 
 def fit_mixture(
@@ -269,30 +341,25 @@ def fit_mixture(
     on_state: Callable[[EMState], None] | None = None,
     describe: Callable[[str], None] | None = None,
 ) -> FitResult:
-    """Initialise (unless `settings.start` or `resume` is given), then run EM: the whole fit,
-    engine-agnostic."""
-    state = resume
-    if state is None:
-        start = settings.start
-        if start is None:
-            if describe:
-                describe(f"initialisation ({settings.init_mode})")
-            if settings.init_mode == "random":
-                centers = random_centers(reduce, d, settings.k, settings.seed)
-            else:
-                centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
-            start = mixture_from_centers(reduce, centers, settings.reg_covar, settings.covariance_type)
-        state = EMState.fresh(start)
-    else:
-        log.info("resuming from iteration %d", state.iteration)
+    """Initialise (unless `resume` is given), then run EM: the whole fit, engine-agnostic."""
+    if resume is not None:
+        log.info("resuming from iteration %d", resume.iteration)
+    state = resume or EMState.fresh(initial_mixture(reduce, d, settings, describe))
+    run = EMRun(state, settings.max_iter, settings.tol, settings.reg_covar, settings.covariance_type,
+                on_state=on_state)
+    return run_em_together(reduce, [run], total_weight, _reporter(total_weight), describe)[0]
 
-    def report(iteration, ll, change, seconds):
-        log.info(
-            "iteration %d: log-likelihood %.10g (%.6g per row, change %s), %.3f s",
-            iteration, ll, ll / total_weight, "—" if change is None else f"{change:+.3g}", seconds,
+
+def fit_together(
+    reduce: Reduce, d: int, total_weight: float, candidates: list[FitSettings], describe=None
+) -> list[FitResult]:
+    """Several candidate fits on the same data: each initialised with its own passes, exactly as
+    alone, then EM for all of them in shared passes. Results equal one-by-one `fit_mixture`s."""
+    runs = [
+        EMRun(
+            EMState.fresh(initial_mixture(reduce, d, c, describe)), c.max_iter, c.tol, c.reg_covar,
+            c.covariance_type, label=f"candidate {i} (k={c.k}, {c.covariance_type}): ",
         )
-
-    return run_em(
-        reduce, state, total_weight, settings.max_iter, settings.tol, settings.reg_covar, report,
-        on_state, describe, settings.covariance_type,
-    )
+        for i, c in enumerate(candidates)
+    ]
+    return run_em_together(reduce, runs, total_weight, _reporter(total_weight), describe)

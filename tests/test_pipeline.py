@@ -72,3 +72,25 @@ def test_a_fitted_mllib_model_converts(spark, data):
     start = refit.summary.logLikelihoodHistory[0]
     np.testing.assert_allclose(start, mllib.summary.logLikelihood, rtol=1e-9)  # MLlib's own figure
     assert refit.summary.logLikelihood >= start - 1e-9 * abs(start)  # EM from there: no worse
+
+
+def test_candidates_fitted_together_equal_one_by_one(spark):
+    rng = np.random.default_rng(12)
+    x = np.vstack([rng.normal(c, 1.0, size=(200, 3)) for c in ([0, 0, 0], [6, 0, 2], [0, 7, -3])]) + 1e3
+    df = spark.createDataFrame([(r.tolist(),) for r in x], ["features"]).repartition(3)
+    estimator = GaussianMixture(seed=4, tol=1e-6, maxIter=25)
+    grid = (ParamGridBuilder().addGrid(estimator.k, [2, 3])
+            .addGrid(estimator.covarianceType, ["full", "diag"]).build())
+    together = dict(estimator.fitMultiple(df, grid))
+    assert sorted(together) == list(range(len(grid)))
+    iterations = set()
+    for i, param_map in enumerate(grid):
+        alone = estimator.copy(param_map).fit(df)
+        np.testing.assert_array_equal(together[i].means, alone.means)
+        np.testing.assert_array_equal(together[i].covariances, alone.covariances)
+        np.testing.assert_array_equal(together[i].weights, alone.weights)
+        assert together[i].summary.logLikelihoodHistory == alone.summary.logLikelihoodHistory
+        assert together[i].getK() == param_map[estimator.k]
+        assert together[i].getCovarianceType() == param_map[estimator.covarianceType]
+        iterations.add(alone.summary.numIter)
+    assert len(iterations) > 1  # candidates converged at different iterations and dropped out
