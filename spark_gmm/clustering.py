@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,13 @@ class _GaussianMixtureParams(
         "float32 (half the bytes per pass), statistics combined in float64.",
         TypeConverters.toString,
     )
+    nInit = Param(
+        Params._dummy(),
+        "nInit",
+        "Number of initialisations (seeds seed, seed+1, ...); the fit with the highest "
+        "log-likelihood is kept. Restarts share every EM pass over the data.",
+        TypeConverters.toInt,
+    )
     covarianceType = Param(
         Params._dummy(),
         "covarianceType",
@@ -137,6 +145,7 @@ class _GaussianMixtureParams(
             dtype="float64",
             checkpointInterval=10,
             covarianceType="full",
+            nInit=1,
         )
 
     def getK(self) -> int:
@@ -153,6 +162,9 @@ class _GaussianMixtureParams(
 
     def getDtype(self) -> str:
         return self.getOrDefault(self.dtype)
+
+    def getNInit(self) -> int:
+        return self.getOrDefault(self.nInit)
 
     def getCovarianceType(self) -> str:
         return self.getOrDefault(self.covarianceType)
@@ -225,6 +237,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         checkpointDir=None,
         checkpointInterval=10,
         covarianceType="full",
+        nInit=1,
     ):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
@@ -253,6 +266,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         checkpointDir=None,
         checkpointInterval=10,
         covarianceType="full",
+        nInit=1,
     ):
         kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
         return self._set(**kwargs)
@@ -283,6 +297,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def setDtype(self, value: str):
         return self._set(dtype=value)
+
+    def setNInit(self, value: int):
+        return self._set(nInit=value)
 
     def setCovarianceType(self, value: str):
         return self._set(covarianceType=value)
@@ -327,6 +344,10 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             raise ValueError(
                 f"covarianceType must be one of {COVARIANCE_TYPES}, got '{self.getCovarianceType()}'"
             )
+        if self.getNInit() < 1:
+            raise ValueError(f"nInit must be at least 1, got {self.getNInit()}")
+        if self.getNInit() > 1 and self.getCheckpointDir():
+            raise ValueError("checkpointDir needs nInit=1 (restarts are not checkpointed)")
         if self.getHandleInvalid() not in ("error", "skip"):
             raise ValueError(f"handleInvalid must be 'error' or 'skip', got '{self.getHandleInvalid()}'")
 
@@ -350,7 +371,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         shared = all(
             param.name in self.CANDIDATE_PARAMS
             for param_map in paramMaps for param in param_map
-        ) and self.getCheckpointDir() is None and self._initial_model is None
+        ) and self.getCheckpointDir() is None and self._initial_model is None and all(
+            e.getNInit() == 1 for e in estimators
+        )
         if not shared or len(estimators) < 2:
             return super().fitMultiple(dataset, paramMaps)
         for estimator in estimators:
@@ -466,6 +489,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:
         settings = self._settings(summary)
+        if self.getNInit() > 1 and settings.start is None:
+            return self._restarts(cache, summary, settings)
         checkpointer = self._checkpointer(spark, summary)
         if self.getEngine() == "barrier":
             if checkpointer is None:
@@ -480,6 +505,20 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             cache.reduce, summary.d, summary.total_weight, settings, resume=resume,
             on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
         )
+
+    def _restarts(self, cache: BlockCache, summary, settings: em.FitSettings) -> em.FitResult:
+        """nInit fits from seeds seed, seed+1, ... in shared passes (driver engine); the best one."""
+        if self.getEngine() == "barrier":
+            log.warning("nInit > 1: the restarts share passes on the driver engine")
+        candidates = [replace(settings, seed=settings.seed + i) for i in range(self.getNInit())]
+        results = em.fit_together(cache.reduce, summary.d, summary.total_weight, candidates, cache.describe)
+        best = max(range(len(results)), key=lambda i: results[i].log_likelihood)
+        log.info(
+            "nInit=%d: kept restart %d (seed %d), log-likelihood %.10g; others: %s",
+            len(results), best, candidates[best].seed, results[best].log_likelihood,
+            ", ".join(f"{r.log_likelihood:.10g}" for i, r in enumerate(results) if i != best),
+        )
+        return results[best]
 
     def _checkpointer(self, spark, summary) -> Checkpointer | None:
         directory = self.getCheckpointDir()

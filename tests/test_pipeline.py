@@ -94,3 +94,16 @@ def test_candidates_fitted_together_equal_one_by_one(spark):
         assert together[i].getCovarianceType() == param_map[estimator.covarianceType]
         iterations.add(alone.summary.numIter)
     assert len(iterations) > 1  # candidates converged at different iterations and dropped out
+
+
+def test_n_init_keeps_the_best_restart(spark):
+    rng = np.random.default_rng(5)
+    x = np.vstack([rng.normal(c, 0.6, size=(80, 2)) for c in ([0, 0], [4, 0], [0, 4], [4, 4], [9, 9])])
+    df = spark.createDataFrame([(r.tolist(),) for r in x], ["features"]).coalesce(2)
+    base = dict(k=5, initMode="random", maxIter=30, tol=1e-6)
+    singles = [GaussianMixture(seed=10 + i, **base).fit(df) for i in range(3)]
+    best = GaussianMixture(seed=10, nInit=3, **base).fit(df)
+    lls = [m.summary.logLikelihood for m in singles]
+    assert best.summary.logLikelihood == max(lls)
+    np.testing.assert_array_equal(best.means, singles[int(np.argmax(lls))].means)
+    assert len(set(np.round(lls, 6))) > 1  # the restarts really differ
