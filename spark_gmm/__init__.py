@@ -7,10 +7,13 @@ from .em import ComponentWarning  # noqa: E402
 from .inputs import InputWarning, InvalidInputError  # noqa: E402
 from .mixture import SpectralRepairWarning  # noqa: E402
 from .persistence import ModelFormatError  # noqa: E402
+from .selection import GaussianMixtureSelection, GaussianMixtureSelectionModel  # noqa: E402
 
 __all__ = [
     "GaussianMixture",
     "GaussianMixtureModel",
+    "GaussianMixtureSelection",
+    "GaussianMixtureSelectionModel",
     "GaussianMixtureSummary",
     "ComponentWarning",
     "InputWarning",

@@ -1,5 +1,6 @@
-"""The batch jobs, `spark-gmm fit` and `spark-gmm score` (also `spark-submit jobs/fit_gmm.py` and
-`jobs/score_gmm.py`): read a path or a catalog table, fit or score, write the model and predictions.
+"""The batch jobs, `spark-gmm fit`, `score` and `select` (also `spark-submit jobs/fit_gmm.py`,
+`jobs/score_gmm.py`, `jobs/select_gmm.py`): read a path or a catalog table; fit, score, or choose k
+and the covariance type by BIC/AIC; write the model and predictions.
 
 Every flag can also come from a TOML file given with `--config`: top-level keys (the flag names,
 `max-iter` or `max_iter`) apply to every command, `[fit]` and `[score]` tables to one; flags on the
@@ -35,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
 
 log = logging.getLogger("spark_gmm.job")
 
-COMMANDS = ("fit", "score")
+COMMANDS = ("fit", "score", "select")
 MODES = ("errorifexists", "overwrite", "append")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -80,9 +81,31 @@ def _columns(text: str) -> list[str]:
     return names
 
 
+def _k_values(text: str) -> list[int]:
+    """'2,3,5' or '2-10' (or a mix) → the list of k."""
+    values = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            values += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected k values like '2,3,5' or '2-10', got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"k values must be integers >= 1, got '{text}'")
+    return sorted(set(values))
+
+
+def _covariance_types(text: str) -> list[str]:
+    types = _columns(text)
+    unknown = [t for t in types if t not in ("full", "diag", "spherical", "tied")]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown covariance type '{unknown[0]}'")
+    return types
+
+
 def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """The flags of `command` ('fit' or 'score')."""
-    fitting = command == "fit"
+    """The flags of `command` ('fit', 'score' or 'select')."""
+    fitting = command in ("fit", "select")
     parser = _Parser(
         prog=prog,
         description="Fit a Gaussian mixture with spark_gmm (distributed EM); save the model and the "
@@ -106,8 +129,18 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                           help="rows with null/NaN/infinite features or bad weights: fail (default) or skip")
 
         fit = parser.add_argument_group("model")
-        fit.add_argument("--k", type=_bounded(int, 1, "an integer >= 1"),
-                         help="number of mixture components (required)")
+        if command == "fit":
+            fit.add_argument("--k", type=_bounded(int, 1, "an integer >= 1"),
+                             help="number of mixture components (required)")
+            fit.add_argument("--covariance-type", choices=("full", "diag", "spherical", "tied"),
+                             default="full", help="covariance structure (default: full)")
+        else:
+            fit.add_argument("--k-values", type=_k_values, default=list(range(1, 11)), metavar="KS",
+                             help="candidate k: '2,3,5' or '2-10' (default: 1-10)")
+            fit.add_argument("--covariance-types", type=_covariance_types, default=["full"], metavar="TYPES",
+                             help="candidate covariance types, comma-separated (default: full)")
+            fit.add_argument("--criterion", choices=("bic", "aic"), default="bic",
+                             help="the candidate with the lowest value wins (default: bic)")
         fit.add_argument("--max-iter", type=_bounded(int, 0, "an integer >= 0"), default=100,
                          help="maximum EM iterations (default: 100)")
         fit.add_argument("--tol", type=_bounded(float, 0.0, "a number >= 0"), default=1e-3,
@@ -118,8 +151,6 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                          help="added to each covariance diagonal (default: 1e-6)")
         fit.add_argument("--init-mode", choices=("k-means||", "random"), default="k-means||",
                          help="initialisation (default: k-means||)")
-        fit.add_argument("--covariance-type", choices=("full", "diag", "spherical", "tied"),
-                         default="full", help="covariance structure (default: full)")
         fit.add_argument("--engine", choices=("driver", "barrier"), default="driver",
                          help="one Spark job per EM pass (driver, default) or the whole fit in one "
                          "barrier stage (barrier)")
@@ -193,7 +224,11 @@ def parse_args(command: str, argv: list[str], prog: str | None = None) -> argpar
     config = parser.parse_known_args(argv)[0].config
     args = parser.parse_args((_config_argv(config, command, parser) if config else []) + list(argv))
     args.command = command
-    required = ["input", "features", "k"] if command == "fit" else ["input", "model", "predictions_out"]
+    required = {
+        "fit": ["input", "features", "k"],
+        "select": ["input", "features"],
+        "score": ["input", "model", "predictions_out"],
+    }[command]
     missing = [f"--{name.replace('_', '-')}" for name in required if getattr(args, name) is None]
     if missing:
         raise UsageError(f"missing required argument{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
@@ -471,34 +506,46 @@ def run_fit(spark, args) -> dict:
     """Read, fit, save; returns the summary fields (without status and seconds)."""
     from pyspark.errors import AnalysisException
 
-    from spark_gmm import GaussianMixture, InvalidInputError
+    from spark_gmm import GaussianMixture, GaussianMixtureSelection, InvalidInputError
 
     df, kind = read_input(spark, args.input, args.format)
     features = resolve_features(df, args.features)
     check_outputs(spark, args, df.columns)
-    log.info("input %s '%s': features %s, k=%d", kind, args.input, ", ".join(args.features), args.k)
+    log.info("input %s '%s': features %s", kind, args.input, ", ".join(args.features))
 
     estimator = GaussianMixture(
-        k=args.k,
         maxIter=args.max_iter,
         tol=args.tol,
         seed=args.seed,
         weightCol=args.weight_col,
         regCovar=args.reg_covar,
         initMode=args.init_mode,
-        covarianceType=args.covariance_type,
         handleInvalid=args.handle_invalid,
         engine=args.engine,
         checkpointDir=args.checkpoint_dir,
         checkpointInterval=args.checkpoint_interval,
         **features,
     )
+    extra = {}
     began = time.perf_counter()
     progress = _IterationCounter()
     library_log = logging.getLogger("spark_gmm")
     library_log.addFilter(progress)
     try:
-        model = estimator.fit(df)
+        if args.command == "fit":
+            model = estimator.setK(args.k).setCovarianceType(args.covariance_type).fit(df)
+        else:
+            selection = GaussianMixtureSelection(
+                estimator, kValues=args.k_values, covarianceTypes=args.covariance_types,
+                criterion=args.criterion,
+            ).fit(df)
+            model = selection.bestModel
+            extra = {"criterion": args.criterion, "candidates": selection.candidateRows}
+            for row in selection.candidateRows:
+                log.info(
+                    "candidate k=%d %s: %s %.10g, %d iterations%s", row["k"], row["covarianceType"],
+                    args.criterion, row[args.criterion], row["iterations"], " (chosen)" if row["chosen"] else "",
+                )
     except (InvalidInputError, ValueError, FloatingPointError) as error:
         raise JobError(_short(error)) from None
     finally:
@@ -534,7 +581,9 @@ def run_fit(spark, args) -> dict:
         "features": args.features,
         "clusterSizes": summary.clusterSizes,
         "weights": model.weights,
+        "covarianceType": model.getCovarianceType(),
         "fitSeconds": round(fit_seconds, 3),
+        **extra,
     }
 
 
@@ -644,7 +693,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
             created = SparkSession.getActiveSession() is None
             spark = SparkSession.builder.appName(f"spark-gmm {command}").getOrCreate()
-            run = run_fit if command == "fit" else run_score
+            run = run_score if command == "score" else run_fit
             fields = {"status": "ok", "command": command, **run(spark, args)}
             code = 0
         except (JobError, UsageError) as error:

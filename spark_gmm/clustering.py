@@ -425,7 +425,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         names = feature_names(dataset, self.getFeaturesCol(), input_cols)
         model._feature_names = names if names and len(names) == summary.d else None
         self._copyValues(model)
-        model._summary = GaussianMixtureSummary(model, dataset, result, skipped)
+        model._summary = GaussianMixtureSummary(model, dataset, result, skipped, summary.total_weight)
         log.info(
             "fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
             model.getK(), result.iterations, result.converged, result.log_likelihood,
@@ -853,7 +853,10 @@ def _sampler(mixture: Mixture, seed: int):
 class GaussianMixtureSummary:
     """Training summary: MLlib's fields plus the log-likelihood history and convergence."""
 
-    def __init__(self, model: GaussianMixtureModel, dataset: DataFrame, result: em.FitResult, skipped: int):
+    def __init__(
+        self, model: GaussianMixtureModel, dataset: DataFrame, result: em.FitResult, skipped: int,
+        total_weight: float,
+    ):
         self._model, self._dataset = model, dataset
         self.k = model.getK()
         self.clusterSizes = list(result.cluster_sizes)
@@ -865,6 +868,7 @@ class GaussianMixtureSummary:
         self.iterationSeconds = [float(v) for v in result.iteration_seconds]
         self.invalidRowsSkipped = int(skipped)
         self.resumedFromIteration = int(result.resumed_from)
+        self.totalWeight = float(total_weight)  # rows fitted, or their total weight with weightCol
         self.featuresCol = model.getFeaturesCol()
         self.predictionCol = model.getPredictionCol()
         self.probabilityCol = model.getProbabilityCol()
@@ -896,4 +900,5 @@ class GaussianMixtureSummary:
             "iterationSeconds": self.iterationSeconds,
             "invalidRowsSkipped": self.invalidRowsSkipped,
             "resumedFromIteration": self.resumedFromIteration,
+            "totalWeight": self.totalWeight,
         }

@@ -206,3 +206,19 @@ def test_killed_fit_job_resumes_to_the_same_model(big_table, tmp_path):
     np.testing.assert_array_equal(a.covariances, b.covariances)
     np.testing.assert_array_equal(a.weights, b.weights)
     assert summary["logLikelihood"] == summary_line(fresh.stdout)["logLikelihood"]
+
+
+def test_select_chooses_k_by_bic(spark, table, tmp_path, capsys):
+    model_dir = str(tmp_path / "best")
+    code, summary = run(capsys, "select", "--input", table, "--features", "x,y", "--k-values", "1-3",
+                        "--covariance-types", "full,spherical", "--model-out", model_dir)
+    assert code == 0 and summary["command"] == "select" and summary["criterion"] == "bic"
+    assert [(c["k"], c["covarianceType"]) for c in summary["candidates"]] == [
+        (k, t) for t in ("full", "spherical") for k in (1, 2, 3)
+    ]
+    chosen = [c for c in summary["candidates"] if c["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["bic"] == min(c["bic"] for c in summary["candidates"])
+    assert summary["k"] == chosen[0]["k"] == 2  # two blobs
+    assert GaussianMixtureModel.load(model_dir).getCovarianceType() == chosen[0]["covarianceType"]
+    code, summary = run(capsys, "select", "--input", table, "--features", "x,y", "--k-values", "0-2")
+    assert code == 2 and "k values must be integers >= 1" in summary["error"]
