@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np
     from pyspark.sql import SparkSession
-    from spark_gmm import GaussianMixture, GaussianMixtureModel
+    from spark_gmm import GaussianMixture, GaussianMixtureModel, GaussianMixtureSelection
 
     spark = SparkSession.builder.remote("local[2]").getOrCreate()
     rng = np.random.default_rng(0)
@@ -22,8 +22,12 @@ SCRIPT = textwrap.dedent(
     predictions = model.transform(df).select("prediction").distinct().count()
     model.save(sys.argv[1])
     loaded = GaussianMixtureModel.load(sys.argv[1])
+    selection = GaussianMixtureSelection(GaussianMixture(seed=1), kValues=[1, 2, 3],
+                                         covarianceTypes=["full", "diag"]).fit(df)
     print(json.dumps({"means": model.means.tolist(), "loaded": loaded.means.tolist(),
-                      "predictions": predictions, "iterations": model.summary.numIter}))
+                      "predictions": predictions, "iterations": model.summary.numIter,
+                      "bic": model.bic(df), "chosen": selection.bestModel.getK(),
+                      "candidates": selection.candidates.count(), "sampled": model.sample(50, seed=1).count()}))
     """
 )
 
@@ -40,3 +44,5 @@ def test_spark_connect_session(tmp_path):
     assert abs(means[0][0]) < 0.3 and abs(means[1][0] - 6.0) < 0.3
     assert result["loaded"] == result["means"]
     assert result["predictions"] == 2
+    assert result["chosen"] == 2 and result["candidates"] == 6 and result["sampled"] == 50
+    assert result["bic"] > 0
