@@ -95,9 +95,12 @@ def _local_lloyd(points, weights, centers, iterations=30) -> np.ndarray:
     return centers
 
 
-def kmeans_parallel_centers(
-    reduce: Reduce, d: int, k: int, seed: int, rounds: int = 2, oversampling: float | None = None
-) -> np.ndarray:
+# Initialisation is written as generators of passes: each `yield pass_` hands a pass to the driver
+# and receives its reduced partials. `run_passes` drives one generator, or several in lockstep (the
+# candidates of a multi-fit), combining their pending passes into one pass over the data.
+
+
+def kmeans_parallel_steps(d: int, k: int, seed: int, rounds: int = 2, oversampling: float | None = None):
     """k-means|| (Bahmani et al.): a few sampling passes, then k-means++ and Lloyd on the candidates.
 
     Every random choice is a function of the row values and the seed, so the centres do not depend
@@ -105,16 +108,16 @@ def kmeans_parallel_centers(
     """
     oversampling = oversampling or 2.0 * k
     first = kernels.SmallestUniformPass(d, 1, seed, stream=0)
-    candidates = first.rows(reduce(first))[:, 1:]
+    candidates = first.rows((yield first))[:, 1:]
     stream = 1
     while True:
         for _ in range(rounds):
-            cost = float(reduce(kernels.CostPass(candidates))[0])
+            cost = float((yield kernels.CostPass(candidates))[0])
             if cost <= 0:
                 break
             sample = kernels.SamplePass(candidates, cost, oversampling, seed, stream)
             stream += 1
-            new = sample.rows(reduce(sample))[:, 1:]
+            new = sample.rows((yield sample))[:, 1:]
             candidates = np.unique(np.vstack([candidates, new]), axis=0)
         if len(candidates) >= k or cost <= 0 or stream > 20 * rounds:
             break
@@ -122,7 +125,7 @@ def kmeans_parallel_centers(
         raise ValueError(
             f"k={k} but the data has only {len(candidates)} distinct points; lower k"
         )
-    mass = reduce(kernels.ClosestWeightPass(candidates))
+    mass = yield kernels.ClosestWeightPass(candidates)
     keep = mass > 0
     candidates, mass = candidates[keep], mass[keep]
     if len(candidates) < k:
@@ -137,27 +140,62 @@ def kmeans_parallel_centers(
     return best
 
 
-def random_centers(reduce: Reduce, d: int, k: int, seed: int) -> np.ndarray:
+def random_center_steps(d: int, k: int, seed: int):
     """k distinct rows chosen uniformly at random (independently of partitioning)."""
     pick = kernels.SmallestUniformPass(d, k, seed, stream=0)
-    rows = pick.rows(reduce(pick))[:, 1:]
+    rows = pick.rows((yield pick))[:, 1:]
     if len(rows) < k:
         raise ValueError(f"k={k} but the data has only {len(rows)} distinct points; lower k")
     return rows
 
 
-def mixture_from_centers(
-    reduce: Reduce, centers: np.ndarray, reg_covar: float, covariance_type: str = "full"
-) -> Mixture:
+def mixture_from_centers_steps(centers: np.ndarray, reg_covar: float, covariance_type: str = "full"):
     """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
     k, d = centers.shape
-    stats = ComponentStatistics.unpack(reduce(kernels.HardAssignmentPass(centers)), k, d)
+    stats = ComponentStatistics.unpack((yield kernels.HardAssignmentPass(centers)), k, d)
     weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
     if lonely.any():  # a centre nobody is closest to: give it the pooled covariance
         filled = ~lonely
         covariances[lonely] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
         means[lonely] = centers[lonely]
     return Mixture.from_covariances(weights, means, covariances, reg_covar)
+
+
+def initial_mixture_steps(d: int, settings: "FitSettings"):
+    """The start of EM: `settings.start`, or `initMode` on the data, then one assignment pass."""
+    if settings.start is not None:
+        return settings.start
+    if settings.init_mode == "random":
+        centers = yield from random_center_steps(d, settings.k, settings.seed)
+    else:
+        centers = yield from kmeans_parallel_steps(d, settings.k, settings.seed)
+    return (yield from mixture_from_centers_steps(centers, settings.reg_covar, settings.covariance_type))
+
+
+def run_passes(reduce: Reduce, generators: list) -> list:
+    """Drive pass generators to their return values: one pass over the data per round, shared by
+    every generator with a pass pending (each gets exactly the result it would get alone)."""
+    results, pending = [None] * len(generators), {}
+
+    def advance(i, value):
+        try:
+            pending[i] = generators[i].send(value)
+        except StopIteration as done:
+            results[i] = done.value
+            pending.pop(i, None)
+
+    for i in range(len(generators)):
+        advance(i, None)
+    while pending:
+        order = sorted(pending)
+        if len(order) == 1:
+            outputs = [reduce(pending[order[0]])]
+        else:
+            joint = kernels.ConcatPass([pending[i] for i in order])
+            outputs = joint.split(reduce(joint))
+        for i, output in zip(order, outputs):
+            advance(i, output)
+    return results
 
 
 @dataclass
@@ -310,16 +348,10 @@ def run_em(
 
 
 def initial_mixture(reduce: Reduce, d: int, settings: FitSettings, describe=None) -> Mixture:
-    """The start of EM: `settings.start`, or `initMode` on the data."""
-    if settings.start is not None:
-        return settings.start
-    if describe:
+    """The start of EM for one fit (see `initial_mixture_steps`)."""
+    if describe and settings.start is None:
         describe(f"initialisation ({settings.init_mode}, k={settings.k})")
-    if settings.init_mode == "random":
-        centers = random_centers(reduce, d, settings.k, settings.seed)
-    else:
-        centers = kmeans_parallel_centers(reduce, d, settings.k, settings.seed)
-    return mixture_from_centers(reduce, centers, settings.reg_covar, settings.covariance_type)
+    return run_passes(reduce, [initial_mixture_steps(d, settings)])[0]
 
 
 def _reporter(total_weight: float):
@@ -353,13 +385,16 @@ def fit_mixture(
 def fit_together(
     reduce: Reduce, d: int, total_weight: float, candidates: list[FitSettings], describe=None
 ) -> list[FitResult]:
-    """Several candidate fits on the same data: each initialised with its own passes, exactly as
-    alone, then EM for all of them in shared passes. Results equal one-by-one `fit_mixture`s."""
+    """Several candidate fits on the same data, every pass shared: the initialisations run in
+    lockstep, then EM for all of them. Results equal one-by-one `fit_mixture`s."""
+    if describe:
+        describe(f"initialisation ({len(candidates)} candidates)")
+    starts = run_passes(reduce, [initial_mixture_steps(d, c) for c in candidates])
     runs = [
         EMRun(
-            EMState.fresh(initial_mixture(reduce, d, c, describe)), c.max_iter, c.tol, c.reg_covar,
-            c.covariance_type, label=f"candidate {i} (k={c.k}, {c.covariance_type}): ",
+            EMState.fresh(start), c.max_iter, c.tol, c.reg_covar, c.covariance_type,
+            label=f"candidate {i} (k={c.k}, {c.covariance_type}): ",
         )
-        for i, c in enumerate(candidates)
+        for i, (c, start) in enumerate(zip(candidates, starts))
     ]
     return run_em_together(reduce, runs, total_weight, _reporter(total_weight), describe)

@@ -148,6 +148,33 @@ class SumPass:
         return a
 
 
+class ConcatPass:
+    """Several passes in one pass over the data: each block's partials side by side, after their
+    lengths, so that candidates fitted together share the pass."""
+
+    def __init__(self, passes: list):
+        self.passes = passes
+        self.partial_bytes = sum(getattr(p, "partial_bytes", 0) for p in passes)
+
+    @staticmethod
+    def _join(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.array([float(len(p)) for p in parts])] + list(parts))
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        n = len(self.passes)
+        out, start = [], n
+        for length in flat[:n].astype(np.int64):
+            out.append(flat[start : start + length])
+            start += length
+        return out
+
+    def map_block(self, raw, x, w):
+        return self._join([p.map_block(raw, x, w) for p in self.passes])
+
+    def combine(self, a, b):
+        return self._join([p.combine(pa, pb) for p, pa, pb in zip(self.passes, self.split(a), self.split(b))])
+
+
 class EStepPass(SumPass):
     """E-step statistics of several candidate mixtures in one pass (concatenated, in order)."""
 
