@@ -112,3 +112,33 @@ def test_covariance_types_fit_like_sklearn_and_score_like_it(spark, points, cova
     if covariance_type != "full":
         with pytest.raises(ValueError, match=f"structure of covarianceType '{covariance_type}'"):
             GaussianMixtureModel.fromArrays(WEIGHTS, MEANS, COVARIANCES, covariance_type)
+
+
+@pytest.mark.parametrize("covariance_type", ["diag", "spherical", "tied"])
+def test_scores_of_each_covariance_type_equal_sklearn_on_the_same_parameters(spark, points, covariance_type):
+    # Near the origin: scikit-learn's diag/spherical densities expand (x − μ)², losing digits at 1e4.
+    points, means = points - [0, 0, 1e4], MEANS - [0, 0, 1e4]
+    k, d = means.shape
+    variances = np.array([[1.0, 2.0, 0.5], [0.7, 0.4, 1.1], [2.0, 1.0, 1.5]])
+    sk_covariances = {
+        "diag": variances,
+        "spherical": variances.mean(axis=1),
+        "tied": COVARIANCES[0],
+    }[covariance_type]
+    full = {
+        "diag": np.array([np.diag(v) for v in variances]),
+        "spherical": np.array([v * np.eye(d) for v in variances.mean(axis=1)]),
+        "tied": np.broadcast_to(COVARIANCES[0], (k, d, d)),
+    }[covariance_type]
+    sk = SkGaussianMixture(n_components=k, covariance_type=covariance_type)
+    sk.weights_, sk.means_, sk.covariances_ = WEIGHTS, means, sk_covariances
+    sk.precisions_cholesky_ = {
+        "diag": 1 / np.sqrt(variances),
+        "spherical": 1 / np.sqrt(variances.mean(axis=1)),
+        "tied": np.linalg.cholesky(np.linalg.inv(COVARIANCES[0])),
+    }[covariance_type]
+    model = GaussianMixtureModel.fromArrays(WEIGHTS, means, full, covariance_type)
+    df = frame(spark, points)
+    np.testing.assert_allclose(model.score(df), sk.score(points), rtol=1e-11)
+    np.testing.assert_allclose(model.bic(df), sk.bic(points), rtol=1e-11)
+    np.testing.assert_allclose(model.aic(df), sk.aic(points), rtol=1e-11)
