@@ -377,9 +377,10 @@ def fit_mixture(
     if resume is not None:
         log.info("resuming from iteration %d", resume.iteration)
     state = resume or EMState.fresh(initial_mixture(reduce, d, settings, describe))
-    run = EMRun(state, settings.max_iter, settings.tol, settings.reg_covar, settings.covariance_type,
-                on_state=on_state)
-    return run_em_together(reduce, [run], total_weight, _reporter(total_weight), describe)[0]
+    return run_em(
+        reduce, state, total_weight, settings.max_iter, settings.tol, settings.reg_covar,
+        _reporter(total_weight), on_state, describe, settings.covariance_type,
+    )
 
 
 def fit_together(
