@@ -154,6 +154,7 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
         fit.add_argument("--engine", choices=("driver", "barrier"), default="driver",
                          help="one Spark job per EM pass (driver, default) or the whole fit in one "
                          "barrier stage (barrier)")
+    if command == "fit":
         fit.add_argument("--checkpoint-dir", metavar="DIR",
                          help="checkpoint the EM state here; a rerun with the same arguments resumes "
                          "from the latest checkpoint")
@@ -522,8 +523,8 @@ def run_fit(spark, args) -> dict:
         initMode=args.init_mode,
         handleInvalid=args.handle_invalid,
         engine=args.engine,
-        checkpointDir=args.checkpoint_dir,
-        checkpointInterval=args.checkpoint_interval,
+        checkpointDir=getattr(args, "checkpoint_dir", None),
+        checkpointInterval=getattr(args, "checkpoint_interval", 1),
         **features,
     )
     extra = {}

@@ -59,6 +59,8 @@ class GaussianMixtureSelection(Estimator):
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got '{criterion}'")
         est = self.estimator
+        if est.getCheckpointDir():
+            raise ValueError("GaussianMixtureSelection does not checkpoint: unset the estimator's checkpointDir")
         maps = [{est.k: k, est.covarianceType: t} for t in types for k in ks]
         models = [model for _, model in sorted(est.fitMultiple(dataset, maps), key=lambda item: item[0])]
         rows = []
