@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end demo on one machine: make a sample data set from a known mixture, fit it with
-# `spark-submit jobs/fit_gmm.py` on local[2], and compare the fitted mixture with the truth.
+# `spark-submit jobs/fit_gmm.py` on local[2], compare the fitted mixture with the truth, and write
+# an HTML report with pictures (out/demo/report.html).
 # Needs only Python >= 3.10 and Java 17; creates/reuses .venv (the same one as scripts/test.sh).
 # Rerunnable: everything under out/demo/ is replaced.
 #   ./scripts/demo.sh                 # 200000 rows, k=4, 5 features
@@ -35,6 +36,7 @@ if ! "$VENV/bin/spark-submit" \
     --model-out "$OUT/model" \
     --predictions-out "$OUT/predictions.parquet" \
     --mode overwrite \
+    --report "$OUT/report.html" \
     > "$OUT/job.out"; then
     echo "demo: the job failed; its last stdout line was:" >&2
     tail -n 1 "$OUT/job.out" >&2
@@ -100,3 +102,4 @@ print()
 print(f"largest distance between a fitted and its true mean: {worst:.4f}")
 print(f"model: {out}/model   predictions: {out}/predictions.parquet")
 PY
+echo "report (open it in a browser; pictures embedded): $OUT/report.html"

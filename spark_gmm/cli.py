@@ -36,7 +36,7 @@ else:  # pragma: no cover - Python 3.10
 
 log = logging.getLogger("spark_gmm.job")
 
-COMMANDS = ("fit", "score", "select")
+COMMANDS = ("fit", "score", "select", "report")
 MODES = ("errorifexists", "overwrite", "append")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -162,7 +162,15 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                          help="iterations between checkpoints (default: 1)")
 
     out = parser.add_argument_group("output")
+    if command == "report":
+        out.add_argument("--model", metavar="DIR", help="the saved model to report on (required)")
+        out.add_argument("--report", metavar="FILE", help="the HTML file to write (required)")
+        out.add_argument("--log-level", choices=LOG_LEVELS, default="INFO", type=str.upper,
+                         help="level of the spark_gmm logger on stderr (default: INFO)")
+        return parser
     if fitting:
+        out.add_argument("--report", metavar="FILE", help="also write an HTML report with pictures "
+                         "(needs matplotlib: pip install spark-gmm[report])")
         out.add_argument("--model-out", metavar="DIR", help="save the fitted model to this directory")
     else:
         out.add_argument("--model", metavar="DIR", help="the saved model to score with (required)")
@@ -229,11 +237,12 @@ def parse_args(command: str, argv: list[str], prog: str | None = None) -> argpar
         "fit": ["input", "features", "k"],
         "select": ["input", "features"],
         "score": ["input", "model", "predictions_out"],
+        "report": ["input", "model", "report"],
     }[command]
     missing = [f"--{name.replace('_', '-')}" for name in required if getattr(args, name) is None]
     if missing:
         raise UsageError(f"missing required argument{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
-    outputs = [args.prediction_col, args.probability_col, args.log_likelihood_col]
+    outputs = [getattr(args, n, None) for n in ("prediction_col", "probability_col", "log_likelihood_col")]
     outputs = [o for o in outputs if o is not None]
     if not all(o.strip() for o in outputs) or len(set(outputs)) != len(outputs):
         raise UsageError("the prediction, probability and log-likelihood columns need distinct names")
@@ -569,6 +578,9 @@ def run_fit(spark, args) -> dict:
 
     if args.predictions_out:
         _write(spark, _scored(model, df, args), args)
+    if args.report:
+        _report(args.report, model, df, extra.get("candidates"), getattr(args, "criterion", "bic"),
+                {"input": args.input, "fit seconds": round(fit_seconds, 2)})
 
     return {
         "k": model.getK(),
@@ -584,6 +596,7 @@ def run_fit(spark, args) -> dict:
         "weights": model.weights,
         "covarianceType": model.getCovarianceType(),
         "fitSeconds": round(fit_seconds, 3),
+        "reportPath": args.report,
         **extra,
     }
 
@@ -621,6 +634,41 @@ def model_features(model, df, names: list[str] | None) -> dict:
             f"{count}"
         )
     return features
+
+
+def _report(path, model, df, selection, criterion, run, history=None) -> None:
+    try:
+        from spark_gmm.report import write_report
+
+        write_report(path, model, df, selection=selection, criterion=criterion, run=run, history=history)
+    except ImportError as error:
+        raise JobError(f"the report needs matplotlib ({error}); pip install 'spark-gmm[report]'") from None
+    except OSError as error:
+        raise JobError(f"cannot write the report to '{path}': {error.strerror}") from None
+    log.info("report written to %s", path)
+
+
+def run_report(spark, args) -> dict:
+    """The report of a saved model on an input."""
+    from spark_gmm import GaussianMixtureModel, ModelFormatError
+    from spark_gmm.persistence import read_metadata
+
+    try:
+        model = GaussianMixtureModel.load(args.model)
+        trained = read_metadata(args.model, "GaussianMixtureModel").get("summary") or {}
+    except ModelFormatError as error:
+        raise JobError(_short(error)) from None
+    df, _ = read_input(spark, args.input, args.format)
+    features = model_features(model, df, args.features)
+    model = model.copy()
+    if "inputCols" in features:
+        model.setInputCols(features["inputCols"])
+    else:
+        model.clear(model.inputCols)
+        model.setFeaturesCol(features["featuresCol"])
+    _report(args.report, model, df, None, "bic", {"input": args.input, "model": args.model},
+            trained.get("logLikelihoodHistory"))
+    return {"k": model.getK(), "modelPath": args.model, "reportPath": args.report}
 
 
 def run_score(spark, args) -> dict:
@@ -694,7 +742,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
             created = SparkSession.getActiveSession() is None
             spark = SparkSession.builder.appName(f"spark-gmm {command}").getOrCreate()
-            run = run_score if command == "score" else run_fit
+            run = {"score": run_score, "report": run_report}.get(command, run_fit)
             fields = {"status": "ok", "command": command, **run(spark, args)}
             code = 0
         except (JobError, UsageError) as error:

@@ -222,3 +222,22 @@ def test_select_chooses_k_by_bic(spark, table, tmp_path, capsys):
     assert GaussianMixtureModel.load(model_dir).getCovarianceType() == chosen[0]["covarianceType"]
     code, summary = run(capsys, "select", "--input", table, "--features", "x,y", "--k-values", "0-2")
     assert code == 2 and "k values must be integers >= 1" in summary["error"]
+
+
+def test_reports_from_fit_select_and_a_saved_model(spark, table, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    model_dir, fit_report = str(tmp_path / "model"), tmp_path / "fit.html"
+    code, summary = run(capsys, "fit", "--input", table, "--features", "x,y", "--k", "2",
+                        "--model-out", model_dir, "--report", str(fit_report))
+    assert code == 0 and summary["reportPath"] == str(fit_report)
+    assert fit_report.read_text().count("data:image/png;base64,") == 3
+    select_report = tmp_path / "select.html"
+    code, _ = run(capsys, "select", "--input", table, "--features", "x,y", "--k-values", "1-3",
+                  "--report", str(select_report))
+    assert code == 0 and select_report.read_text().count("data:image/png;base64,") == 4
+    saved_report = tmp_path / "saved.html"
+    code, summary = run(capsys, "report", "--model", model_dir, "--input", table, "--report", str(saved_report))
+    assert code == 0 and saved_report.read_text().count("data:image/png;base64,") == 3  # history from metadata
+    code, summary = run(capsys, "report", "--model", model_dir, "--input", table,
+                        "--report", str(tmp_path / "no" / "such" / "dir.html"))
+    assert code == 1 and "cannot write the report" in summary["error"]
