@@ -342,24 +342,25 @@ def path_exists(spark, path: str) -> bool | None:
     Asks Hadoop's FileSystem through the JVM when there is one (so relative paths resolve against
     the cluster's default file system); otherwise checks local paths. None: cannot tell.
     """
-    try:
-        jvm = spark.sparkContext._jvm
-        hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-        fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-        if _GLOB.search(path):
-            matches = fs.globStatus(hadoop_path)
-            return matches is not None and len(matches) > 0
-        return bool(fs.exists(hadoop_path))
-    except Exception:  # Spark Connect (no JVM) or a file system we cannot reach from the driver
-        if path.startswith("file:"):
-            path = re.sub(r"^file:(//)?", "", path)
-        elif _URI_SCHEME.match(path):
-            return None
-        if _GLOB.search(path):
-            import glob
+    filesystem = _hadoop(spark)
+    if filesystem is not None:
+        try:
+            fs, hadoop_path = filesystem(path)
+            if _GLOB.search(path):
+                matches = fs.globStatus(hadoop_path)
+                return matches is not None and len(matches) > 0
+            return bool(fs.exists(hadoop_path))
+        except Exception:  # noqa: BLE001 - a file system we cannot reach from the driver
+            pass
+    if path.startswith("file:"):
+        path = re.sub(r"^file:(//)?", "", path)
+    elif _URI_SCHEME.match(path):
+        return None
+    if _GLOB.search(path):
+        import glob
 
-            return bool(glob.glob(path))
-        return os.path.exists(path)
+        return bool(glob.glob(path))
+    return os.path.exists(path)
 
 
 def read_input(spark, source: str, fmt: str):
@@ -648,30 +649,8 @@ def _report(path, model, df, selection, criterion, run, history=None) -> None:
     log.info("report written to %s", path)
 
 
-def run_report(spark, args) -> dict:
-    """The report of a saved model on an input."""
-    from spark_gmm import GaussianMixtureModel, ModelFormatError
-    from spark_gmm.persistence import read_metadata
-
-    try:
-        model = GaussianMixtureModel.load(args.model)
-        trained = read_metadata(args.model, "GaussianMixtureModel").get("summary") or {}
-    except ModelFormatError as error:
-        raise JobError(_short(error)) from None
-    df, _ = read_input(spark, args.input, args.format)
-    features = model_features(model, df, args.features)
-    model = model.copy()
-    if "inputCols" in features:
-        model.setInputCols(features["inputCols"])
-    else:
-        model.clear(model.inputCols)
-        model.setFeaturesCol(features["featuresCol"])
-    _report(args.report, model, df, None, "bic", {"input": args.input, "model": args.model},
-            trained.get("logLikelihoodHistory"))
-    return {"k": model.getK(), "modelPath": args.model, "reportPath": args.report}
-
-
-def run_score(spark, args) -> dict:
+def _saved_model_on(spark, args):
+    """(model set to score `args.input`'s features, its training summary, input DataFrame, kind)."""
     from spark_gmm import GaussianMixtureModel, ModelFormatError
     from spark_gmm.persistence import read_metadata
 
@@ -682,15 +661,29 @@ def run_score(spark, args) -> dict:
         raise JobError(_short(error)) from None
     df, kind = read_input(spark, args.input, args.format)
     features = model_features(model, df, args.features)
-    check_outputs(spark, args, df.columns)
     model = model.copy()
     if "inputCols" in features:
         model.setInputCols(features["inputCols"])
     else:
         model.clear(model.inputCols)
         model.setFeaturesCol(features["featuresCol"])
+    return model, trained, df, kind
+
+
+def run_report(spark, args) -> dict:
+    """The report of a saved model on an input."""
+    model, trained, df, _ = _saved_model_on(spark, args)
+    _report(args.report, model, df, None, "bic", {"input": args.input, "model": args.model},
+            trained.get("logLikelihoodHistory"))
+    return {"k": model.getK(), "modelPath": args.model, "reportPath": args.report}
+
+
+def run_score(spark, args) -> dict:
+    model, trained, df, kind = _saved_model_on(spark, args)
+    check_outputs(spark, args, df.columns)
     log.info("scoring input %s '%s' with %s (k=%d)", kind, args.input, args.model, model.getK())
     _write(spark, _scored(model, df, args), args)
+    features = model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()]
     return {
         "k": model.getK(),
         # the model's training, for schedulers that read one summary shape from both jobs
@@ -700,7 +693,7 @@ def run_score(spark, args) -> dict:
         "resumedFromIteration": 0,
         "modelPath": args.model,
         "predictionsPath": args.predictions_out,
-        "features": features.get("inputCols") or [features["featuresCol"]],
+        "features": features,
     }
 
 

@@ -11,7 +11,8 @@ import io
 import time
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, functions as F
 
 #: Rows drawn for the scatter plot: enough to see the clusters, bounded whatever the table's size.
@@ -25,21 +26,24 @@ def _moments(dataset: DataFrame, x, center: np.ndarray):
     def partial(batches):
         n, first, second = 0, np.zeros(d), np.zeros((d, d))
         for batch in batches:
-            rows = [v for v in batch["x"] if v is not None and len(v) == d]
-            if rows:
-                values = np.stack(rows) - center
-                values = values[np.isfinite(values).all(axis=1)]
-                n += len(values)
-                first += values.sum(axis=0)
-                second += values.T @ values
-        yield pd.DataFrame({"n": [n], "first": [first.tolist()], "second": [second.ravel().tolist()]})
+            column = batch.column(0)
+            whole = pc.equal(pc.list_value_length(column).fill_null(-1), d)
+            values = pc.list_flatten(column.filter(whole)).to_numpy(zero_copy_only=False)
+            values = values.astype(np.float64).reshape(-1, d) - center  # null elements become NaN
+            values = values[np.isfinite(values).all(axis=1)]
+            n += len(values)
+            first += values.sum(axis=0)
+            second += values.T @ values
+        yield pa.RecordBatch.from_pydict(
+            {"n": [n], "first": [first.tolist()], "second": [second.ravel().tolist()]}
+        )
 
-    parts = dataset.select(x.alias("x")).mapInPandas(
+    parts = dataset.select(x.alias("x")).mapInArrow(
         partial, "n long, first array<double>, second array<double>"
-    ).toPandas()
-    n = int(parts["n"].sum())
-    first = np.sum(np.stack(parts["first"].to_numpy()), axis=0) / max(n, 1)
-    second = np.sum(np.stack(parts["second"].to_numpy()), axis=0).reshape(d, d) / max(n, 1)
+    ).toArrow()
+    n = int(pc.sum(parts.column("n")).as_py() or 0)
+    first = np.array(parts.column("first").to_pylist()).sum(axis=0) / max(n, 1)
+    second = np.array(parts.column("second").to_pylist()).sum(axis=0).reshape(d, d) / max(n, 1)
     return n, center + first, second - np.outer(first, first)
 
 
