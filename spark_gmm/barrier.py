@@ -156,6 +156,8 @@ def _result_json(result: em.FitResult, caught) -> str:
             "history": result.history,
             "iterations": result.iterations,
             "converged": result.converged,
+            "stop_reason": result.stop_reason,
+            "reseeded": result.reseeded,
             "cluster_sizes": result.cluster_sizes,
             "empty_components": result.empty_components,
             "iteration_seconds": result.iteration_seconds,
@@ -177,6 +179,8 @@ def _result_from_json(text: str) -> em.FitResult:
         history=r["history"],
         iterations=r["iterations"],
         converged=r["converged"],
+        stop_reason=r["stop_reason"],
+        reseeded=[tuple(item) for item in r["reseeded"]],
         cluster_sizes=r["cluster_sizes"],
         empty_components=r["empty_components"],
         iteration_seconds=r["iteration_seconds"],
@@ -209,7 +213,7 @@ def make_barrier_task(shift, has_weight, dtype, d, total_weight, settings: em.Fi
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                payload = _result_json(em.fit_mixture(reduce, d, total_weight, settings), caught)
+                payload = _result_json(em.fit(reduce, d, total_weight, [settings])[0], caught)
             except (ValueError, FloatingPointError) as error:  # every task fails alike: report once
                 payload = json.dumps({"error": type(error).__name__, "message": str(error)})
             finally:

@@ -43,7 +43,7 @@ def _mixture(record, reg_covar: float) -> Mixture | None:
         weights=np.array(record["weights"], dtype=np.float64),
         means=np.array(record["means"], dtype=np.float64),
         covariances=covariances,
-        precisions_cholesky=precision_cholesky(covariances, reg_covar),
+        precisions_cholesky=precision_cholesky(covariances),
     )
 
 
@@ -66,6 +66,8 @@ class Checkpointer:
             "history": state.history,
             "seconds": state.seconds,
             "empty": state.empty,
+            "reseeded": state.reseeded,
+            "finishing": state.finishing,
         }
         slot = SLOTS[(state.iteration // self.interval) % 2]
         self.spark.createDataFrame([(json.dumps(record),)], "value string").coalesce(1).write.mode(
@@ -100,4 +102,6 @@ class Checkpointer:
             history=record["history"],
             seconds=record["seconds"],
             empty=record["empty"],
+            reseeded=[tuple(item) for item in record["reseeded"]],
+            finishing=record["finishing"],
         )

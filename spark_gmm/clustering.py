@@ -57,7 +57,7 @@ log = logging.getLogger("spark_gmm")
 
 #: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
 DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
-INIT_MODES = ("k-means||", "random")
+INIT_MODES = ("k-means||", "k-means++", "random")
 ENGINES = ("driver", "barrier")
 DTYPES = ("float64", "float32")
 
@@ -85,7 +85,9 @@ class _GaussianMixtureParams(
     initMode = Param(
         Params._dummy(),
         "initMode",
-        "Initialisation: 'k-means||' (scalable k-means++ then Lloyd) or 'random' (random rows).",
+        "Initialisation: 'k-means||' (k-means|| seeds, then Lloyd's k-means over all rows, as "
+        "scikit-learn's default), 'k-means++' (the seeds alone) or 'random' (k distinct random rows); "
+        "EM starts from the hard assignment to the centres.",
         TypeConverters.toString,
     )
     engine = Param(
@@ -123,6 +125,14 @@ class _GaussianMixtureParams(
         "again with the same data and settings resumes from the latest one (driver engine).",
         TypeConverters.toString,
     )
+    reseedComponents = Param(
+        Params._dummy(),
+        "reseedComponents",
+        "Restart a component that empties or collapses onto one row during the fit, by splitting "
+        "the component with the widest spread (at most k restarts per fit, logged and listed in "
+        "summary.reseeded). False keeps plain EM: such a component stays with weight ≈ 0.",
+        TypeConverters.toBoolean,
+    )
     logLikelihoodCol = Param(
         Params._dummy(),
         "logLikelihoodCol",
@@ -146,6 +156,7 @@ class _GaussianMixtureParams(
             checkpointInterval=10,
             covarianceType="full",
             nInit=1,
+            reseedComponents=True,
         )
 
     def getK(self) -> int:
@@ -168,6 +179,9 @@ class _GaussianMixtureParams(
 
     def getCovarianceType(self) -> str:
         return self.getOrDefault(self.covarianceType)
+
+    def getReseedComponents(self) -> bool:
+        return self.getOrDefault(self.reseedComponents)
 
     def getCheckpointDir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
@@ -238,6 +252,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         checkpointInterval=10,
         covarianceType="full",
         nInit=1,
+        reseedComponents=True,
     ):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
@@ -267,6 +282,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         checkpointInterval=10,
         covarianceType="full",
         nInit=1,
+        reseedComponents=True,
     ):
         kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
         return self._set(**kwargs)
@@ -306,6 +322,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def setCheckpointDir(self, value: str):
         return self._set(checkpointDir=value)
+
+    def setReseedComponents(self, value: bool):
+        return self._set(reseedComponents=value)
 
     def setCheckpointInterval(self, value: int):
         return self._set(checkpointInterval=value)
@@ -361,7 +380,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         return self._model(result, dataset, summary, skipped)
 
     #: Params that may differ between candidates fitted together in shared passes.
-    CANDIDATE_PARAMS = ("k", "covarianceType", "seed", "initMode", "maxIter", "tol", "regCovar")
+    CANDIDATE_PARAMS = ("k", "covarianceType", "seed", "initMode", "maxIter", "tol", "regCovar", "reseedComponents")
 
     def fitMultiple(self, dataset: DataFrame, paramMaps):
         """Fit one model per param map. When the maps only change `CANDIDATE_PARAMS` (k, covariance
@@ -380,9 +399,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             estimator._check_params()
         cache, summary, skipped = self._prepare(dataset, max(e.getK() for e in estimators))
         try:
-            results = em.fit_together(
+            results = em.fit(
                 cache.reduce, summary.d, summary.total_weight,
-                [e._settings(summary) for e in estimators], cache.describe,
+                [e._settings(summary) for e in estimators], describe=cache.describe,
             )
         finally:
             self._release(cache)
@@ -501,17 +520,17 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             else:  # the barrier stage iterates inside a task, which cannot write checkpoints
                 log.warning("checkpointDir is set: the fit runs on the driver engine, which checkpoints")
         resume = checkpointer.latest() if checkpointer else None
-        return em.fit_mixture(
-            cache.reduce, summary.d, summary.total_weight, settings, resume=resume,
+        return em.fit(
+            cache.reduce, summary.d, summary.total_weight, [settings], resume=resume,
             on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
-        )
+        )[0]
 
     def _restarts(self, cache: BlockCache, summary, settings: em.FitSettings) -> em.FitResult:
         """nInit fits from seeds seed, seed+1, ... in shared passes (driver engine); the best one."""
         if self.getEngine() == "barrier":
             log.warning("nInit > 1: the restarts share passes on the driver engine")
         candidates = [replace(settings, seed=settings.seed + i) for i in range(self.getNInit())]
-        results = em.fit_together(cache.reduce, summary.d, summary.total_weight, candidates, cache.describe)
+        results = em.fit(cache.reduce, summary.d, summary.total_weight, candidates, describe=cache.describe)
         best = max(range(len(results)), key=lambda i: results[i].log_likelihood)
         log.info(
             "nInit=%d: kept restart %d (seed %d), log-likelihood %.10g; others: %s",
@@ -569,6 +588,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             init_mode=self.getInitMode(),
             start=start,
             covariance_type=self.getCovarianceType(),
+            reseed=self.getReseedComponents(),
+            dtype=self.getDtype(),
         )
 
     # -- persistence ---------------------------------------------------------------------------
@@ -864,7 +885,9 @@ class GaussianMixtureSummary:
         self.logLikelihoodHistory = [float(v) for v in result.history]
         self.numIter = int(result.iterations)
         self.converged = bool(result.converged)
+        self.stopReason = result.stop_reason
         self.emptyComponents = list(result.empty_components)
+        self.reseeded = [tuple(int(v) for v in item) for item in result.reseeded]
         self.iterationSeconds = [float(v) for v in result.iteration_seconds]
         self.invalidRowsSkipped = int(skipped)
         self.resumedFromIteration = int(result.resumed_from)
@@ -896,7 +919,9 @@ class GaussianMixtureSummary:
             "logLikelihoodHistory": self.logLikelihoodHistory,
             "numIter": self.numIter,
             "converged": self.converged,
+            "stopReason": self.stopReason,
             "emptyComponents": self.emptyComponents,
+            "reseeded": [list(item) for item in self.reseeded],
             "iterationSeconds": self.iterationSeconds,
             "invalidRowsSkipped": self.invalidRowsSkipped,
             "resumedFromIteration": self.resumedFromIteration,

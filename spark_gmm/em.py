@@ -1,7 +1,8 @@
 """Initialisation and the EM loop, written once against an abstract `reduce(pass) -> array`.
 
 `reduce` runs a pass (see `kernels`) over every block and returns the combined partials; the Spark
-engines and the in-memory reference engine only differ in how they implement it.
+engines and the in-memory engine (`local`) only differ in how they implement it. `fit` is the one
+entry point: one candidate or several sharing every pass, fresh or resumed from a checkpoint.
 """
 
 from __future__ import annotations
@@ -15,19 +16,31 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
-from .mixture import ComponentStatistics, Mixture, gaussians_from_moments, m_step
+from .mixture import (
+    ComponentStatistics,
+    Mixture,
+    gaussians_from_moments,
+    m_step,
+    regularisation_allowance,
+    split_component,
+)
 
 log = logging.getLogger("spark_gmm")
 
 Reduce = Callable[[object], np.ndarray]
 
-#: A relative drop of the mean log-likelihood larger than this ends the fit at the previous
-#: parameters: EM cannot decrease it, so anything more than round-off is a numerical problem.
-DECREASE_TOLERANCE = 1e-10
-
-
+#: Round-off budget of one iteration's change of the mean log-likelihood, relative to its size:
+#: float64 sums of float64 densities, or float64 sums of float32 densities.
+ROUNDOFF = {"float64": 1e-10, "float32": 1e-5}
 #: Greedy k-means++ and Lloyd restarts on the k-means|| candidates (cheap: they are in memory).
 LOCAL_RESTARTS = 5
+#: Lloyd over all rows stops when the centres' squared move falls below this share of the mean
+#: feature variance (scikit-learn's KMeans default) or after LLOYD_MAX_PASSES passes.
+LLOYD_TOL = 1e-4
+LLOYD_MAX_PASSES = 30
+#: A component that explains less than this many (average-weight) rows is dead: empty, or
+#: collapsed onto a single row. With `reseed`, it is restarted by splitting another component.
+DEAD_ROWS = 2.0
 
 
 class ComponentWarning(UserWarning):
@@ -36,7 +49,7 @@ class ComponentWarning(UserWarning):
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Everything an engine needs to run a fit, picklable into a Spark closure."""
+    """One candidate fit: everything the EM loop needs, picklable into a Spark closure."""
 
     k: int
     max_iter: int
@@ -46,6 +59,11 @@ class FitSettings:
     init_mode: str = "k-means||"
     start: Mixture | None = None  # explicit start, in shifted coordinates
     covariance_type: str = "full"
+    reseed: bool = True  # restart dead components (at most k times per fit)
+    dtype: str = "float64"  # of the cached blocks: sets the round-off budget
+
+    def describe(self) -> str:
+        return f"k={self.k}, {self.covariance_type}"
 
 
 @dataclass
@@ -54,9 +72,11 @@ class FitResult:
     log_likelihood: float  # total weighted log-likelihood of `mixture`
     history: list[float]  # total log-likelihood of the parameters at each iteration
     iterations: int  # M-steps taken
-    converged: bool
+    converged: bool  # |change of the mean log-likelihood| < tol between the last two iterations
+    stop_reason: str  # "converged", "max-iter", or "decrease" (a numerical problem)
     cluster_sizes: list[int]  # rows whose most probable component is j, under `mixture`
-    empty_components: list[int] = field(default_factory=list)
+    empty_components: list[int] = field(default_factory=list)  # empty in the returned mixture
+    reseeded: list[tuple[int, int, int]] = field(default_factory=list)  # (iteration, component, donor)
     iteration_seconds: list[float] = field(default_factory=list)  # wall time of each EM pass
     resumed_from: int = 0  # the iteration a resumed fit started from (0: a fresh fit)
 
@@ -149,6 +169,24 @@ def random_center_steps(d: int, k: int, seed: int):
     return rows
 
 
+def lloyd_steps(centers: np.ndarray, tol: float = LLOYD_TOL, max_passes: int = LLOYD_MAX_PASSES):
+    """Lloyd's k-means over all rows from `centers`, one pass per step, until the centres move by
+    less than `tol` × the data's mean feature variance (scikit-learn's rule; squared distance,
+    summed over centres) or `max_passes` passes. A centre that loses all its rows stays put."""
+    threshold = None
+    for _ in range(max_passes):
+        step = kernels.LloydPass(centers)
+        _, mass, sums, variance = step.split((yield step))
+        if threshold is None:
+            threshold = tol * float(np.mean(variance))
+        moved = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
+        shift = float(((moved - centers) ** 2).sum())
+        centers = moved
+        if shift <= threshold:
+            break
+    return centers
+
+
 def mixture_from_centers_steps(centers: np.ndarray, reg_covar: float, covariance_type: str = "full"):
     """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
     k, d = centers.shape
@@ -162,13 +200,19 @@ def mixture_from_centers_steps(centers: np.ndarray, reg_covar: float, covariance
 
 
 def initial_mixture_steps(d: int, settings: "FitSettings"):
-    """The start of EM: `settings.start`, or `initMode` on the data, then one assignment pass."""
+    """The start of EM: `settings.start`, or `initMode` on the data, then one assignment pass.
+
+    'k-means||' seeds with k-means|| and runs Lloyd over all rows (scikit-learn's k-means start);
+    'k-means++' uses the seeds alone (scikit-learn's 'k-means++'); 'random' picks k distinct rows.
+    """
     if settings.start is not None:
         return settings.start
     if settings.init_mode == "random":
         centers = yield from random_center_steps(d, settings.k, settings.seed)
     else:
         centers = yield from kmeans_parallel_steps(d, settings.k, settings.seed)
+        if settings.init_mode == "k-means||":
+            centers = yield from lloyd_steps(centers)
     return (yield from mixture_from_centers_steps(centers, settings.reg_covar, settings.covariance_type))
 
 
@@ -204,76 +248,121 @@ class EMState:
 
     iteration: int
     mixture: Mixture  # the parameters the next pass evaluates
-    previous: Mixture | None  # those before the last M-step (the decrease guard returns to them)
+    previous: Mixture | None  # those before the last M-step (a failed step returns to them)
     history: list[float]
     seconds: list[float]
     empty: list[int]
+    reseeded: list[tuple[int, int, int]] = field(default_factory=list)
+    finishing: bool = False  # converged: the next pass evaluates the last M-step, then EM stops
 
     @classmethod
     def fresh(cls, start: Mixture) -> "EMState":
-        return cls(0, start, None, [], [], [])
+        return cls(0, start, None, [], [], [], [])
+
+    def copy(self) -> "EMState":
+        return EMState(
+            self.iteration, self.mixture, self.previous, list(self.history), list(self.seconds),
+            list(self.empty), list(self.reseeded), self.finishing,
+        )
 
 
 @dataclass
-class EMRun:
+class _Candidate:
     """One candidate's EM: its settings, where it stands, and what it reports."""
 
+    settings: FitSettings
     state: EMState
-    max_iter: int
-    tol: float
-    reg_covar: float
-    covariance_type: str = "full"
     label: str = ""  # prefixed to its messages when several candidates run together
     on_state: Callable[[EMState], None] | None = None
     done: bool = False
-    converged: bool = False
+    stop_reason: str = "max-iter"
     stats: ComponentStatistics | None = None
-    revert: bool = False  # the last pass lowered the log-likelihood: evaluate `previous` and stop
+    revert: bool = False  # the last pass failed the decrease test: evaluate `previous` and stop
 
-    def observe(self, stats: ComponentStatistics, total_weight: float, seconds: float, on_iteration) -> None:
-        """Take the pass's statistics of the current mixture: stop, or make the M-step."""
-        s, iteration = self.state, self.state.iteration
-        mean_ll = stats.log_likelihood / total_weight
+    def observe(self, stats: ComponentStatistics, total_weight: float, seconds: float) -> None:
+        """Take the pass's statistics of the current mixture: record them, then stop or step."""
+        s, iteration, settings = self.state, self.state.iteration, self.settings
         if not np.isfinite(stats.log_likelihood):
             raise FloatingPointError(
                 f"{self.label}log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
                 "check the input for extreme values or raise regCovar"
             )
+        mean_ll = stats.log_likelihood / total_weight
         change = mean_ll - s.history[-1] / total_weight if s.history else None
-        if change is not None and change < -DECREASE_TOLERANCE * max(1.0, abs(mean_ll - change)):
+        reseeded_here = bool(s.reseeded) and s.reseeded[-1][0] == iteration  # not an EM step
+        if change is not None and not reseeded_here and change < -self._decrease_budget(mean_ll, total_weight):
             warnings.warn(
-                f"{self.label}log-likelihood decreased by {-change:.3g} per row at iteration {iteration} "
-                "(round-off or regularisation); keeping the previous parameters",
+                f"{self.label}log-likelihood decreased by {-change:.3g} per row at iteration {iteration}, "
+                "more than regularisation and round-off allow: a numerical problem (try dtype='float64' "
+                "or a larger regCovar); stopping at the previous parameters, converged=False",
                 ComponentWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
             s.mixture, s.iteration = s.previous, iteration - 1
-            self.revert = self.done = self.converged = True
+            self.revert, self.done, self.stop_reason = True, True, "decrease"
             return
         self.stats = stats
         s.history.append(stats.log_likelihood)
         s.seconds.append(seconds)
-        if on_iteration:
-            on_iteration(self.label, iteration, stats.log_likelihood, change, seconds)
-        if change is not None and abs(change) < self.tol:
-            self.done = self.converged = True
-            return
-        if iteration >= self.max_iter:
-            self.done = True
-            return
+        _log_iteration(self.label, iteration, stats.log_likelihood, mean_ll, change, seconds)
+        if s.finishing:  # the pass evaluated the M-step taken after convergence
+            self.done, self.stop_reason = True, "converged"
+        elif change is not None and not reseeded_here and abs(change) < settings.tol:
+            # Like scikit-learn and MLlib, take the M-step of this pass's statistics; unlike them,
+            # evaluate it, so the returned log-likelihood and sizes are those of the returned model.
+            if iteration >= settings.max_iter:
+                self.done, self.stop_reason = True, "converged"
+            else:
+                s.finishing = not self._step(stats, total_weight)
+        elif iteration >= settings.max_iter:
+            self.done, self.stop_reason = True, "max-iter"
+        else:
+            self._step(stats, total_weight)
+
+    def _decrease_budget(self, mean_ll: float, total_weight: float) -> float:
+        """How far the mean log-likelihood may fall in one step without a numerical problem: the
+        regularisation's bound (see `mixture.regularisation_allowance`) plus round-off."""
+        s = self.state
+        allowance = regularisation_allowance(s.previous, s.mixture, self.settings.reg_covar)
+        return allowance + ROUNDOFF[self.settings.dtype] * max(1.0, abs(mean_ll))
+
+    def _step(self, stats: ComponentStatistics, total_weight: float) -> bool:
+        """The M-step, then dead components restarted (or kept and reported); True if any was."""
+        s, settings = self.state, self.settings
         s.previous = s.mixture
-        s.mixture, newly_empty = m_step(stats, s.mixture, self.reg_covar, self.covariance_type)
+        s.mixture, newly_empty = m_step(stats, s.mixture, settings.reg_covar, settings.covariance_type)
         s.iteration += 1
-        for j in set(newly_empty.tolist()) - set(s.empty):
+        dead = _dead_components(stats, total_weight) if settings.reseed else []
+        if len(dead):
+            row_weight = total_weight / max(stats.hard_counts.sum(), 1.0)
+            scatter = gaussians_from_moments(stats, s.previous.means, 0.0, "full")[2]
+            spread = stats.resp * np.linalg.eigvalsh(scatter)[:, -1]  # mass × widest variance
+            spread[dead] = -np.inf
+        for j in dead:
+            if len(s.reseeded) >= settings.k or not np.isfinite(spread.max()):
+                break
+            donor = int(np.argmax(spread))
+            spread[donor] = -np.inf  # each donor splits once per step
+            s.mixture = split_component(
+                s.mixture, scatter[donor], donor, int(j), settings.covariance_type, settings.reg_covar
+            )
+            s.reseeded.append((s.iteration, int(j), donor))
+            log.info(
+                "%scomponent %d held %.3g rows at iteration %d; restarted by splitting component %d",
+                self.label, j, stats.resp[j] / row_weight, s.iteration - 1, donor,
+            )
+        revived = {j for at, j, _ in s.reseeded if at == s.iteration}
+        for j in sorted(set(newly_empty.tolist()) - set(s.empty) - revived):
             warnings.warn(
                 f"{self.label}component {j} lost all its data at iteration {s.iteration}; it keeps its "
                 "previous mean and covariance with a negligible weight (consider a smaller k)",
                 ComponentWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        s.empty = sorted(set(s.empty) | set(newly_empty.tolist()))
+        s.empty = sorted((set(s.empty) | set(newly_empty.tolist())) - revived)
         if self.on_state:
-            self.on_state(EMState(s.iteration, s.mixture, s.previous, list(s.history), list(s.seconds), s.empty))
+            self.on_state(s.copy())
+        return bool(revived)
 
     def result(self, resumed_from: int) -> FitResult:
         s = self.state
@@ -282,120 +371,91 @@ class EMRun:
             log_likelihood=self.stats.log_likelihood,
             history=s.history,
             iterations=s.iteration,
-            converged=self.converged,
+            converged=self.stop_reason == "converged",
+            stop_reason=self.stop_reason,
             cluster_sizes=[int(c) for c in self.stats.hard_counts],
             empty_components=s.empty,
+            reseeded=list(s.reseeded),
             iteration_seconds=s.seconds,
             resumed_from=resumed_from,
         )
 
 
-def run_em_together(
-    reduce: Reduce,
-    runs: list[EMRun],
-    total_weight: float,
-    on_iteration=None,
-    describe: Callable[[str], None] | None = None,
-) -> list[FitResult]:
-    """EM for several candidates at once: one pass per iteration evaluates every candidate still
-    running (those that converge drop out). Each candidate takes exactly the steps it would take
-    alone, so its result is the same as `run_em`'s.
-
-    Each pass evaluates the current parameters (their log-likelihood and sufficient statistics), so
-    the returned log-likelihood, history and cluster sizes belong exactly to the returned mixture.
-    """
-    resumed = [run.state.iteration for run in runs]
-    for run in runs:  # the caller's state objects are not modified
-        s = run.state
-        run.state = EMState(s.iteration, s.mixture, s.previous, list(s.history), list(s.seconds), list(s.empty))
-
-    def evaluate(group: list[EMRun], label: str) -> list[ComponentStatistics]:
-        if describe:
-            describe(label)
-        estep = kernels.EStepPass([run.state.mixture for run in group])
-        return estep.split(reduce(estep))
-
-    while active := [run for run in runs if not run.done]:
-        iteration = max(run.state.iteration for run in active)
-        began = time.perf_counter()
-        label = f"EM iteration {iteration}" + (f" ({len(active)} candidates)" if len(runs) > 1 else "")
-        for run, stats in zip(active, evaluate(active, label)):
-            run.observe(stats, total_weight, time.perf_counter() - began, on_iteration)
-        reverted = [run for run in active if run.revert]
-        if reverted:  # rare: their statistics are those of the kept parameters
-            for run, stats in zip(reverted, evaluate(reverted, "EM: parameters kept")):
-                run.stats, run.revert = stats, False
-    return [run.result(start) for run, start in zip(runs, resumed)]
+def _dead_components(stats: ComponentStatistics, total_weight: float) -> np.ndarray:
+    """Components explaining fewer than DEAD_ROWS average rows of the pass behind `stats`."""
+    rows = stats.hard_counts.sum()
+    return np.flatnonzero(stats.resp < DEAD_ROWS * total_weight / max(rows, 1.0))
 
 
-def run_em(
-    reduce: Reduce,
-    state: EMState,
-    total_weight: float,
-    max_iter: int,
-    tol: float,
-    reg_covar: float,
-    on_iteration=None,
-    on_state: Callable[[EMState], None] | None = None,
-    describe: Callable[[str], None] | None = None,
-    covariance_type: str = "full",
-) -> FitResult:
-    """EM from `state` until the mean log-likelihood changes by less than `tol` or `max_iter` M-steps.
-    `on_iteration(label, iteration, ll, change, seconds)` sees each pass, `on_state` the state after
-    every M-step (to checkpoint it), `describe` names each pass."""
-    run = EMRun(state, max_iter, tol, reg_covar, covariance_type, on_state=on_state)
-    return run_em_together(reduce, [run], total_weight, on_iteration, describe)[0]
-
-
-def initial_mixture(reduce: Reduce, d: int, settings: FitSettings, describe=None) -> Mixture:
-    """The start of EM for one fit (see `initial_mixture_steps`)."""
-    if describe and settings.start is None:
-        describe(f"initialisation ({settings.init_mode}, k={settings.k})")
-    return run_passes(reduce, [initial_mixture_steps(d, settings)])[0]
-
-
-def _reporter(total_weight: float):
-    def report(label, iteration, ll, change, seconds):
-        log.info(
-            "%siteration %d: log-likelihood %.10g (%.6g per row, change %s), %.3f s",
-            label, iteration, ll, ll / total_weight, "—" if change is None else f"{change:+.3g}", seconds,
-        )
-
-    return report
-
-
-def fit_mixture(
-    reduce: Reduce,
-    d: int,
-    total_weight: float,
-    settings: FitSettings,
-    resume: EMState | None = None,
-    on_state: Callable[[EMState], None] | None = None,
-    describe: Callable[[str], None] | None = None,
-) -> FitResult:
-    """Initialise (unless `resume` is given), then run EM: the whole fit, engine-agnostic."""
-    if resume is not None:
-        log.info("resuming from iteration %d", resume.iteration)
-    state = resume or EMState.fresh(initial_mixture(reduce, d, settings, describe))
-    return run_em(
-        reduce, state, total_weight, settings.max_iter, settings.tol, settings.reg_covar,
-        _reporter(total_weight), on_state, describe, settings.covariance_type,
+def _log_iteration(label, iteration, ll, mean_ll, change, seconds) -> None:
+    log.info(
+        "%siteration %d: log-likelihood %.10g (%.6g per row, change %s), %.3f s",
+        label, iteration, ll, mean_ll, "—" if change is None else f"{change:+.3g}", seconds,
     )
 
 
-def fit_together(
-    reduce: Reduce, d: int, total_weight: float, candidates: list[FitSettings], describe=None
+def _run_em(reduce: Reduce, candidates: list[_Candidate], total_weight: float, describe=None) -> None:
+    """EM for every candidate at once: one pass per iteration evaluates each candidate still
+    running (those that stop drop out); each takes exactly the steps it would take alone.
+
+    Each pass evaluates the current parameters (their log-likelihood and statistics), so a
+    result's log-likelihood, history and cluster sizes belong exactly to its returned mixture.
+    """
+
+    def evaluate(group: list[_Candidate], label: str) -> list[ComponentStatistics]:
+        if describe:
+            describe(label)
+        estep = kernels.EStepPass([c.state.mixture for c in group])
+        return estep.split(reduce(estep))
+
+    while active := [c for c in candidates if not c.done]:
+        iteration = max(c.state.iteration for c in active)
+        began = time.perf_counter()
+        label = f"EM iteration {iteration}" + (f" ({len(active)} candidates)" if len(candidates) > 1 else "")
+        for candidate, stats in zip(active, evaluate(active, label)):
+            candidate.observe(stats, total_weight, time.perf_counter() - began)
+        reverted = [c for c in active if c.revert]
+        if reverted:  # rare: their statistics are those of the kept parameters
+            for candidate, stats in zip(reverted, evaluate(reverted, "EM: parameters kept")):
+                candidate.stats, candidate.revert = stats, False
+
+
+def fit(
+    reduce: Reduce,
+    d: int,
+    total_weight: float,
+    candidates: list[FitSettings],
+    resume: EMState | None = None,
+    on_state: Callable[[EMState], None] | None = None,
+    describe: Callable[[str], None] | None = None,
 ) -> list[FitResult]:
-    """Several candidate fits on the same data, every pass shared: the initialisations run in
-    lockstep, then EM for all of them. Results equal one-by-one `fit_mixture`s."""
-    if describe:
-        describe(f"initialisation ({len(candidates)} candidates)")
-    starts = run_passes(reduce, [initial_mixture_steps(d, c) for c in candidates])
+    """Fit each candidate on the data behind `reduce` (d features, `total_weight` rows or weight):
+    their initialisations in lockstep, then EM, every pass shared. Each result equals the
+    candidate's fit alone. With one candidate, `resume` continues a checkpointed state and
+    `on_state` sees the state after every M-step."""
+    if resume is not None:
+        if len(candidates) != 1:
+            raise ValueError("only a single fit resumes from a checkpoint")
+        log.info("resuming from iteration %d", resume.iteration)
+        states = [resume.copy()]
+    else:
+        if describe:
+            describe(f"initialisation ({_plural(candidates)})")
+        starts = run_passes(reduce, [initial_mixture_steps(d, c) for c in candidates])
+        states = [EMState.fresh(start) for start in starts]
     runs = [
-        EMRun(
-            EMState.fresh(start), c.max_iter, c.tol, c.reg_covar, c.covariance_type,
-            label=f"candidate {i} (k={c.k}, {c.covariance_type}): ",
+        _Candidate(
+            c, state, label=f"candidate {i} ({c.describe()}): " if len(candidates) > 1 else "",
+            on_state=on_state,
         )
-        for i, (c, start) in enumerate(zip(candidates, starts))
+        for i, (c, state) in enumerate(zip(candidates, states))
     ]
-    return run_em_together(reduce, runs, total_weight, _reporter(total_weight), describe)
+    _run_em(reduce, runs, total_weight, describe)
+    return [run.result(resume.iteration if resume else 0) for run in runs]
+
+
+def _plural(candidates: list[FitSettings]) -> str:
+    if len(candidates) == 1:
+        c = candidates[0]
+        return "initial model" if c.start is not None else f"{c.init_mode}, k={c.k}"
+    return f"{len(candidates)} candidates"

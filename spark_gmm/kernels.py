@@ -230,6 +230,34 @@ class HardAssignmentPass(SumPass):
         return moment_statistics(x, w, resp, self.centers, 0.0)
 
 
+class LloydPass(SumPass):
+    """One Lloyd step over all rows: [Σw·min‖x − c‖², Σw per centre (k), Σw·x per centre (k·d),
+    Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale of the stopping test."""
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = centers
+
+    def map_block(self, raw, x, w):
+        index, dist = nearest(x, self.centers)
+        k, d = self.centers.shape
+        weights = np.ones(x.shape[0]) if w is None else w
+        mass = np.bincount(index, weights=weights, minlength=k)
+        sums = np.zeros((k, d))
+        for j in range(d):  # per feature: bincount is a fast grouped sum
+            sums[:, j] = np.bincount(index, weights=weights * x[:, j], minlength=k)
+        xw = x * weights[:, None]
+        total, squares = xw.sum(axis=0), (xw * x).sum(axis=0)
+        return np.concatenate([[weights @ dist], mass, sums.ravel(), total, squares]).astype(np.float64)
+
+    def split(self, flat: np.ndarray):
+        """(cost, mass (k,), sums (k, d), variance of each feature (d,))."""
+        k, d = self.centers.shape
+        cost, mass, sums, total, squares = np.split(flat, np.cumsum([1, k, k * d, d]))
+        weight = mass.sum()
+        variance = squares / weight - (total / weight) ** 2
+        return float(cost[0]), mass, sums.reshape(k, d), variance
+
+
 class CostPass(SumPass):
     """Σ w·min_j ‖x − c_j‖² (the k-means|| potential φ)."""
 

@@ -1,7 +1,7 @@
 """Mixture parameters and the M-step: driver-side numpy, no Spark.
 
 Means live in *shifted* coordinates (data minus a fixed per-feature shift chosen from the data), so
-that features far from the origin keep their precision; `MixtureModelParams.unshift` gives the user's
+that features far from the origin keep their precision; `Mixture.shifted` gives the user's
 coordinates back.  Second moments arrive centred on each component's current mean, which is why the
 M-step can add the mean update without cancellation.
 """
@@ -38,34 +38,76 @@ def unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-def precision_cholesky(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
-    """Upper-triangular P_j with P_j P_jᵀ = Σ_j⁻¹, for each of the k×d×d covariances.
-
-    A covariance that fails Cholesky (round-off on a collapsed component) has its eigenvalues clipped
-    at `reg_covar` instead of producing NaN; a warning names it.
-    """
+def positive_definite(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
+    """The k×d×d `covariances`, each one that fails Cholesky repaired: its spectrum clipped at
+    `reg_covar` (round-off on a collapsed component), with a warning naming it. Without a
+    regulariser there is nothing to clip to: the fit is refused, as scikit-learn does."""
     covariances = np.array(covariances, dtype=np.float64)
-    try:
-        lower = np.linalg.cholesky(covariances)
-    except np.linalg.LinAlgError:
-        lower = np.empty_like(covariances)
-        for j, cov in enumerate(covariances):
-            try:
-                lower[j] = np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-                clipped = (vectors * np.maximum(values, max(reg_covar, 1e-300))) @ vectors.T
-                warnings.warn(
-                    f"component {j}: covariance not positive definite (smallest eigenvalue "
-                    f"{values.min():.3g}); clipped its spectrum at regCovar={reg_covar:g}",
-                    SpectralRepairWarning,
-                    stacklevel=2,
-                )
-                covariances[j] = clipped
-                lower[j] = np.linalg.cholesky(clipped + 1e-300 * np.eye(len(cov)))
-    d = covariances.shape[-1]
-    eye = np.broadcast_to(np.eye(d), covariances.shape)
+    for j, cov in enumerate(covariances):
+        try:
+            np.linalg.cholesky(cov)
+            continue
+        except np.linalg.LinAlgError:
+            values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+        if not reg_covar > 0:
+            raise FloatingPointError(
+                f"component {j} has an ill-defined covariance (smallest eigenvalue {values.min():.3g}): "
+                "it collapsed onto fewer distinct points than features; set regCovar > 0 (e.g. 1e-6) "
+                "or lower k"
+            )
+        covariances[j] = (vectors * np.maximum(values, reg_covar)) @ vectors.T
+        covariances[j] = (covariances[j] + covariances[j].T) / 2
+        warnings.warn(
+            f"component {j}: covariance not positive definite (smallest eigenvalue "
+            f"{values.min():.3g}); clipped its spectrum at regCovar={reg_covar:g}",
+            SpectralRepairWarning,
+            stacklevel=3,
+        )
+    return covariances
+
+
+def precision_cholesky(covariances: np.ndarray) -> np.ndarray:
+    """Upper-triangular P_j with P_j P_jᵀ = Σ_j⁻¹, for each of the k×d×d positive definite
+    covariances (see `positive_definite`)."""
+    lower = np.linalg.cholesky(covariances)
+    eye = np.broadcast_to(np.eye(covariances.shape[-1]), covariances.shape)
     return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
+
+
+def regularisation_allowance(previous: "Mixture | None", current: "Mixture", reg_covar: float) -> float:
+    """How much the mean log-likelihood may fall in the EM step `previous` → `current` because of
+    the regulariser.
+
+    Adding ε·I to a covariance is the exact M-step of Q(θ) − pen(θ) with pen = Σ_j N_j (ε/2)
+    tr Σ_j⁻¹ (for every covariance type), so L(current) − L(previous) ≥ pen(current) − pen(previous),
+    where N_j are the responsibilities behind the step (`current.weights` per row). Exact
+    arithmetic never falls further; more than this (plus round-off) is a numerical problem.
+    """
+    if previous is None or not reg_covar > 0:
+        return 0.0
+    trace_before = (previous.precisions_cholesky**2).sum(axis=(1, 2))
+    trace_after = (current.precisions_cholesky**2).sum(axis=(1, 2))
+    return max(0.0, 0.5 * reg_covar * float(current.weights @ (trace_before - trace_after)))
+
+
+def split_component(
+    mixture: "Mixture", scatter: np.ndarray, donor: int, target: int, covariance_type: str, reg_covar: float
+) -> "Mixture":
+    """`mixture` with component `target` restarted as one half of `donor`, split across the widest
+    direction of the donor's scatter (d×d): the halves of a Gaussian cut through its mean sit
+    ±σ·√(2/π) from it and keep (1 − 2/π)σ² of that variance, so the pair keeps the donor's
+    mean and covariance. Restricted covariance types keep the donor's covariance for both."""
+    values, vectors = np.linalg.eigh(scatter)
+    variance, direction = max(values[-1], 0.0), vectors[:, -1]
+    offset = np.sqrt(2.0 * variance / np.pi) * direction
+    weights, means = mixture.weights.copy(), mixture.means.copy()
+    covariances = mixture.covariances.copy()
+    weights[donor] = weights[target] = (weights[donor] + weights[target]) / 2
+    means[target], means[donor] = means[donor] - offset, means[donor] + offset
+    if covariance_type == "full":
+        covariances[donor] -= (2.0 / np.pi) * variance * np.outer(direction, direction)
+    covariances[target] = covariances[donor]
+    return Mixture.from_covariances(weights, means, covariances, reg_covar)
 
 
 def free_parameters(k: int, d: int, covariance_type: str = "full") -> int:
@@ -96,14 +138,15 @@ class Mixture:
 
     @classmethod
     def from_covariances(cls, weights, means, covariances, reg_covar: float = 0.0) -> "Mixture":
+        """Normalised weights, and covariances repaired (or refused) by `positive_definite`: the
+        matrices the densities use are the ones kept, returned, saved and sampled from."""
         weights = np.asarray(weights, dtype=np.float64)
-        weights = weights / weights.sum()
-        covariances = np.asarray(covariances, dtype=np.float64)
+        covariances = positive_definite(covariances, reg_covar)
         return cls(
-            weights=weights,
+            weights=weights / weights.sum(),
             means=np.asarray(means, dtype=np.float64),
             covariances=covariances,
-            precisions_cholesky=precision_cholesky(covariances, reg_covar),
+            precisions_cholesky=precision_cholesky(covariances),
         )
 
     @property

@@ -212,6 +212,7 @@ def test_summary_fields(fitted, truth_data):
     # logLikelihood is the total log-likelihood of the returned parameters.
     expected = mixture_log_density(x, fitted.weights, fitted.means, fitted.covariances).sum()
     np.testing.assert_allclose(s.logLikelihood, expected, rtol=1e-9)
+    assert s.stopReason == "converged" and s.reseeded == [] and s.emptyComponents == []
     assert s.featuresCol == "features"
     assert s.predictionCol == "prediction" and s.probabilityCol == "probability"
 
@@ -223,6 +224,29 @@ def test_summary_fields(fitted, truth_data):
     assert [counts.get(j, 0) for j in range(3)] == s.clusterSizes
     assert s.cluster.columns == ["prediction"]
     assert s.probability.columns == ["probability"]
+
+
+@pytest.mark.parametrize("reseed", [True, False])
+def test_a_start_whose_component_captures_nothing(spark, reseed):
+    """Restarted by default, so the model has k components that each hold data; plain EM on request."""
+    rng = np.random.default_rng(8)
+    truth = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    x = truth[rng.integers(0, 3, 3000)] + rng.normal(size=(3000, 2))
+    start = GaussianMixtureModel.fromArrays(
+        [0.5, 0.49, 0.01], [[0.0, 0.0], [3.0, 3.0], [500.0, 500.0]], [np.eye(2)] * 3
+    )
+    estimator = GaussianMixture(seed=1, reseedComponents=reseed).setInitialModel(start)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = estimator.fit(frame(spark, x))
+    s = model.summary
+    if reseed:
+        assert [j for _, j, _ in s.reseeded] == [2] and s.emptyComponents == []
+        assert min(s.clusterSizes) > 800 and min(model.weights) > 0.25
+        assert max(np.linalg.norm(model.means - t, axis=1).min() for t in truth) < 0.2
+    else:
+        assert s.reseeded == [] and s.emptyComponents == [2] and s.clusterSizes[2] == 0
+        assert any("component 2 lost all its data" in str(w.message) for w in caught)
 
 
 def test_history_non_decreasing_long_climb(spark):

@@ -20,6 +20,7 @@ from spark_gmm.mixture import (
     Mixture,
     SpectralRepairWarning,
     m_step,
+    positive_definite,
     precision_cholesky,
 )
 
@@ -50,6 +51,13 @@ def make_reduce(x, w=None, block=100, order=None, shift=None):
 
     reduce.shift = shift
     return reduce
+
+
+def run_em(reduce, start, rows, max_iter, tol, reg_covar, **settings):
+    """EM from `start` (plain EM unless `reseed=True` is given), through the one entry point."""
+    settings.setdefault("reseed", False)
+    fit = em.FitSettings(k=start.k, max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=0, start=start, **settings)
+    return em.fit(reduce, start.d, float(rows), [fit])[0]
 
 
 def random_spd(rng, d, scale=0.5, floor=0.3):
@@ -131,7 +139,7 @@ def test_run_em_matches_sklearn_from_identical_start(rng, offset, n_iter):
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no decrease / empty-component warnings expected
-        result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=n_iter, tol=0.0, reg_covar=REG)
+        result = run_em(reduce, start, len(x), max_iter=n_iter, tol=0.0, reg_covar=REG)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -161,7 +169,7 @@ def test_run_em_zero_iterations_returns_start(rng):
     w0, mu0, cov0 = start_from(true_means, rng)
     reduce = make_reduce(x)
     start = Mixture.from_covariances(w0, mu0 - reduce.shift, cov0, REG)
-    result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=0, tol=0.0, reg_covar=REG)
+    result = run_em(reduce, start, len(x), max_iter=0, tol=0.0, reg_covar=REG)
     assert result.iterations == 0
     assert len(result.history) == 1
     np.testing.assert_array_equal(result.mixture.means, start.means)
@@ -217,7 +225,7 @@ def test_history_never_decreases(rng):
     max_iter = 60
     with warnings.catch_warnings():
         warnings.simplefilter("error", em.ComponentWarning)
-        result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=max_iter, tol=0.0, reg_covar=REG)
+        result = run_em(reduce, start, len(x), max_iter=max_iter, tol=0.0, reg_covar=REG)
     history = np.array(result.history)
     assert len(history) == max_iter + 1  # not cut short
     steps = np.diff(history)
@@ -291,7 +299,7 @@ def test_run_em_warns_about_an_emptied_component(rng):
         REG,
     )
     with pytest.warns(em.ComponentWarning, match="component 3 lost all its data"):
-        result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=5, tol=0.0, reg_covar=REG)
+        result = run_em(reduce, start, len(x), max_iter=5, tol=0.0, reg_covar=REG)
     assert result.empty_components == [3]
     assert np.all(np.isfinite(result.mixture.covariances))
     assert np.isfinite(result.log_likelihood)
@@ -305,25 +313,35 @@ def test_run_em_warns_about_an_emptied_component(rng):
     [np.array([[1.0, 2.0], [2.0, 1.0]]), np.zeros((2, 2)), np.array([[1.0, 1.0], [1.0, 1.0 - 1e-12]])],
     ids=["indefinite", "zero", "rounding"],
 )
-def test_precision_cholesky_of_non_pd_is_finite_with_warning(bad):
+def test_non_pd_covariance_is_repaired_and_the_repair_is_what_the_mixture_keeps(bad):
     good = np.array([[2.0, 0.5], [0.5, 1.0]])
     with pytest.warns(SpectralRepairWarning, match="component 1"):
-        p = precision_cholesky(np.stack([good, bad]), 1e-6)
-    assert p.shape == (2, 2, 2)
+        mixture = Mixture.from_covariances([0.5, 0.5], np.zeros((2, 2)), np.stack([good, bad]), 1e-6)
+    repaired, p = mixture.covariances, mixture.precisions_cholesky
     assert np.all(np.isfinite(p))
-    # Upper triangular factors of a positive definite precision.
     np.testing.assert_array_equal(np.tril(p[1], -1), 0.0)
     assert np.all(np.diagonal(p[1]) > 0)
-    # The healthy component is untouched: P Pᵀ = Σ⁻¹.
-    np.testing.assert_allclose(p[0] @ p[0].T, np.linalg.inv(good), rtol=1e-12)
-    assert np.all(np.linalg.eigvalsh(p[1] @ p[1].T) > 0)
+    # The healthy component is untouched; the repaired one is symmetric, positive definite, and is
+    # exactly the matrix the densities use: P Pᵀ = Σ⁻¹ for the covariance the mixture returns.
+    np.testing.assert_array_equal(repaired[0], good)
+    np.testing.assert_array_equal(repaired[1], repaired[1].T)
+    assert np.linalg.eigvalsh(repaired[1]).min() >= 1e-6 * (1 - 1e-9)
+    for j in range(2):
+        np.testing.assert_allclose(p[j] @ p[j].T @ repaired[j], np.eye(2), atol=1e-6)
+    np.linalg.cholesky(repaired[1])  # sampling from it works
+
+
+def test_non_pd_covariance_without_regulariser_is_refused():
+    collapsed = np.stack([np.eye(2), np.zeros((2, 2))])
+    with pytest.raises(FloatingPointError, match="component 1 has an ill-defined covariance.*regCovar"):
+        Mixture.from_covariances([0.5, 0.5], np.zeros((2, 2)), collapsed, 0.0)
 
 
 def test_precision_cholesky_of_pd_does_not_warn(rng):
     covs = np.array([random_spd(rng, 3) for _ in range(4)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        p = precision_cholesky(covs, 1e-6)
+        p = precision_cholesky(positive_definite(covs, 1e-6))
     for c, f in zip(covs, p):
         np.testing.assert_allclose(f @ f.T, np.linalg.inv(c), rtol=1e-10, atol=1e-12)
         np.testing.assert_array_equal(np.tril(f, -1), 0.0)
@@ -470,7 +488,7 @@ def test_covariance_types_match_sklearn_from_identical_start(rng, covariance_typ
     k, d = mu0.shape
     reduce = make_reduce(x)
     start = Mixture.from_covariances(w0, mu0 - reduce.shift, cov0, REG)
-    result = em.run_em(reduce, em.EMState.fresh(start), float(len(x)), max_iter=8, tol=0.0,
+    result = run_em(reduce, start, len(x), max_iter=8, tol=0.0,
                        reg_covar=REG, covariance_type=covariance_type)
     precisions = {
         "full": np.linalg.inv(cov0),

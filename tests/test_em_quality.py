@@ -1,0 +1,165 @@
+"""What the default fit reaches, and how EM stops and recovers (numpy only, against scikit-learn).
+
+Identical starts prove the arithmetic; these tests pin down the behaviour a user sees: the k-means
+start over all rows, the stopping rule with a regulariser, the refusal of a real decrease, and
+dead components restarted."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.mixture import GaussianMixture as SkGaussianMixture
+
+from spark_gmm import em
+from spark_gmm.local import local_reduce
+from spark_gmm.mixture import Mixture
+
+
+def standardised_clusters(seed, n=600, k=3):
+    rng = np.random.default_rng(seed)
+    means = rng.normal(scale=2.5, size=(k, 2))
+    x = means[rng.integers(0, k, n)] + rng.normal(size=(n, 2))
+    return rng, (x - x.mean(0)) / x.std(0)
+
+
+def fit(reduce, x, **settings):
+    settings = {"k": 3, "max_iter": 100, "tol": 1e-3, "reg_covar": 1e-6, "seed": 0, **settings}
+    return em.fit(reduce, x.shape[1], float(len(x)), [em.FitSettings(**settings)])[0]
+
+
+def test_regularised_em_takes_scikit_learns_steps_through_likelihood_dips():
+    """With regCovar=0.1 the plain log-likelihood may dip; EM goes on, as scikit-learn does, and
+    ends after the same iterations at the same parameters."""
+    dips = 0
+    for seed in range(12):
+        rng, x = standardised_clusters(seed)
+        reduce = local_reduce(x, block_rows=100)
+        w0, mu0, cov0 = np.full(3, 1 / 3), x[rng.choice(len(x), 3, replace=False)], np.array([0.5 * np.eye(2)] * 3)
+        start = Mixture.from_covariances(w0, mu0 - reduce.shift, cov0, 0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a dip within the regularisation bound is no warning
+            result = fit(reduce, x, reg_covar=0.1, start=start)
+        sk = SkGaussianMixture(
+            3, reg_covar=0.1, weights_init=w0, means_init=mu0, precisions_init=np.linalg.inv(cov0), tol=1e-3
+        ).fit(x)
+        dips += bool((np.diff(result.history) < 0).any())
+        assert result.converged and result.stop_reason == "converged"
+        assert result.iterations == sk.n_iter_
+        final = result.mixture.shifted(reduce.shift)
+        np.testing.assert_allclose(final.weights, sk.weights_, atol=1e-6)
+        np.testing.assert_allclose(final.means, sk.means_, atol=1e-6)
+        np.testing.assert_allclose(final.covariances, sk.covariances_, atol=1e-6)
+    assert dips >= 3  # the case the old guard stopped on really occurs
+
+
+def test_reported_likelihood_belongs_to_the_returned_model():
+    _, x = standardised_clusters(1)
+    reduce = local_reduce(x, block_rows=100)
+    result = fit(reduce, x)
+    estep = em.kernels.EStepPass([result.mixture])
+    (stats,) = estep.split(reduce(estep))
+    assert result.log_likelihood == stats.log_likelihood == result.history[-1]
+    assert result.cluster_sizes == stats.hard_counts.astype(int).tolist()
+
+
+def test_a_real_decrease_stops_unconverged_at_the_better_parameters():
+    _, x = standardised_clusters(2)
+    clean = local_reduce(x, block_rows=100)
+    passes = []
+
+    def reduce(pass_):  # the 6th E-step reports a log-likelihood far too low: a numerical fault
+        out = clean(pass_)
+        if isinstance(pass_, em.kernels.EStepPass):
+            passes.append(out[0])
+            if len(passes) == 6:
+                out = out.copy()
+                out[0] -= 50.0 * len(x)
+        return out
+
+    with pytest.warns(em.ComponentWarning, match="decreased by .* numerical problem"):
+        result = fit(reduce, x, tol=0.0, max_iter=20)
+    assert not result.converged and result.stop_reason == "decrease"
+    assert result.iterations == 4 and len(result.history) == 5
+    assert result.log_likelihood == result.history[-1]  # re-evaluated at the kept parameters
+
+
+def far_start(reduce, x, k=4):
+    """k−1 components on the data and one so far away that it captures nothing."""
+    centres = KMeans(k - 1, n_init=1, random_state=0).fit(x).cluster_centers_
+    means = np.vstack([centres, x.mean(0) + 1e3]) - reduce.shift
+    return Mixture.from_covariances(np.full(k, 1 / k), means, np.array([np.eye(x.shape[1])] * k), 1e-6)
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag", "spherical", "tied"])
+def test_a_component_that_captures_nothing_is_restarted(covariance_type):
+    rng = np.random.default_rng(3)
+    truth = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0]])
+    labels = rng.integers(0, 4, 2000)
+    x = truth[labels] + rng.normal(size=(2000, 2))
+    reduce = local_reduce(x, block_rows=256)
+    result = fit(reduce, x, k=4, start=far_start(reduce, x), covariance_type=covariance_type)
+    assert [j for _, j, _ in result.reseeded] == [3]
+    assert result.empty_components == []
+    assert min(result.cluster_sizes) > 300  # every component explains one of the four clusters
+    found = result.mixture.shifted(reduce.shift).means
+    assert max(np.linalg.norm(found - t, axis=1).min() for t in truth) < 0.3
+
+
+def test_plain_em_keeps_the_empty_component_when_asked():
+    rng = np.random.default_rng(3)
+    x = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0]])[rng.integers(0, 4, 2000)]
+    x = x + rng.normal(size=x.shape)
+    reduce = local_reduce(x, block_rows=256)
+    with pytest.warns(em.ComponentWarning, match="component 3 lost all its data"):
+        result = fit(reduce, x, k=4, start=far_start(reduce, x), reseed=False)
+    assert result.reseeded == [] and result.empty_components == [3]
+    assert result.cluster_sizes[3] == 0 and result.mixture.weights[3] < 1e-12
+
+
+def test_a_singleton_component_is_restarted():
+    """A component started on an outlier row collapses onto it (the seed's singleton situation)."""
+    rng = np.random.default_rng(4)
+    x = np.vstack([rng.normal(size=(1500, 2)) + c for c in ([0, 0], [8, 0], [4, 7])] + [[[60.0, 60.0]]])
+    reduce = local_reduce(x, block_rows=500)
+    centres = np.array([[0.0, 0.0], [8.0, 0.0], [60.0, 60.0], [4.0, 7.0]])
+    start = Mixture.from_covariances(np.full(4, 0.25), centres - reduce.shift, [np.eye(2)] * 4, 1e-6)
+    plain = fit(reduce, x, k=4, start=start, reseed=False)
+    assert sorted(plain.cluster_sizes)[0] == 1  # plain EM ends with a one-row component
+    result = fit(reduce, x, k=4, start=start)
+    assert result.reseeded and result.reseeded[0][1] == 2
+    assert sorted(result.cluster_sizes)[0] > 100
+
+
+def test_full_data_lloyd_matches_scikit_learn_kmeans():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3000, 3)) + rng.normal(scale=3, size=(5, 3))[rng.integers(0, 5, 3000)] + 1e6
+    reduce = local_reduce(x, block_rows=333)
+    seeds = x[rng.choice(len(x), 5, replace=False)]
+    ours = em.run_passes(reduce, [em.lloyd_steps(seeds - reduce.shift, max_passes=300)])[0] + reduce.shift
+    sk = KMeans(5, init=seeds, n_init=1, algorithm="lloyd", tol=1e-4, max_iter=300).fit(x)
+    np.testing.assert_allclose(ours, sk.cluster_centers_, rtol=0, atol=1e-6)
+
+
+def test_kmeans_start_does_not_depend_on_blocking_or_row_order():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2400, 2)) + rng.normal(scale=2, size=(4, 2))[rng.integers(0, 4, 2400)]
+    settings = em.FitSettings(k=4, max_iter=0, tol=0, reg_covar=1e-6, seed=11)
+    reference = local_reduce(x, block_rows=100)
+    start = em.run_passes(reference, [em.initial_mixture_steps(2, settings)])[0]
+    for reduce in (local_reduce(x, block_rows=37), local_reduce(x[::-1], block_rows=1000, shift=reference.shift)):
+        again = em.run_passes(reduce, [em.initial_mixture_steps(2, settings)])[0]
+        np.testing.assert_allclose(again.means, start.means, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(again.covariances, start.covariances, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_default_start_reaches_scikit_learns_optimum_on_overlapping_clusters(seed):
+    """Three unit clusters 2.8 apart, offset by 1e7: the default start (k-means over all rows)
+    ends where scikit-learn's default does, not at the early stop the candidate-only start made."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [2.8, 0.0], [1.4, 2.42]])
+    x = centres[rng.integers(0, 3, 20000)] + rng.normal(size=(20000, 2)) + 1e7
+    ours = fit(local_reduce(x), x, seed=seed)
+    sk = SkGaussianMixture(3, random_state=seed).fit(x - 1e7)
+    assert ours.log_likelihood / len(x) >= sk.score(x - 1e7) - 1e-3
