@@ -162,12 +162,12 @@ def scatter_figure(points, clusters, centres, spreads, explained, weights, rows:
                                  2 * scale * np.sqrt(max(radii[0], 0)), angle=angle, fill=False,
                                  edgecolor="black", linestyle=style, lw=1.2, zorder=3))
         ax.plot(*centres[j], "k+", ms=12, mew=2, zorder=4)
+        box = {"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": colour(j), "alpha": 0.85}
         ax.annotate(str(j), centres[j], xytext=(9, 9), textcoords="offset points", fontsize=12,
-                    fontweight="bold", zorder=5,
-                    bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": colour(j), "alpha": 0.85})
-    ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color=colour(j), label=f"{j}: weight {weights[j]:.2f}")
-                       for j in range(k)],
-              title="component", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+                    fontweight="bold", zorder=5, bbox=box)
+    key = [Line2D([], [], marker="o", linestyle="", color=colour(j), label=f"{j}: weight {weights[j]:.2f}")
+           for j in range(k)]
+    ax.legend(handles=key, title="component", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     share = [f"{100 * e:.0f}%" for e in explained]
     ax.set_xlabel(f"PC1 ({share[0]} of variance)")
     ax.set_ylabel(f"PC2 ({share[1]} of variance)")
@@ -246,7 +246,8 @@ def selection_figure(selection: list[dict], criterion: str):
     ax.grid(alpha=0.3)
     ax.set_title(f"Model selection by {name}")
     alt = f"Line chart of Δ {name} against k per covariance type: " + "; ".join(
-        f"{kind}: " + ", ".join(f"k={k} {_plain(delta)}" for k, delta in zip(*curve)) for kind, curve in curves.items()
+        f"{kind}: " + ", ".join(f"k={k} {delta:,.1f}" for k, delta in zip(ks, deltas))
+        for kind, (ks, deltas) in curves.items()
     ) + "."
     caption = (
         f"Each candidate's {name} minus the lowest {name} of all candidates, against k, one line per "
