@@ -3,9 +3,7 @@
 __version__ = "0.1.0"
 
 from .clustering import GaussianMixture, GaussianMixtureModel, GaussianMixtureSummary  # noqa: E402
-from .em import ComponentWarning  # noqa: E402
-from .inputs import InputWarning, InvalidInputError  # noqa: E402
-from .mixture import SpectralRepairWarning  # noqa: E402
+from .exceptions import ComponentWarning, InputWarning, InvalidInputError, SpectralRepairWarning  # noqa: E402
 from .persistence import ModelFormatError  # noqa: E402
 from .selection import GaussianMixtureSelection, GaussianMixtureSelectionModel  # noqa: E402
 

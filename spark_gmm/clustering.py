@@ -5,287 +5,54 @@ from __future__ import annotations
 
 import logging
 import warnings
-import zlib
 from dataclasses import replace
 
 import numpy as np
-import pandas as pd
-from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.functions import array_to_vector
 from pyspark.ml.linalg import DenseMatrix, DenseVector, Vector, Vectors
-from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import (
-    HasAggregationDepth,
-    HasCheckpointInterval,
-    HasFeaturesCol,
-    HasHandleInvalid,
-    HasInputCols,
-    HasMaxIter,
-    HasPredictionCol,
-    HasProbabilityCol,
-    HasSeed,
-    HasTol,
-    HasWeightCol,
-)
 from pyspark.ml.stat import MultivariateGaussian
 from pyspark.sql import DataFrame, SparkSession, functions as F
-from pyspark.sql.functions import pandas_udf
 
 from . import barrier, em, persistence
 from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
-from .inputs import (
-    InputWarning,
-    InvalidInputError,
-    check_driver_memory,
-    feature_array,
-    feature_names,
-    jvm_bytes,
-    weight_column,
-)
-from .kernels import log_sum_exp, row_uniforms, weighted_log_joint
+from .exceptions import ComponentWarning, InputWarning, InvalidInputError
+from .inputs import check_driver_memory, feature_count, feature_names, jvm_bytes
+from .kernels import log_sum_exp, weighted_log_joint
 from .mixture import (
     COVARIANCE_TYPES,
     ComponentStatistics,
     Mixture,
     free_parameters,
+    information_criterion,
     thin_components,
 )
+from .options import check_options
+from .params import GaussianMixtureParams
+from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
 
 log = logging.getLogger("spark_gmm")
 
-#: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
-DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
-INIT_MODES = ("k-means||", "k-means++", "random")
-ENGINES = ("driver", "barrier")
-DTYPES = ("float64", "float32")
 
-
-class _GaussianMixtureParams(
-    HasFeaturesCol,
-    HasPredictionCol,
-    HasProbabilityCol,
-    HasMaxIter,
-    HasTol,
-    HasSeed,
-    HasAggregationDepth,
-    HasWeightCol,
-    HasInputCols,
-    HasHandleInvalid,
-    HasCheckpointInterval,
-):
-    k = Param(Params._dummy(), "k", "Number of components (> 0).", TypeConverters.toInt)
-    regCovar = Param(
-        Params._dummy(),
-        "regCovar",
-        "Non-negative value added to each covariance diagonal, so covariances stay positive definite.",
-        TypeConverters.toFloat,
-    )
-    initMode = Param(
-        Params._dummy(),
-        "initMode",
-        "Initialisation: 'k-means||' (k-means|| seeds, then Lloyd's k-means over all rows, as "
-        "scikit-learn's default), 'k-means++' (the seeds alone) or 'random' (k distinct random rows); "
-        "EM starts from the hard assignment to the centres.",
-        TypeConverters.toString,
-    )
-    engine = Param(
-        Params._dummy(),
-        "engine",
-        "'driver': one Spark job per EM iteration over cached blocks; 'barrier': the whole fit in "
-        "one barrier stage with the data resident in the tasks (needs a free slot per task).",
-        TypeConverters.toString,
-    )
-    dtype = Param(
-        Params._dummy(),
-        "dtype",
-        "'float64', or 'float32': blocks cached as float32 shifted rows and densities computed in "
-        "float32 (half the bytes per pass), statistics combined in float64.",
-        TypeConverters.toString,
-    )
-    nInit = Param(
-        Params._dummy(),
-        "nInit",
-        "Number of initialisations (seeds seed, seed+1, ...); the fit with the highest "
-        "log-likelihood is kept. Restarts share every EM pass over the data.",
-        TypeConverters.toInt,
-    )
-    covarianceType = Param(
-        Params._dummy(),
-        "covarianceType",
-        "Covariance structure, as in scikit-learn: 'full', 'diag', 'spherical' or 'tied' "
-        "(covariances are always returned as k×d×d matrices).",
-        TypeConverters.toString,
-    )
-    checkpointDir = Param(
-        Params._dummy(),
-        "checkpointDir",
-        "If set, the EM state is saved here every checkpointInterval iterations, and a fit started "
-        "again with the same data and settings resumes from the latest one (driver engine).",
-        TypeConverters.toString,
-    )
-    reseedComponents = Param(
-        Params._dummy(),
-        "reseedComponents",
-        "Restart a component that empties or collapses onto one row during the fit, by splitting "
-        "the component with the widest spread (at most k restarts per fit, logged and listed in "
-        "summary.reseeded). False keeps plain EM: such a component stays with weight ≈ 0.",
-        TypeConverters.toBoolean,
-    )
-    logLikelihoodCol = Param(
-        Params._dummy(),
-        "logLikelihoodCol",
-        "If set, transform adds each row's log density log p(x) in this column.",
-        TypeConverters.toString,
-    )
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._setDefault(
-            k=2,
-            tol=1e-3,
-            maxIter=100,
-            seed=DEFAULT_SEED,
-            aggregationDepth=2,
-            regCovar=1e-6,
-            initMode="k-means||",
-            handleInvalid="error",
-            engine="driver",
-            dtype="float64",
-            checkpointInterval=10,
-            covarianceType="full",
-            nInit=1,
-            reseedComponents=True,
-        )
-
-    def getK(self) -> int:
-        return self.getOrDefault(self.k)
-
-    def getRegCovar(self) -> float:
-        return self.getOrDefault(self.regCovar)
-
-    def getInitMode(self) -> str:
-        return self.getOrDefault(self.initMode)
-
-    def getEngine(self) -> str:
-        return self.getOrDefault(self.engine)
-
-    def getDtype(self) -> str:
-        return self.getOrDefault(self.dtype)
-
-    def getNInit(self) -> int:
-        return self.getOrDefault(self.nInit)
-
-    def getCovarianceType(self) -> str:
-        return self.getOrDefault(self.covarianceType)
-
-    def getReseedComponents(self) -> bool:
-        return self.getOrDefault(self.reseedComponents)
-
-    def getCheckpointDir(self) -> str | None:
-        return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
-
-    def getLogLikelihoodCol(self) -> str | None:
-        return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None
-
-    # Column setters (and handleInvalid): the estimator's and the model's, as in pyspark.ml.
-
-    def setFeaturesCol(self, value: str):
-        return self._set(featuresCol=value)
-
-    def setInputCols(self, value: list[str]):
-        return self._set(inputCols=value)
-
-    def setPredictionCol(self, value: str):
-        return self._set(predictionCol=value)
-
-    def setProbabilityCol(self, value: str):
-        return self._set(probabilityCol=value)
-
-    def setLogLikelihoodCol(self, value: str):
-        return self._set(logLikelihoodCol=value)
-
-    def setWeightCol(self, value: str):
-        return self._set(weightCol=value)
-
-    def setHandleInvalid(self, value: str):
-        return self._set(handleInvalid=value)
-
-    def _feature_array(self, df: DataFrame):
-        input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
-        return feature_array(df, self.getFeaturesCol(), input_cols)
-
-    def _weight_column(self, df: DataFrame):
-        name = self.getWeightCol() if self.isDefined(self.weightCol) else None
-        return weight_column(df, name)
-
-
-class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable):
+class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable):
     """Gaussian mixture clustering by distributed expectation-maximisation.
 
     Same parameters and defaults as `pyspark.ml.clustering.GaussianMixture`, plus `regCovar`,
     `initMode`, `inputCols`, `logLikelihoodCol` and `handleInvalid`.
     """
 
-    @keyword_only
-    def __init__(
-        self,
-        *,
-        featuresCol="features",
-        predictionCol="prediction",
-        k=2,
-        probabilityCol="probability",
-        tol=1e-3,
-        maxIter=100,
-        seed=None,
-        aggregationDepth=2,
-        weightCol=None,
-        regCovar=1e-6,
-        initMode="k-means||",
-        inputCols=None,
-        logLikelihoodCol=None,
-        handleInvalid="error",
-        engine="driver",
-        dtype="float64",
-        checkpointDir=None,
-        checkpointInterval=10,
-        covarianceType="full",
-        nInit=1,
-        reseedComponents=True,
-    ):
+    def __init__(self, **params):
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
-        self.setParams(**self._input_kwargs)
+        self.setParams(**params)
 
-    @keyword_only
-    def setParams(
-        self,
-        *,
-        featuresCol="features",
-        predictionCol="prediction",
-        k=2,
-        probabilityCol="probability",
-        tol=1e-3,
-        maxIter=100,
-        seed=None,
-        aggregationDepth=2,
-        weightCol=None,
-        regCovar=1e-6,
-        initMode="k-means||",
-        inputCols=None,
-        logLikelihoodCol=None,
-        handleInvalid="error",
-        engine="driver",
-        dtype="float64",
-        checkpointDir=None,
-        checkpointInterval=10,
-        covarianceType="full",
-        nInit=1,
-        reseedComponents=True,
-    ):
-        kwargs = {name: value for name, value in self._input_kwargs.items() if value is not None}
-        return self._set(**kwargs)
+    def setParams(self, **params):
+        """Set any Params by name (keyword arguments only, as pyspark.ml's); None leaves one unset."""
+        unknown = sorted(set(params) - {p.name for p in self.params})
+        if unknown:
+            raise TypeError(f"unknown parameter(s) {', '.join(unknown)} for GaussianMixture")
+        return self._set(**{name: value for name, value in params.items() if value is not None})
 
     def setK(self, value: int):
         return self._set(k=value)
@@ -305,8 +72,17 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
     def setRegCovar(self, value: float):
         return self._set(regCovar=value)
 
+    def setCovarianceType(self, value: str):
+        return self._set(covarianceType=value)
+
     def setInitMode(self, value: str):
         return self._set(initMode=value)
+
+    def setNInit(self, value: int):
+        return self._set(nInit=value)
+
+    def setReseedComponents(self, value: bool):
+        return self._set(reseedComponents=value)
 
     def setEngine(self, value: str):
         return self._set(engine=value)
@@ -314,17 +90,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
     def setDtype(self, value: str):
         return self._set(dtype=value)
 
-    def setNInit(self, value: int):
-        return self._set(nInit=value)
-
-    def setCovarianceType(self, value: str):
-        return self._set(covarianceType=value)
-
     def setCheckpointDir(self, value: str):
         return self._set(checkpointDir=value)
-
-    def setReseedComponents(self, value: bool):
-        return self._set(reseedComponents=value)
 
     def setCheckpointInterval(self, value: int):
         return self._set(checkpointInterval=value)
@@ -347,28 +114,9 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
     # -- fitting -------------------------------------------------------------------------------
 
     def _check_params(self) -> None:
-        if self.getK() < 1:
-            raise ValueError(f"k must be at least 1, got {self.getK()}")
-        if self.getInitMode() not in INIT_MODES:
-            raise ValueError(f"initMode must be one of {INIT_MODES}, got '{self.getInitMode()}'")
-        if not self.getRegCovar() >= 0:
-            raise ValueError(f"regCovar must be non-negative, got {self.getRegCovar()}")
-        if self.getMaxIter() < 0 or not self.getTol() >= 0:
-            raise ValueError("maxIter and tol must be non-negative")
-        if self.getEngine() not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got '{self.getEngine()}'")
-        if self.getDtype() not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got '{self.getDtype()}'")
-        if self.getCovarianceType() not in COVARIANCE_TYPES:
-            raise ValueError(
-                f"covarianceType must be one of {COVARIANCE_TYPES}, got '{self.getCovarianceType()}'"
-            )
-        if self.getNInit() < 1:
-            raise ValueError(f"nInit must be at least 1, got {self.getNInit()}")
+        check_options({p.name: self.getOrDefault(p) for p in self.params if self.isDefined(p)})
         if self.getNInit() > 1 and self.getCheckpointDir():
             raise ValueError("checkpointDir needs nInit=1 (restarts are not checkpointed)")
-        if self.getHandleInvalid() not in ("error", "skip"):
-            raise ValueError(f"handleInvalid must be 'error' or 'skip', got '{self.getHandleInvalid()}'")
 
     def _fit(self, dataset: DataFrame) -> "GaussianMixtureModel":
         self._check_params()
@@ -410,8 +158,8 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def _prepare(self, dataset: DataFrame, k: int | None = None):
         """(cached blocks, input summary, rows skipped), validated for `k` (default: this k)."""
-        x = self._feature_array(dataset)
-        w = self._weight_column(dataset)
+        x = self.featureColumn(dataset)
+        w = self.weightColumn(dataset)
         cache = BlockCache(dataset, x, w, self.getAggregationDepth())
         try:
             cache.describe("reading the input into cached blocks")
@@ -436,7 +184,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
                 f"component {j} is singular without regCovar (its smallest own variance is "
                 f"{max(variance, 0.0):.3g} ≤ regCovar={self.getRegCovar():g}): it sits on fewer distinct "
                 "points than features, or on collinear features, and regCovar sets its shape there",
-                em.ComponentWarning,
+                ComponentWarning,
                 stacklevel=4,
             )
         model = GaussianMixtureModel(final.weights, final.means, final.covariances)
@@ -444,6 +192,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         names = feature_names(dataset, self.getFeaturesCol(), input_cols)
         model._feature_names = names if names and len(names) == summary.d else None
         self._copyValues(model)
+        model._resetUid(self.uid)  # as pyspark.ml: the model shares its estimator's uid and Params
         model._summary = GaussianMixtureSummary(model, dataset, result, skipped, summary.total_weight)
         log.info(
             "fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
@@ -477,7 +226,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
                 )
             raise InvalidInputError("; ".join(problems) + " (set handleInvalid='skip' to drop them)")
         if invalid:
-            log.warning("handleInvalid='skip': dropped %d invalid rows", invalid)
+            log.warning("handleInvalid='%s': left out %d invalid rows", self.getHandleInvalid(), invalid)
         if s.rows == 0:
             raise InvalidInputError(f"no rows to fit in '{column}': the input is empty" + (
                 f" after skipping {invalid} invalid rows" if invalid else ""))
@@ -562,6 +311,11 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         start = None
         if self._initial_model is not None:
             model = self._initial_model
+            if model.getK() != self.getK():
+                raise InvalidInputError(
+                    f"k={self.getK()} but the initial model has {model.getK()} components; set k to "
+                    "match it (setInitialModel sets it)"
+                )
             if model.numFeatures != summary.d:
                 raise InvalidInputError(
                     f"initial model has {model.numFeatures} features, the data has {summary.d}"
@@ -576,7 +330,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
                         warnings.warn(
                             f"initial components {i} and {j} are identical; EM cannot tell them apart, "
                             "so they stay identical (give distinct starting means)",
-                            em.ComponentWarning,
+                            ComponentWarning,
                             stacklevel=4,
                         )
         return em.FitSettings(
@@ -616,7 +370,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         return estimator
 
 
-class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistable):
+class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable):
     """A fitted Gaussian mixture: weights, means and full covariances in the data's coordinates."""
 
     def __init__(self, weights, means, covariances):
@@ -629,6 +383,16 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
             raise ValueError("mixture parameters must be finite")
         if (weights < 0).any() or not weights.sum() > 0:
             raise ValueError("mixture weights must be non-negative with a positive sum")
+        for j, cov in enumerate(covariances):
+            if not np.allclose(cov, cov.T, rtol=1e-12, atol=0):
+                raise ValueError(f"covariance {j} is not symmetric")
+            try:
+                np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                raise ValueError(
+                    f"covariance {j} is not positive definite (smallest eigenvalue "
+                    f"{np.linalg.eigvalsh(cov)[0]:.3g})"
+                ) from None
         self._mixture = Mixture.from_covariances(weights, means, covariances)
         # Scoring works around the means' centre, as fitting works around the data's.
         self._center = (means.min(axis=0) + means.max(axis=0)) / 2
@@ -736,35 +500,62 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         return Vectors.dense(np.exp(log_joint - log_sum_exp(log_joint)[:, None])[0])
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
-        x = self._feature_array(dataset)
-        scored = dataset.withColumn("__spark_gmm_scores", _scoring_udf(self._centred, self._center)(x))
+        """Adds prediction, probability (and logLikelihoodCol). A row that cannot be scored fails
+        the query (handleInvalid='error', as MLlib), is dropped ('skip') or gets nulls ('keep')."""
+        self._check_feature_count(dataset)
+        scores = F.col("__spark_gmm_scores")
+        scored = dataset.withColumn("__spark_gmm_scores", self._scores(dataset))
+        handle = self.getHandleInvalid()
+        if handle == "skip":
+            scored = scored.where(scores.prediction.isNotNull())
+        prediction = scores.prediction
+        if handle == "error":
+            prediction = refuse_unscorable(prediction, scores, self._features_label(), self.numFeatures)
         out = [F.col(f"`{c}`") for c in dataset.columns]
-        out.append(F.col("__spark_gmm_scores.prediction").alias(self.getPredictionCol()))
-        probability = F.col("__spark_gmm_scores.probability")
+        out.append(prediction.alias(self.getPredictionCol()))
+        probability = scores.probability
         out.append(
             F.when(probability.isNotNull(), array_to_vector(probability)).alias(self.getProbabilityCol())
         )
         if self.getLogLikelihoodCol():
-            out.append(F.col("__spark_gmm_scores.logLikelihood").alias(self.getLogLikelihoodCol()))
+            out.append(scores.logLikelihood.alias(self.getLogLikelihoodCol()))
         return scored.select(*out)
+
+    def _scores(self, dataset: DataFrame):
+        return scoring_udf(self._centred, self._center)(self.featureColumn(dataset))
+
+    def _features_label(self) -> str:
+        return ", ".join(self.getInputCols()) if self.isDefined(self.inputCols) else self.getFeaturesCol()
+
+    def _check_feature_count(self, dataset: DataFrame) -> None:
+        """Refuse at once when the schema tells the feature count (inputCols, or a vector column's
+        ML attributes) and it is not the model's; otherwise rows are checked as they are scored."""
+        input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
+        count = feature_count(dataset, self.getFeaturesCol(), input_cols)
+        if count is not None and count != self.numFeatures:
+            raise InvalidInputError(
+                f"the model has {self.numFeatures} features but '{self._features_label()}' has {count}"
+            )
 
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
         """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored are refused
-        (or, with handleInvalid='skip', left out)."""
-        x = self._feature_array(dataset)
-        w = self._weight_column(dataset) if self.isDefined(self.weightCol) else None
-        ll = _scoring_udf(self._centred, self._center)(x).logLikelihood
+        (or, with handleInvalid 'skip' or 'keep', left out)."""
+        self._check_feature_count(dataset)
+        w = self.weightColumn(dataset)
+        ll = self._scores(dataset).logLikelihood
         weight = F.lit(1.0) if w is None else w
-        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & ~F.isnan(weight)
+        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & ~F.isnan(weight) & (
+            weight < float("inf")
+        )
         total, mass, bad = dataset.select(
             F.sum(F.when(usable, ll * weight)),
             F.sum(F.when(usable, weight)),
             F.count(F.when(~usable, F.lit(1))),
         ).first()
-        if bad and self.getHandleInvalid() != "skip":
+        if bad and self.getHandleInvalid() == "error":
             raise InvalidInputError(
-                f"{bad} rows cannot be scored (null, NaN or infinite features, a vector of other than "
-                f"{self.numFeatures} features, or a bad weight); set handleInvalid='skip' to leave them out"
+                f"{bad} rows cannot be scored ({unscorable(self.numFeatures)}, or a null, negative, "
+                "NaN or infinite weight); set handleInvalid='skip' to leave them out"
             )
         if not mass:
             raise InvalidInputError("no rows to score: the input is empty")
@@ -779,12 +570,15 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         """Bayesian information criterion on `dataset` (lower is better), with scikit-learn's count
         of free parameters; n is the row count (the total weight with weightCol)."""
         total, mass = self._log_likelihood(dataset)
-        return -2.0 * total + free_parameters(self.getK(), self.numFeatures, self.getCovarianceType()) * np.log(mass)
+        return information_criterion("bic", total, self._free_parameters(), mass)
 
     def aic(self, dataset: DataFrame) -> float:
         """Akaike information criterion on `dataset` (lower is better)."""
-        total, _ = self._log_likelihood(dataset)
-        return -2.0 * total + 2.0 * free_parameters(self.getK(), self.numFeatures, self.getCovarianceType())
+        total, mass = self._log_likelihood(dataset)
+        return information_criterion("aic", total, self._free_parameters(), mass)
+
+    def _free_parameters(self) -> int:
+        return free_parameters(self.getK(), self.numFeatures, self.getCovarianceType())
 
     def sample(self, n: int, seed: int = 0, numPartitions: int | None = None) -> DataFrame:
         """`n` rows drawn from the mixture: `features` (vector) and `component` (int).
@@ -797,7 +591,7 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
         spark = SparkSession.active()
         ids = spark.range(0, n, numPartitions=numPartitions)
         drawn = ids.mapInPandas(
-            _sampler(self._mixture, seed), "features array<double>, component int"
+            sampler(self._mixture, seed), "features array<double>, component int"
         )
         return drawn.select(array_to_vector("features").alias("features"), "component")
 
@@ -825,50 +619,6 @@ class GaussianMixtureModel(_GaussianMixtureParams, Model, persistence.Persistabl
 
     def __repr__(self) -> str:
         return f"GaussianMixtureModel(uid={self.uid}, k={self.getK()}, numFeatures={self.numFeatures})"
-
-
-def _scoring_udf(mixture: Mixture, center: np.ndarray):
-    """pandas UDF: prediction, probability and log density of each row; null for unusable rows."""
-
-    @pandas_udf("prediction int, probability array<double>, logLikelihood double")
-    def score(features: pd.Series) -> pd.DataFrame:
-        n, d = len(features), mixture.d
-        usable = np.array([v is not None and len(v) == d for v in features], dtype=bool)
-        x = np.zeros((n, d))
-        if usable.any():
-            x[usable] = np.stack(features[usable].to_numpy())
-        usable &= np.isfinite(x).all(axis=1)
-        log_joint = weighted_log_joint(x - center, mixture)
-        log_norm = log_sum_exp(log_joint)
-        probability = np.exp(log_joint - log_norm[:, None])
-        return pd.DataFrame(
-            {
-                "prediction": pd.Series(log_joint.argmax(axis=1), dtype="Int32").where(usable),
-                "probability": [p if ok else None for p, ok in zip(probability, usable)],
-                "logLikelihood": np.where(usable, log_norm, np.nan),
-            }
-        )
-
-    return score
-
-
-def _sampler(mixture: Mixture, seed: int):
-    """mapInPandas function: row i's component and Gaussian draw from uniforms hashed from (i, seed)."""
-    cumulative = np.cumsum(mixture.weights)
-    factors = np.linalg.cholesky(mixture.covariances)
-
-    def draw(batches):
-        for batch in batches:
-            ids = batch["id"].to_numpy(dtype=np.float64)[:, None]
-            d = mixture.d
-            pick = np.searchsorted(cumulative, row_uniforms(ids, seed, 0) * cumulative[-1], side="right")
-            pick = np.minimum(pick, mixture.k - 1)
-            u = np.column_stack([1.0 - row_uniforms(ids, seed, 1 + j) for j in range(2 * d)])
-            z = np.sqrt(-2.0 * np.log(u[:, :d])) * np.cos(2.0 * np.pi * u[:, d:])  # Box–Muller
-            x = mixture.means[pick] + np.einsum("nij,nj->ni", factors[pick], z)
-            yield pd.DataFrame({"features": list(x), "component": pick.astype(np.int32)})
-
-    return draw
 
 
 class GaussianMixtureSummary:

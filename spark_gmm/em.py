@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from . import kernels
+from .exceptions import ComponentWarning
 from .mixture import (
     ComponentStatistics,
     Mixture,
@@ -42,9 +43,6 @@ LLOYD_MAX_PASSES = 30
 #: collapsed onto a single row. With `reseed`, it is restarted by splitting another component.
 DEAD_ROWS = 2.0
 
-
-class ComponentWarning(UserWarning):
-    """Something happened to a component during the fit (it emptied, or was repaired)."""
 
 
 @dataclass(frozen=True)

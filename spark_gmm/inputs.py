@@ -12,13 +12,7 @@ from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, NumericType
 
-
-class InvalidInputError(ValueError):
-    """The input data cannot be clustered as given; the message says which column and why."""
-
-
-class InputWarning(UserWarning):
-    """The input can be clustered, but something about it shapes the result (e.g. a constant feature)."""
+from .exceptions import InvalidInputError
 
 
 def _field(df: DataFrame, name: str, role: str):
@@ -64,6 +58,17 @@ def feature_names(df: DataFrame, features_col: str, input_cols: list[str] | None
     count = attributes.get("num_attrs", len(by_index))
     names = [by_index.get(i) for i in range(count)]
     return names if names and all(names) else None
+
+
+def feature_count(df: DataFrame, features_col: str, input_cols: list[str] | None) -> int | None:
+    """How many features the schema says a row has (inputCols, or a vector column's ML attributes);
+    None when only the data can tell."""
+    if input_cols:
+        return len(input_cols)
+    if features_col not in df.columns:
+        return None
+    count = df.schema[features_col].metadata.get("ml_attr", {}).get("num_attrs")
+    return int(count) if count is not None else None
 
 
 def weight_column(df: DataFrame, weight_col: str | None) -> Column | None:

@@ -13,15 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .exceptions import SpectralRepairWarning
+
 #: A component whose responsibility mass is below this share of the total weight is "empty": its
 #: mean and covariance cannot be estimated, so it keeps its previous ones (an M-step maximiser too).
 EMPTY_SHARE = 1e-12
 #: Floor on mixing weights, so that log-weights stay finite for an empty component.
 WEIGHT_FLOOR = np.finfo(np.float64).eps
 
-
-class SpectralRepairWarning(UserWarning):
-    """A covariance was not numerically positive definite and had its spectrum clipped."""
 
 
 def packed_size(d: int) -> int:
@@ -114,6 +113,13 @@ def free_parameters(k: int, d: int, covariance_type: str = "full") -> int:
     """Free parameters of a k-component mixture (for BIC and AIC), counted as scikit-learn does."""
     covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
     return covariance[covariance_type] + k * d + k - 1
+
+
+def information_criterion(criterion: str, log_likelihood: float, parameters: int, n: float) -> float:
+    """BIC or AIC (lower is better) of a total log-likelihood over n rows (or total weight), as
+    scikit-learn defines them."""
+    penalty = parameters * np.log(n) if criterion == "bic" else 2.0 * parameters
+    return -2.0 * log_likelihood + float(penalty)
 
 
 def thin_components(covariances: np.ndarray, reg_covar: float, varying: np.ndarray) -> list[tuple[int, float]]:

@@ -287,7 +287,7 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
 
     began = time.perf_counter()
     summary = model.summary if model.hasSummary else None
-    x = model._feature_array(dataset)
+    x = model.featureColumn(dataset)
     means = model.means
     n, mean, covariance = _moments(dataset, x, (means.min(axis=0) + means.max(axis=0)) / 2)
     d, k = model.numFeatures, model.getK()
@@ -295,7 +295,8 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
     names = model.featureNames or [f"x{i}" for i in range(d)]
 
     fraction = min(1.0, SAMPLE_ROWS / max(n, 1))
-    sample = model.transform(dataset.sample(fraction=fraction, seed=0).limit(SAMPLE_ROWS))
+    scorer = model.copy({model.handleInvalid: "skip"})  # the pictures show the rows it can score
+    sample = scorer.transform(dataset.sample(fraction=fraction, seed=0).limit(SAMPLE_ROWS))
     sample = sample.select(x.alias("x"), F.col(f"`{model.getPredictionCol()}`").alias("c")).toPandas()
     sample = sample[sample["c"].notna()]
     points = (np.stack(sample["x"].to_numpy()) - mean) @ axes if len(sample) else np.zeros((0, 2))

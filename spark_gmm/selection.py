@@ -3,22 +3,13 @@ candidate in the same passes over the data (`GaussianMixture.fitMultiple`)."""
 
 from __future__ import annotations
 
-import math
-
 from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame, SparkSession
 
 from .clustering import GaussianMixture, GaussianMixtureModel
-from .mixture import COVARIANCE_TYPES, free_parameters
-
-CRITERIA = ("bic", "aic")
-
-
-def criterion_value(criterion: str, log_likelihood: float, parameters: int, n: float) -> float:
-    """BIC or AIC (lower is better) from a total log-likelihood, as scikit-learn defines them."""
-    penalty = parameters * math.log(n) if criterion == "bic" else 2.0 * parameters
-    return -2.0 * log_likelihood + penalty
+from .mixture import COVARIANCE_TYPES, free_parameters, information_criterion
+from .options import CRITERIA
 
 
 class GaussianMixtureSelection(Estimator):
@@ -70,8 +61,8 @@ class GaussianMixtureSelection(Estimator):
             rows.append({
                 "k": model.getK(),
                 "covarianceType": model.getCovarianceType(),
-                "bic": criterion_value("bic", s.logLikelihood, parameters, s.totalWeight),
-                "aic": criterion_value("aic", s.logLikelihood, parameters, s.totalWeight),
+                "bic": information_criterion("bic", s.logLikelihood, parameters, s.totalWeight),
+                "aic": information_criterion("aic", s.logLikelihood, parameters, s.totalWeight),
                 "logLikelihood": s.logLikelihood,
                 "parameters": parameters,
                 "iterations": s.numIter,

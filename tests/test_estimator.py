@@ -17,7 +17,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from spark_gmm import GaussianMixture, GaussianMixtureModel
+from spark_gmm import GaussianMixture, GaussianMixtureModel, InvalidInputError
 
 # -- helpers ---------------------------------------------------------------------------------------
 
@@ -455,20 +455,66 @@ def test_transform_without_loglikelihood_col(fitted, score_data):
     assert fitted.transform(df).columns == df.columns + ["prediction", "probability"]
 
 
-@pytest.mark.parametrize("column", ["vector", "array"])
-def test_transform_gives_null_for_unusable_rows(spark, column):
-    """Rows without usable features (null, NaN) are scored null instead of failing the job."""
-    model = GaussianMixtureModel.fromArrays([0.5, 0.5], [[0.0, 0.0], [5.0, 5.0]], [np.eye(2)] * 2)
+def unusable_rows(spark, column):
+    """Rows 1 (null), 2 (NaN) and 4 (three features) cannot be scored by a 2-feature model."""
     if column == "vector":
         rows = [(0, Vectors.dense([0.1, 0.2])), (1, None), (2, Vectors.dense([np.nan, 1.0])),
-                (3, Vectors.dense([5.0, 4.0]))]
+                (3, Vectors.dense([5.0, 4.0])), (4, Vectors.dense([1.0, 2.0, 3.0]))]
         schema = StructType([StructField("id", IntegerType()), StructField("features", VectorUDT())])
     else:
-        rows = [(0, [0.1, 0.2]), (1, None), (2, [np.nan, 1.0]), (3, [5.0, 4.0])]
+        rows = [(0, [0.1, 0.2]), (1, None), (2, [np.nan, 1.0]), (3, [5.0, 4.0]), (4, [1.0, 2.0, 3.0])]
         schema = "id int, features array<double>"
-    out = model.transform(spark.createDataFrame(rows, schema)).orderBy("id").collect()
-    assert [r["prediction"] for r in out] == [0, None, None, 1]
-    assert out[1]["probability"] is None and out[2]["probability"] is None
+    return spark.createDataFrame(rows, schema)
+
+
+@pytest.mark.parametrize("column", ["vector", "array"])
+def test_transform_follows_handle_invalid_for_unusable_rows(spark, column):
+    """As MLlib, a row that cannot be scored fails the query by default; 'keep' scores it null,
+    'skip' drops it."""
+    model = GaussianMixtureModel.fromArrays([0.5, 0.5], [[0.0, 0.0], [5.0, 5.0]], [np.eye(2)] * 2)
+    df = unusable_rows(spark, column)
+    with pytest.raises(Exception, match=r"cannot be scored \(null, NaN or infinite features, or other than 2"):
+        model.transform(df).collect()
+    kept = model.copy({model.handleInvalid: "keep"}).transform(df).orderBy("id").collect()
+    assert [r["prediction"] for r in kept] == [0, None, None, 1, None]
+    assert all(kept[i]["probability"] is None for i in (1, 2, 4))
+    skipped = model.copy({model.handleInvalid: "skip"}).transform(df).orderBy("id").collect()
+    assert [(r["id"], r["prediction"]) for r in skipped] == [(0, 0), (3, 1)]
+
+
+def test_transform_refuses_a_feature_count_mismatch_at_once(spark):
+    model = GaussianMixtureModel.fromArrays([0.5, 0.5], np.zeros((2, 3)) + [[0], [5]], [np.eye(3)] * 2)
+    df = spark.createDataFrame([(1.0, 2.0)], "a double, b double")
+    with pytest.raises(InvalidInputError, match="the model has 3 features but 'a, b' has 2"):
+        model.setInputCols(["a", "b"]).transform(df)  # no Spark job needed to know
+    with pytest.raises(InvalidInputError, match="the model has 3 features but 'a, b' has 2"):
+        model.score(df)
+
+
+def test_model_shares_its_estimators_uid(truth_data):
+    """pyspark.ml's models carry their estimator's uid, so the estimator's Params address them."""
+    estimator = GaussianMixture(k=3, seed=7, maxIter=2)
+    model = estimator.fit(truth_data[2])
+    assert model.uid == estimator.uid
+    assert model.getOrDefault(estimator.maxIter) == 2 and model.getOrDefault(estimator.k) == 3
+
+
+def test_initial_model_and_k_must_agree(truth_data):
+    _, _, df = truth_data
+    start = GaussianMixtureModel.fromArrays([0.5, 0.3, 0.2], np.eye(3)[:, :2] * 4, [np.eye(2)] * 3)
+    with pytest.raises(InvalidInputError, match="k=9 but the initial model has 3 components"):
+        GaussianMixture().setInitialModel(start).setK(9).fit(df)
+
+
+@pytest.mark.parametrize(
+    "covariance, problem",
+    [(np.array([[1.0, 2.0], [2.0, 1.0]]), "not positive definite"),
+     (np.zeros((2, 2)), "not positive definite"),
+     (np.array([[1.0, 0.5], [0.4, 1.0]]), "not symmetric")],
+)
+def test_from_arrays_refuses_invalid_covariances(covariance, problem):
+    with pytest.raises(ValueError, match=f"covariance 1 is {problem}"):
+        GaussianMixtureModel.fromArrays([0.5, 0.5], np.zeros((2, 2)), [np.eye(2), covariance])
 
 
 def test_transform_vector_and_input_cols_agree(fitted, score_data):

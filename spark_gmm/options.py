@@ -1,0 +1,114 @@
+"""Every setting of a fit in one table: its default, allowed values or range, and what it means.
+
+The estimator's Params, its validation, the command-line flags (`choices=`, defaults, help) and
+the docs all read this table, so a value is allowed, defaulted and described in one place
+(scikit-learn's `_parameter_constraints` is the model). No Spark here.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from .mixture import COVARIANCE_TYPES
+
+#: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
+DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
+INIT_MODES = ("k-means||", "k-means++", "random")
+ENGINES = ("driver", "barrier")
+DTYPES = ("float64", "float32")
+HANDLE_INVALID = ("error", "skip", "keep")
+CRITERIA = ("bic", "aic")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: `kind` is int, float, str or bool; `choices` or `minimum` bound its value."""
+
+    default: object
+    kind: type
+    doc: str
+    choices: tuple | None = None
+    minimum: float | None = None
+
+    def check(self, name: str, value) -> None:
+        """Refuse a value outside the choices or below the minimum, naming the setting."""
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+        if self.minimum is not None and not value >= self.minimum:
+            raise ValueError(f"{name} must be at least {self.minimum:g}, got {value!r}")
+
+
+#: The settings of `GaussianMixture` that are not column names, by their Param name.
+OPTIONS: dict[str, Option] = {
+    "k": Option(2, int, "Number of components.", minimum=1),
+    "maxIter": Option(100, int, "Most EM iterations (M-steps).", minimum=0),
+    "tol": Option(
+        1e-3, float,
+        "Convergence threshold on the change of the mean log-likelihood per row (per unit of "
+        "weight), as scikit-learn's.",
+        minimum=0,
+    ),
+    "seed": Option(DEFAULT_SEED, int, "Random seed of the initialisation."),
+    "regCovar": Option(
+        1e-6, float,
+        "Non-negative value added to each covariance diagonal, so covariances stay positive definite.",
+        minimum=0,
+    ),
+    "covarianceType": Option(
+        "full", str,
+        "Covariance structure, as in scikit-learn: 'full', 'diag', 'spherical' or 'tied' "
+        "(covariances are always returned as k×d×d matrices).",
+        choices=COVARIANCE_TYPES,
+    ),
+    "initMode": Option(
+        "k-means||", str,
+        "Initialisation: 'k-means||' (k-means|| seeds, then Lloyd's k-means over all rows, as "
+        "scikit-learn's default), 'k-means++' (the seeds alone) or 'random' (k distinct random "
+        "rows); EM starts from the hard assignment to the centres.",
+        choices=INIT_MODES,
+    ),
+    "nInit": Option(
+        1, int,
+        "Number of initialisations (seeds seed, seed+1, ...); the fit with the highest "
+        "log-likelihood is kept. Restarts share every EM pass over the data.",
+        minimum=1,
+    ),
+    "reseedComponents": Option(
+        True, bool,
+        "Restart a component that empties or collapses onto one row during the fit, by splitting "
+        "the component with the widest spread (at most k restarts per fit, logged and listed in "
+        "summary.reseeded). False keeps plain EM: such a component stays with weight ≈ 0.",
+    ),
+    "handleInvalid": Option(
+        "error", str,
+        "Rows with null, NaN or infinite features, other than the model's feature count, or a bad "
+        "weight: 'error' refuses them (fit, transform and score), 'skip' leaves them out (counted "
+        "in the fit), 'keep' leaves them out of the fit and gives them null outputs in transform.",
+        choices=HANDLE_INVALID,
+    ),
+    "engine": Option(
+        "driver", str,
+        "'driver': one Spark job per EM iteration over cached blocks; 'barrier': the whole fit in "
+        "one barrier stage with the data resident in the tasks (needs a free slot per task).",
+        choices=ENGINES,
+    ),
+    "dtype": Option(
+        "float64", str,
+        "'float64', or 'float32': blocks cached as float32 shifted rows and densities computed in "
+        "float32 (half the bytes per pass), statistics combined in float64.",
+        choices=DTYPES,
+    ),
+    "aggregationDepth": Option(2, int, "Depth of the tree that combines large partials.", minimum=2),
+    "checkpointInterval": Option(
+        10, int, "With checkpointDir: save the EM state every this many iterations (-1: never).",
+        minimum=-1,
+    ),
+}
+
+
+def check_options(values: dict) -> None:
+    """Refuse any value in `values` (Param name → value) that its option does not allow."""
+    for name, value in values.items():
+        if name in OPTIONS:
+            OPTIONS[name].check(name, value)

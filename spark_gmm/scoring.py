@@ -1,0 +1,76 @@
+"""Scoring rows with a fitted mixture in the executors: the pandas UDF behind `transform`, `score`,
+`bic` and `aic`, the rule for which rows can be scored, and the sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import Column, functions as F
+from pyspark.sql.functions import pandas_udf
+
+from .kernels import normalize_log, row_uniforms, weighted_log_joint
+from .mixture import Mixture
+
+SCORES_SCHEMA = "prediction int, probability array<double>, logLikelihood double"
+
+
+def unscorable(d: int) -> str:
+    """What makes a row unscorable by a model of d features (one wording for every message)."""
+    return f"null, NaN or infinite features, or other than {d} features (the model's)"
+
+
+def scorable_rows(features: pd.Series, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x (n, d) with zeros where unusable, usable (n,) bool): a row is usable when its features
+    are present, exactly d of them, and all finite (nulls inside arrive as NaN)."""
+    n = len(features)
+    usable = np.fromiter((v is not None and len(v) == d for v in features), dtype=bool, count=n)
+    x = np.zeros((n, d))
+    if usable.any():
+        x[usable] = np.stack(features[usable].to_numpy()).astype(np.float64)
+    usable &= np.isfinite(x).all(axis=1)
+    x[~usable] = 0.0
+    return x, usable
+
+
+def scoring_udf(mixture: Mixture, center: np.ndarray):
+    """pandas UDF of an array<double> column: prediction, probability and log density of each row
+    (null for unusable rows). `mixture` is in coordinates shifted by `center`."""
+
+    @pandas_udf(SCORES_SCHEMA)
+    def score(features: pd.Series) -> pd.DataFrame:
+        x, usable = scorable_rows(features, mixture.d)
+        log_norm, probability = normalize_log(weighted_log_joint(x - center, mixture))
+        return pd.DataFrame(
+            {
+                "prediction": pd.Series(probability.argmax(axis=1), dtype="Int32").where(usable),
+                "probability": [p if ok else None for p, ok in zip(probability, usable)],
+                "logLikelihood": np.where(usable, log_norm, np.nan),
+            }
+        )
+
+    return score
+
+
+def refuse_unscorable(value: Column, scores: Column, column: str, d: int) -> Column:
+    """`value`, or a Spark error naming the problem when the row behind `scores` is unscorable."""
+    message = f"a row of '{column}' cannot be scored ({unscorable(d)}); set handleInvalid='skip' or 'keep'"
+    return F.when(scores.prediction.isNull(), F.raise_error(F.lit(message))).otherwise(value)
+
+
+def sampler(mixture: Mixture, seed: int):
+    """mapInPandas function: row i's component and Gaussian draw from uniforms hashed from (i, seed)."""
+    cumulative = np.cumsum(mixture.weights)
+    factors = np.linalg.cholesky(mixture.covariances)
+
+    def draw(batches):
+        for batch in batches:
+            ids = batch["id"].to_numpy(dtype=np.float64)[:, None]
+            d = mixture.d
+            pick = np.searchsorted(cumulative, row_uniforms(ids, seed, 0) * cumulative[-1], side="right")
+            pick = np.minimum(pick, mixture.k - 1)
+            u = np.column_stack([1.0 - row_uniforms(ids, seed, 1 + j) for j in range(2 * d)])
+            z = np.sqrt(-2.0 * np.log(u[:, :d])) * np.cos(2.0 * np.pi * u[:, d:])  # Box–Muller
+            x = mixture.means[pick] + np.einsum("nij,nj->ni", factors[pick], z)
+            yield pd.DataFrame({"features": list(x), "component": pick.astype(np.int32)})
+
+    return draw
