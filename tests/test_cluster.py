@@ -159,7 +159,7 @@ def _zip_package(dest: Path) -> Path:
                     path = Path(dirpath) / name
                     z.write(path, path.relative_to(ROOT).as_posix())
     with zipfile.ZipFile(dest) as z:
-        assert "spark_gmm/__init__.py" in z.namelist() and "spark_gmm/cli.py" in z.namelist()
+        assert "spark_gmm/__init__.py" in z.namelist() and "spark_gmm/cli/commands.py" in z.namelist()
     return dest
 
 

@@ -53,14 +53,31 @@ def config_only(command: str):
 # -- conf/gmm.toml ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["fit", "score"])
+@pytest.mark.parametrize("command", ["fit", "score", "select", "report"])
 def test_config_parses_and_every_setting_reaches_its_flag(command):
     with open(CONFIG, "rb") as handle:
         raw = tomllib.load(handle)
-    settings = {k: v for k, v in raw.items() if k not in ("fit", "score")} | raw[command]
+    tables = ("fit", "score", "select", "report")
+    settings = {k: v for k, v in raw.items() if k not in tables} | raw[command]
     args = config_only(command)
     for key, value in settings.items():
-        assert getattr(args, key.replace("-", "_")) == value, key
+        if hasattr(args, key.replace("-", "_")):  # top-level keys reach the commands that have the flag
+            expected = value if key != "k-values" else list(range(4, 13))
+            assert getattr(args, key.replace("-", "_")) == expected, key
+    assert set(raw[command]) <= {k for k in settings if hasattr(args, k.replace("-", "_"))}
+
+
+def test_config_select_says_it_does_not_read_fit():
+    assert config_only("select").notes == [
+        f"config file '{CONFIG}': select reads the top-level keys and [select] only; it does not use [fit] "
+        "(k, max-iter, tol, seed, model-out, checkpoint-dir, checkpoint-interval, mode)"
+    ]
+
+
+def test_config_select_and_report_do_not_touch_the_scheduled_model():
+    fit, select, report = config_only("fit"), config_only("select"), config_only("report")
+    assert select.model_out != fit.model_out and select.mode == "errorifexists"
+    assert report.model == fit.model_out
 
 
 def test_config_fit_and_score_share_input_and_model():

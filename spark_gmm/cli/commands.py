@@ -1,0 +1,382 @@
+"""The commands (fit, select, score, report) and `main`, which runs one and prints its summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import textwrap
+import time
+import traceback
+import warnings
+
+from .arguments import COMMANDS, output_kind, parse_args
+from .errors import JobError, UsageError, short_message
+from .logs import IterationCounter, configure_logging, error_stream, job_session, log_warning
+from .storage import check_outputs, read_input, write_local_file, write_predictions
+
+log = logging.getLogger("spark_gmm.job")
+
+
+# -- columns -------------------------------------------------------------------------------------
+
+
+def resolve_features(df, names: list[str]) -> dict:
+    """Estimator params for the feature columns: {'inputCols': [...]} or {'featuresCol': name}."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql.types import ArrayType, NumericType
+
+    fields = {f.name: f.dataType for f in df.schema.fields}
+    missing = [n for n in names if n not in fields]
+    if missing:
+        what = "column" if len(missing) == 1 else "columns"
+        raise JobError(
+            f"feature {what} {', '.join(repr(m) for m in missing)} not found in the input; "
+            f"available columns: {', '.join(fields) or '(none)'}"
+        )
+    if len(names) == 1:
+        kind = fields[names[0]]
+        if isinstance(kind, VectorUDT) or (isinstance(kind, ArrayType) and isinstance(kind.elementType, NumericType)):
+            return {"featuresCol": names[0]}
+        if isinstance(kind, NumericType):
+            return {"inputCols": names}
+        raise JobError(
+            f"feature column '{names[0]}' has type {kind.simpleString()}; --features needs numeric "
+            "columns or one vector / numeric-array column"
+        )
+    wrong = [f"'{n}' ({fields[n].simpleString()})" for n in names if not isinstance(fields[n], NumericType)]
+    if wrong:
+        raise JobError(f"feature columns must be numeric: {', '.join(wrong)}")
+    return {"inputCols": names}
+
+
+def model_features(model, df, names: list[str] | None) -> dict:
+    """Estimator-style feature params for scoring `df` with `model`, checked against the model."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import functions as F
+
+    if names is None:  # the columns the model was fitted on
+        names = model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()]
+    features = resolve_features(df, names)
+    if "inputCols" in features:
+        count = len(features["inputCols"])
+    else:
+        column = F.col(f"`{features['featuresCol']}`")
+        if isinstance(df.schema[features["featuresCol"]].dataType, VectorUDT):
+            column = vector_to_array(column)
+        first = df.where(column.isNotNull()).select(F.size(column)).first()
+        count = first[0] if first else model.numFeatures
+    if count != model.numFeatures:
+        raise JobError(f"the model has {model.numFeatures} features but --features {', '.join(names)} gives {count}")
+    return features
+
+
+def _check_output_columns(args, input_columns: list[str]) -> None:
+    """The columns the predictions add must not clash with the input's; --partition-by must exist."""
+    if not getattr(args, "predictions_out", None):
+        return
+    added = [args.prediction_col, args.probability_col, args.log_likelihood_col]
+    clash = [c for c in added if c and c in input_columns]
+    if clash:
+        raise JobError(
+            f"the input already has a column named '{clash[0]}'; choose another name with "
+            "--prediction-col / --probability-col / --log-likelihood-col"
+        )
+    missing = [c for c in args.partition_by or [] if c not in input_columns]
+    if missing:
+        raise JobError(f"--partition-by column '{missing[0]}' is not in the input")
+
+
+# -- fit and select ------------------------------------------------------------------------------
+
+
+def run_fit(spark, args) -> dict:
+    """Fit k components; save, score and report as asked."""
+    def fit(estimator, df):
+        return estimator.setK(args.k).setCovarianceType(args.covariance_type).fit(df), {}
+
+    return _fit_and_write(spark, args, fit)
+
+
+def run_select(spark, args) -> dict:
+    """Fit every candidate (k, covariance type), keep the lowest criterion; save, score and report it."""
+    from spark_gmm import GaussianMixtureSelection
+
+    def select(estimator, df):
+        selection = GaussianMixtureSelection(
+            estimator, kValues=args.k_values, covarianceTypes=args.covariance_types, criterion=args.criterion,
+        ).fit(df)
+        for row in selection.candidateRows:
+            log.info("candidate k=%d %s: %s %.10g, %d iterations%s", row["k"], row["covarianceType"],
+                     args.criterion, row[args.criterion], row["iterations"], " (chosen)" if row["chosen"] else "")
+        return selection.bestModel, {"criterion": args.criterion, "candidates": selection.candidateRows}
+
+    return _fit_and_write(spark, args, select)
+
+
+def _fit_and_write(spark, args, fit) -> dict:
+    """Read the input, run `fit(estimator, df) -> (model, extra summary fields)`, write the outputs."""
+    from pyspark.errors import PySparkException
+
+    from spark_gmm import GaussianMixture, InvalidInputError
+
+    df, kind = read_input(spark, args.input, args.format)
+    features = resolve_features(df, args.features)
+    _check_output_columns(args, df.columns)
+    log.info("input %s '%s': features %s", kind, args.input, ", ".join(args.features))
+    estimator = GaussianMixture(
+        maxIter=args.max_iter, tol=args.tol, seed=args.seed, weightCol=args.weight_col, regCovar=args.reg_covar,
+        initMode=args.init_mode, nInit=args.n_init, handleInvalid=args.handle_invalid, engine=args.engine,
+        dtype=args.dtype, checkpointDir=getattr(args, "checkpoint_dir", None),
+        checkpointInterval=getattr(args, "checkpoint_interval", None), **features,
+    )
+    began = time.perf_counter()
+    progress = IterationCounter()
+    library_log = logging.getLogger("spark_gmm")
+    library_log.addFilter(progress)
+    try:
+        model, extra = fit(estimator, df)
+    except (InvalidInputError, ValueError, FloatingPointError) as error:
+        raise JobError(short_message(error)) from None
+    finally:
+        library_log.removeFilter(progress)
+    fit_seconds = time.perf_counter() - began
+    summary = model.summary
+    if not progress.count:
+        # The barrier engine iterates inside a Spark task, whose log stays on the executor: report
+        # the history the summary brings back instead.
+        for i, value in enumerate(summary.logLikelihoodHistory):
+            log.info("iteration %d: log-likelihood %.10g (reported by the barrier stage)", i, value)
+    if args.model_out:
+        try:
+            writer = model.write()
+            (writer.overwrite() if args.mode == "overwrite" else writer).save(args.model_out)
+        except (FileExistsError, PySparkException) as error:
+            raise JobError(f"cannot save the model to '{args.model_out}': {short_message(error)}") from None
+        log.info("model saved to %s", args.model_out)
+    if args.predictions_out:
+        _write(spark, _scored(model, df, args), args)
+    if args.report:
+        _write_report(args.report, model, df, {"input": args.input, "fit seconds": round(fit_seconds, 2)},
+                      extra.get("candidates"), getattr(args, "criterion", "bic"))
+    return {
+        "k": model.getK(),
+        "iterations": summary.numIter,
+        "converged": summary.converged,
+        "logLikelihood": summary.logLikelihood,
+        "resumedFromIteration": summary.resumedFromIteration,
+        "modelPath": args.model_out,
+        "predictionsPath": args.predictions_out,
+        "rows": int(sum(summary.clusterSizes)),
+        "features": args.features,
+        "clusterSizes": summary.clusterSizes,
+        "weights": model.weights,
+        "covarianceType": model.getCovarianceType(),
+        "fitSeconds": round(fit_seconds, 3),
+        "reportPath": args.report,
+        **extra,
+    }
+
+
+# -- score and report ----------------------------------------------------------------------------
+
+
+def _saved_model_on(spark, args):
+    """(saved model set to score `args.input`'s features, input DataFrame, 'path' or 'table')."""
+    from spark_gmm import GaussianMixtureModel, ModelFormatError
+
+    try:
+        model = GaussianMixtureModel.load(args.model)
+    except ModelFormatError as error:
+        raise JobError(short_message(error)) from None
+    df, kind = read_input(spark, args.input, args.format)
+    features = model_features(model, df, args.features)
+    model = model.copy()
+    if "inputCols" in features:
+        model.setInputCols(features["inputCols"])
+    else:
+        model.clear(model.inputCols)
+        model.setFeaturesCol(features["featuresCol"])
+    return model, df, kind
+
+
+def run_score(spark, args) -> dict:
+    """Write every input row with its prediction; the summary gives figures of the rows scored."""
+    model, df, kind = _saved_model_on(spark, args)
+    _check_output_columns(args, df.columns)
+    log.info("scoring input %s '%s' with %s (k=%d)", kind, args.input, args.model, model.getK())
+    scored = _scored(model, df, args)
+    _write(spark, scored, args)
+    return {
+        "k": model.getK(),
+        "modelPath": args.model,
+        "predictionsPath": args.predictions_out,
+        "features": model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()],
+        **_scoring_figures(spark, args, scored, model.getK()),
+    }
+
+
+def run_report(spark, args) -> dict:
+    """The HTML report of a saved model on an input."""
+    model, df, _ = _saved_model_on(spark, args)
+    _write_report(args.report, model, df, {"input": args.input, "model": args.model})
+    return {"k": model.getK(), "modelPath": args.model, "reportPath": args.report}
+
+
+def _scored(model, df, args):
+    """The input rows plus the prediction (and optionally probabilities and log density)."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    probability = args.probability_col or "__spark_gmm_probability"
+    model = model.copy()
+    model.setPredictionCol(args.prediction_col).setProbabilityCol(probability)
+    if args.log_likelihood_col:
+        model.setLogLikelihoodCol(args.log_likelihood_col)
+    else:
+        model.clear(model.logLikelihoodCol)
+    out = model.transform(df)
+    if not args.probability_col:
+        return out.drop(probability)
+    column = F.col(f"`{probability}`")
+    # vector_to_array fails on null (unscorable rows), so only convert the others.
+    return out.withColumn(probability, F.when(column.isNotNull(), vector_to_array(column, "float64")))
+
+
+def _write(spark, predictions, args) -> None:
+    from pyspark.errors import PySparkException
+
+    try:
+        write_predictions(spark, predictions, args)
+    except PySparkException as error:  # the location or table cannot be written, said in one line
+        raise JobError(f"cannot write predictions to '{args.predictions_out}': {short_message(error)}") from None
+    log.info("predictions written to %s (mode %s)", args.predictions_out, args.mode)
+
+
+def _scoring_figures(spark, args, scored, k: int) -> dict:
+    """Rows scored and left unscored, rows per component and the mean log density per row, from one
+    small aggregation over the predictions just written (with --mode append the output holds earlier
+    rows too, so over the scored input instead, which costs a second scoring pass)."""
+    from pyspark.sql import functions as F
+
+    if args.mode == "append":
+        source = scored
+    elif output_kind(args.predictions_out) == "table":
+        source = spark.table(args.predictions_out)
+    else:
+        source = spark.read.format(args.output_format).load(args.predictions_out)
+    sums = [F.sum(F.col(f"`{args.log_likelihood_col}`")).alias("ll")] if args.log_likelihood_col else []
+    groups = source.groupBy(F.col(f"`{args.prediction_col}`").alias("component")).agg(
+        F.count(F.lit(1)).alias("rows"), *sums
+    ).collect()
+    sizes, unscored, total = [0] * k, 0, 0.0
+    for row in groups:
+        if row["component"] is None:
+            unscored += row["rows"]
+        else:
+            sizes[row["component"]] = row["rows"]
+            total += row["ll"] if sums else 0.0
+    figures = {"rowsScored": sum(sizes), "rowsUnscored": unscored, "clusterSizes": sizes}
+    if sums:
+        figures["meanLogLikelihood"] = total / sum(sizes) if sum(sizes) else None
+    return figures
+
+
+def _write_report(path, model, df, run, selection=None, criterion="bic") -> None:
+    from spark_gmm.report import render_report
+
+    try:
+        write_local_file(path, render_report(model, df, selection=selection, criterion=criterion, run=run))
+    except OSError as error:
+        raise JobError(f"cannot write the report to '{path}': {error.strerror}") from None
+    log.info("report written to %s", path)
+
+
+def _check_report_dependencies(args) -> None:
+    if getattr(args, "report", None):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as error:
+            raise JobError(f"the report needs matplotlib ({error}); pip install 'spark-gmm[report]'") from None
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+_RUN = {"fit": run_fit, "select": run_select, "score": run_score, "report": run_report}
+
+
+def _overview(prog: str) -> str:
+    commands = "\n".join(
+        textwrap.fill(text, 100, initial_indent=f"  {name:<8}", subsequent_indent=" " * 10)
+        for name, text in COMMANDS.items()
+    )
+    return (
+        f"usage: {prog} {{{','.join(COMMANDS)}}} [--help] [flags]\n\n"
+        "Gaussian-mixture clustering by distributed EM on Spark, as batch jobs.\n\n"
+        f"commands:\n{commands}\n\n"
+        f"'{prog} COMMAND --help' lists the command's flags. Flags can also come from --config FILE "
+        "(TOML).\nThe last stdout line is a JSON summary. Exit code 0: done; 1: the job cannot run; "
+        "2: a bad flag or config."
+    )
+
+
+def _emit(fields: dict, began: float) -> None:
+    fields["seconds"] = round(time.perf_counter() - began, 3)
+    sys.stdout.flush()
+    print(json.dumps(fields), flush=True)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """`spark-gmm COMMAND [flags]` with argv = [COMMAND, flags...] (default sys.argv[1:]); returns
+    the exit code."""
+    began = time.perf_counter()
+    stderr = error_stream()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, prog = (argv[0] if argv else None), prog or "spark-gmm"
+    try:
+        if command in ("-h", "--help"):
+            print(_overview(prog))
+            return 0
+        if command not in COMMANDS:
+            raise UsageError(f"the first argument must be a command: {', '.join(COMMANDS)} (see {prog} --help)")
+        args = parse_args(command, argv[1:], f"{prog} {command}")
+    except UsageError as error:
+        message = " ".join(str(error).split())
+        print(f"error: {message}", file=stderr, flush=True)
+        _emit({"status": "error", "command": command, "error": message}, began)
+        return 2
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
+
+    configure_logging(args.log_level, stderr)
+    for note in args.notes:
+        log.warning(note)
+    spark = created = None
+    code, fields = 1, {"command": command}
+    with warnings.catch_warnings():
+        warnings.showwarning = log_warning
+        try:
+            spark, created = job_session(f"spark-gmm {command}")
+            check_outputs(spark, args)  # before the input is read: a clash costs seconds, not a fit
+            _check_report_dependencies(args)
+            fields = {"status": "ok", "command": command, **_RUN[command](spark, args)}
+            code = 0
+        except (JobError, UsageError) as error:
+            code = 2 if isinstance(error, UsageError) else 1
+            fields = {"status": "error", "command": command, "error": " ".join(str(error).split())}
+        except KeyboardInterrupt:
+            code, fields = 130, {"status": "error", "command": command, "error": "interrupted"}
+        except Exception as error:  # a bug or a cluster failure: keep the trace for whoever debugs it
+            traceback.print_exc(file=stderr)
+            fields = {"status": "error", "command": command, "error": f"{type(error).__name__}: {short_message(error)}"}
+        finally:
+            if spark is not None and created:
+                try:
+                    spark.stop()
+                except Exception:  # noqa: BLE001 - the job's outcome is already decided
+                    pass
+    if code != 0:
+        print(f"error: {fields['error']}", file=stderr, flush=True)
+    _emit(fields, began)
+    return code
