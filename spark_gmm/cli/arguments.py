@@ -10,9 +10,9 @@ import argparse
 import re
 import sys
 
-from spark_gmm.clustering import DTYPES, ENGINES, INIT_MODES, GaussianMixture
-from spark_gmm.mixture import COVARIANCE_TYPES
-from spark_gmm.selection import CRITERIA, GaussianMixtureSelection
+from spark_gmm.clustering import GaussianMixture
+from spark_gmm.options import COVARIANCE_TYPES, CRITERIA, DTYPES, ENGINES, HANDLE_INVALID, INIT_MODES
+from spark_gmm.selection import GaussianMixtureSelection
 
 from .errors import UsageError
 
@@ -145,9 +145,9 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                       + (" (required)" if fitting else " (default: the model's)"))
     if fitting:
         data.add_argument("--weight-col", metavar="COL", help="numeric column of non-negative row weights")
-        data.add_argument("--handle-invalid", choices=("error", "skip"), default=api.getHandleInvalid(),
+        data.add_argument("--handle-invalid", choices=HANDLE_INVALID, default=api.getHandleInvalid(),
                           help="rows with null/NaN/infinite features or bad weights: error fails the job, "
-                          f"skip leaves them out (default: {api.getHandleInvalid()})")
+                          f"skip or keep leaves them out of the fit (default: {api.getHandleInvalid()})")
         _model_flags(parser.add_argument_group("model"), command, api, selection)
     out = parser.add_argument_group("output")
     if command == "report":
@@ -192,6 +192,9 @@ def _model_flags(group, command: str, api: GaussianMixture, selection: GaussianM
                        help=f"initialisation (default: {api.getInitMode()})")
     group.add_argument("--n-init", type=_bounded(int, 1, "an integer >= 1"), default=api.getNInit(),
                        help=f"initialisations, the best kept (default: {api.getNInit()})")
+    group.add_argument("--no-reseed", dest="reseed_components", action="store_false",
+                       help="plain EM: keep a component that empties or collapses onto one row instead "
+                       "of restarting it")
     group.add_argument("--engine", choices=ENGINES, default=api.getEngine(),
                        help="driver: one Spark job per EM pass; barrier: the whole fit in one barrier "
                        f"stage (default: {api.getEngine()})")

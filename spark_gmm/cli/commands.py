@@ -128,7 +128,7 @@ def _fit_and_write(spark, args, fit) -> dict:
     estimator = GaussianMixture(
         maxIter=args.max_iter, tol=args.tol, seed=args.seed, weightCol=args.weight_col, regCovar=args.reg_covar,
         initMode=args.init_mode, nInit=args.n_init, handleInvalid=args.handle_invalid, engine=args.engine,
-        dtype=args.dtype, checkpointDir=getattr(args, "checkpoint_dir", None),
+        dtype=args.dtype, reseedComponents=args.reseed_components, checkpointDir=getattr(args, "checkpoint_dir", None),
         checkpointInterval=getattr(args, "checkpoint_interval", None), **features,
     )
     began = time.perf_counter()
