@@ -3,7 +3,13 @@
 __version__ = "0.1.0"
 
 from .clustering import GaussianMixture, GaussianMixtureModel, GaussianMixtureSummary  # noqa: E402
-from .exceptions import ComponentWarning, InputWarning, InvalidInputError, SpectralRepairWarning  # noqa: E402
+from .exceptions import (  # noqa: E402
+    ComponentWarning,
+    ExecutorEnvironmentError,
+    InputWarning,
+    InvalidInputError,
+    SpectralRepairWarning,
+)
 from .persistence import ModelFormatError  # noqa: E402
 from .selection import GaussianMixtureSelection, GaussianMixtureSelectionModel  # noqa: E402
 
@@ -14,6 +20,7 @@ __all__ = [
     "GaussianMixtureSelectionModel",
     "GaussianMixtureSummary",
     "ComponentWarning",
+    "ExecutorEnvironmentError",
     "InputWarning",
     "InvalidInputError",
     "ModelFormatError",

@@ -4,6 +4,7 @@ pyspark.ml's Estimator/Model/Params and the distributed EM in `em` and `blocks`.
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import replace
 
@@ -18,7 +19,7 @@ from . import barrier, em, persistence
 from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
-from .inputs import check_driver_memory, feature_count, feature_names, jvm_bytes
+from .inputs import check_driver_memory, executor_errors_explained, feature_count, feature_names, jvm_bytes
 from .kernels import log_sum_exp, weighted_log_joint
 from .mixture import (
     COVARIANCE_TYPES,
@@ -162,9 +163,17 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
         w = self.weightColumn(dataset)
         cache = BlockCache(dataset, x, w, self.getAggregationDepth())
         try:
+            log.info("reading and validating the input into cached blocks")
+            began = time.perf_counter()
             cache.describe("reading the input into cached blocks")
-            summary = cache.summarize()
+            summary = executor_errors_explained(cache.summarize)
             skipped = self.copy({self.k: k or self.getK()})._validate(summary, dataset.sparkSession)
+            seconds = time.perf_counter() - began
+            log.info(
+                "input: %d rows × %d features in %d partitions%s, packed in %.1f s (%.0f rows/s)",
+                summary.rows, summary.d, summary.partitions,
+                f", {skipped} invalid rows left out" if skipped else "", seconds, summary.rows / max(seconds, 1e-9),
+            )
             if self.getDtype() == "float32":
                 cache.narrow()
         except BaseException:

@@ -214,9 +214,10 @@ def initial_mixture_steps(d: int, settings: "FitSettings"):
     return (yield from mixture_from_centers_steps(centers, settings.reg_covar, settings.covariance_type))
 
 
-def run_passes(reduce: Reduce, generators: list) -> list:
+def run_passes(reduce: Reduce, generators: list, describe: Callable[[str], None] | None = None) -> list:
     """Drive pass generators to their return values: one pass over the data per round, shared by
-    every generator with a pass pending (each gets exactly the result it would get alone)."""
+    every generator with a pass pending (each gets exactly the result it would get alone). Each
+    round is logged and names its Spark job through `describe`."""
     results, pending = [None] * len(generators), {}
 
     def advance(i, value):
@@ -228,13 +229,20 @@ def run_passes(reduce: Reduce, generators: list) -> list:
 
     for i in range(len(generators)):
         advance(i, None)
+    rounds = 0
     while pending:
         order = sorted(pending)
+        rounds += 1
+        what = ", ".join(sorted({pending[i].label for i in order}))
+        if describe:
+            describe(f"initialisation pass {rounds} ({what})")
+        began = time.perf_counter()
         if len(order) == 1:
             outputs = [reduce(pending[order[0]])]
         else:
             joint = kernels.ConcatPass([pending[i] for i in order])
             outputs = joint.split(reduce(joint))
+        log.info("initialisation pass %d (%s): %.2f s", rounds, what, time.perf_counter() - began)
         for i, output in zip(order, outputs):
             advance(i, output)
     return results
@@ -437,9 +445,8 @@ def fit(
         log.info("resuming from iteration %d", resume.iteration)
         states = [resume.copy()]
     else:
-        if describe:
-            describe(f"initialisation ({_plural(candidates)})")
-        starts = run_passes(reduce, [initial_mixture_steps(d, c) for c in candidates])
+        log.info("initialisation (%s)", _plural(candidates))
+        starts = run_passes(reduce, [initial_mixture_steps(d, c) for c in candidates], describe)
         states = [EMState.fresh(start) for start in starts]
     runs = [
         _Candidate(

@@ -15,3 +15,7 @@ class ComponentWarning(UserWarning):
 
 class SpectralRepairWarning(UserWarning):
     """A covariance was not numerically positive definite and had its spectrum clipped."""
+
+
+class ExecutorEnvironmentError(RuntimeError):
+    """The executors' Python cannot run spark_gmm's code (a module it needs is missing there)."""

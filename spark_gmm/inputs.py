@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import re
 import resource
+import sys
 
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, NumericType
 
-from .exceptions import InvalidInputError
+from .exceptions import ExecutorEnvironmentError, InvalidInputError
 
 
 def _field(df: DataFrame, name: str, role: str):
@@ -142,3 +143,23 @@ def check_driver_memory(k: int, d: int, partial_bytes: int, partials: int, max_r
             f"{_gib(max_result_bytes)}; raise aggregationDepth, coalesce the input, or raise "
             "spark.driver.maxResultSize"
         )
+
+
+#: Modules the executors' Python must import to run spark_gmm's passes.
+EXECUTOR_MODULES = ("numpy", "pandas", "pyarrow", "spark_gmm")
+
+
+def executor_errors_explained(action):
+    """Run the first Spark action of a fit; if the executors' Python lacks a module spark_gmm needs,
+    say so in one line instead of a worker traceback."""
+    try:
+        return action()
+    except Exception as error:
+        missing = re.search(r"No module named '([\w.]+)'", str(error))
+        if not missing or missing.group(1).split(".")[0] not in EXECUTOR_MODULES:
+            raise
+        raise ExecutorEnvironmentError(
+            f"the executors' Python cannot import '{missing.group(1)}': point PYSPARK_PYTHON (or "
+            f"spark.pyspark.python) at an interpreter that has numpy, pandas, pyarrow and spark_gmm "
+            f"(this driver runs {sys.executable}), or ship spark_gmm with --py-files"
+        ) from None

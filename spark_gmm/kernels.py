@@ -152,6 +152,8 @@ class ConcatPass:
     """Several passes in one pass over the data: each block's partials side by side, after their
     lengths, so that candidates fitted together share the pass."""
 
+    label = "passes together"
+
     def __init__(self, passes: list):
         self.passes = passes
         self.partial_bytes = sum(getattr(p, "partial_bytes", 0) for p in passes)
@@ -177,6 +179,8 @@ class ConcatPass:
 
 class EStepPass(SumPass):
     """E-step statistics of several candidate mixtures in one pass (concatenated, in order)."""
+
+    label = "E-step"
 
     def __init__(self, mixtures: list[Mixture]):
         self.mixtures = mixtures
@@ -220,6 +224,8 @@ def nearest(x: np.ndarray, centers: np.ndarray):
 class HardAssignmentPass(SumPass):
     """Statistics of a hard assignment of rows to their nearest centre (to start EM from k-means)."""
 
+    label = "assignment to the k-means centres"
+
     def __init__(self, centers: np.ndarray):
         self.centers = centers
 
@@ -233,6 +239,8 @@ class HardAssignmentPass(SumPass):
 class LloydPass(SumPass):
     """One Lloyd step over all rows: [Σw·min‖x − c‖², Σw per centre (k), Σw·x per centre (k·d),
     Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale of the stopping test."""
+
+    label = "Lloyd's k-means step"
 
     def __init__(self, centers: np.ndarray):
         self.centers = centers
@@ -261,6 +269,8 @@ class LloydPass(SumPass):
 class CostPass(SumPass):
     """Σ w·min_j ‖x − c_j‖² (the k-means|| potential φ)."""
 
+    label = "k-means|| cost"
+
     def __init__(self, centers: np.ndarray):
         self.centers = centers
 
@@ -271,6 +281,8 @@ class CostPass(SumPass):
 
 class ClosestWeightPass(SumPass):
     """Weight of the rows closest to each centre (to weigh k-means|| candidates)."""
+
+    label = "k-means|| candidate weights"
 
     def __init__(self, centers: np.ndarray):
         self.centers = centers
@@ -293,6 +305,8 @@ class RowsPass:
 class SamplePass(RowsPass):
     """k-means|| sampling round: keep each row with probability min(1, ℓ·w·d²(x)/φ)."""
 
+    label = "k-means|| sampling"
+
     def __init__(self, centers, cost: float, oversampling: float, seed: int, stream: int):
         super().__init__(centers.shape[1])
         self.centers, self.cost, self.oversampling = centers, cost, oversampling
@@ -311,6 +325,8 @@ class SamplePass(RowsPass):
 
 class SmallestUniformPass(RowsPass):
     """The `count` distinct rows with the smallest per-row uniform (a partition-free random choice)."""
+
+    label = "random rows"
 
     def __init__(self, d: int, count: int, seed: int, stream: int):
         super().__init__(d)

@@ -744,3 +744,37 @@ def test_skip_when_a_whole_arrow_batch_is_invalid(spark):
     assert model.summary.invalidRowsSkipped == 50
     assert sum(model.summary.clusterSizes) == 100
     assert np.isfinite(model.means).all()
+
+
+def test_every_phase_of_a_fit_is_logged(spark, caplog):
+    """A user at a terminal sees validation, packing, each initialisation pass and each iteration."""
+    rng = np.random.default_rng(9)
+    x = np.array([[0.0, 0.0], [5.0, 5.0]])[rng.integers(0, 2, 2000)] + rng.normal(size=(2000, 2))
+    with caplog.at_level("INFO", logger="spark_gmm"):
+        GaussianMixture(k=2, seed=1).fit(frame(spark, x))
+    lines = [r.getMessage() for r in caplog.records if r.name == "spark_gmm"]
+    order = [
+        "reading and validating the input",
+        "input: 2000 rows × 2 features",
+        "initialisation (k-means||, k=2)",
+        "initialisation pass 1 (random rows)",
+        "Lloyd's k-means step",
+        "assignment to the k-means centres",
+        "iteration 0:",
+        "fit done",
+    ]
+    positions = [next(i for i, line in enumerate(lines) if text in line) for text in order]
+    assert positions == sorted(positions), lines
+
+
+def test_a_missing_module_on_the_executors_is_one_clear_line():
+    from spark_gmm import ExecutorEnvironmentError
+    from spark_gmm.inputs import executor_errors_explained
+
+    def failing():
+        raise RuntimeError("Traceback ...\n  File worker.py\nModuleNotFoundError: No module named 'pandas'\n")
+
+    with pytest.raises(ExecutorEnvironmentError, match=r"^the executors' Python cannot import 'pandas'"):
+        executor_errors_explained(failing)
+    with pytest.raises(RuntimeError, match="something else"):
+        executor_errors_explained(lambda: (_ for _ in ()).throw(RuntimeError("something else")))
