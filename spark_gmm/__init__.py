@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .clustering import GaussianMixture, GaussianMixtureModel, GaussianMixtureSummary  # noqa: E402
+from .clustering import GaussianMixture  # noqa: E402
+from .model import GaussianMixtureModel, GaussianMixtureSummary  # noqa: E402
 from .exceptions import (  # noqa: E402
     ComponentWarning,
     ExecutorEnvironmentError,

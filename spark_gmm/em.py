@@ -1,4 +1,4 @@
-"""Initialisation and the EM loop, written once against an abstract `reduce(pass) -> array`.
+"""The EM loop, written once against an abstract `reduce(pass) -> array`.
 
 `reduce` runs a pass (see `kernels`) over every block and returns the combined partials; the Spark
 engines and the in-memory engine (`local`) only differ in how they implement it. `fit` is the one
@@ -17,10 +17,12 @@ import numpy as np
 
 from . import kernels
 from .exceptions import ComponentWarning
+from .initialisation import initial_mixture_steps, run_passes
 from .mixture import (
     ComponentStatistics,
     Mixture,
     gaussians_from_moments,
+    challengers,
     m_step,
     regularisation_allowance,
     split_component,
@@ -33,15 +35,11 @@ Reduce = Callable[[object], np.ndarray]
 #: Round-off budget of one iteration's change of the mean log-likelihood, relative to its size:
 #: float64 sums of float64 densities, or float64 sums of float32 densities.
 ROUNDOFF = {"float64": 1e-10, "float32": 1e-5}
-#: Greedy k-means++ and Lloyd restarts on the k-means|| candidates (cheap: they are in memory).
-LOCAL_RESTARTS = 5
-#: Lloyd over all rows stops when the centres' squared move falls below this share of the mean
-#: feature variance (scikit-learn's KMeans default) or after LLOYD_MAX_PASSES passes.
-LLOYD_TOL = 1e-4
-LLOYD_MAX_PASSES = 30
 #: A component that explains less than this many (average-weight) rows is dead: empty, or
 #: collapsed onto a single row. With `reseed`, it is restarted by splitting another component.
 DEAD_ROWS = 2.0
+#: Splits of the heaviest components tried, in the same pass, where EM converges.
+CHALLENGERS = 3
 
 
 
@@ -77,175 +75,6 @@ class FitResult:
     reseeded: list[tuple[int, int, int]] = field(default_factory=list)  # (iteration, component, donor)
     iteration_seconds: list[float] = field(default_factory=list)  # wall time of each EM pass
     resumed_from: int = 0  # the iteration a resumed fit started from (0: a fresh fit)
-
-
-def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
-    """Greedy weighted k-means++ on a small in-memory candidate set.
-
-    Each new centre is the best of 2 + ln k D²-weighted draws (the one that lowers the potential
-    most), which avoids the two-centres-in-one-cluster starts that plain k-means++ often makes.
-    """
-    trials = 2 + int(np.log(k))
-    centers = [points[rng.choice(len(points), p=weights / weights.sum())]]
-    dist = ((points - centers[0]) ** 2).sum(axis=1)
-    for _ in range(1, k):
-        mass = weights * dist
-        if mass.sum() <= 0:
-            raise ValueError(f"k={k} but the data has fewer than {k} distinct points")
-        draws = rng.choice(len(points), size=trials, p=mass / mass.sum())
-        options = [np.minimum(dist, ((points - points[i]) ** 2).sum(axis=1)) for i in draws]
-        best = int(np.argmin([weights @ option for option in options]))
-        centers.append(points[draws[best]])
-        dist = options[best]
-    return np.array(centers)
-
-
-def _local_lloyd(points, weights, centers, iterations=30) -> np.ndarray:
-    for _ in range(iterations):
-        index, _ = kernels.nearest(points, centers)
-        mass = np.bincount(index, weights=weights, minlength=len(centers))
-        sums = np.zeros_like(centers)
-        np.add.at(sums, index, points * weights[:, None])
-        moved = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
-        if np.allclose(moved, centers, rtol=0, atol=0):
-            break
-        centers = moved
-    return centers
-
-
-# Initialisation is written as generators of passes: each `yield pass_` hands a pass to the driver
-# and receives its reduced partials. `run_passes` drives one generator, or several in lockstep (the
-# candidates of a multi-fit), combining their pending passes into one pass over the data.
-
-
-def kmeans_parallel_steps(d: int, k: int, seed: int, rounds: int = 2, oversampling: float | None = None):
-    """k-means|| (Bahmani et al.): a few sampling passes, then k-means++ and Lloyd on the candidates.
-
-    Every random choice is a function of the row values and the seed, so the centres do not depend
-    on how the data is partitioned.
-    """
-    oversampling = oversampling or 2.0 * k
-    first = kernels.SmallestUniformPass(d, 1, seed, stream=0)
-    candidates = first.rows((yield first))[:, 1:]
-    stream = 1
-    while True:
-        for _ in range(rounds):
-            cost = float((yield kernels.CostPass(candidates))[0])
-            if cost <= 0:
-                break
-            sample = kernels.SamplePass(candidates, cost, oversampling, seed, stream)
-            stream += 1
-            new = sample.rows((yield sample))[:, 1:]
-            candidates = np.unique(np.vstack([candidates, new]), axis=0)
-        if len(candidates) >= k or cost <= 0 or stream > 20 * rounds:
-            break
-    if len(candidates) < k:
-        raise ValueError(
-            f"k={k} but the data has only {len(candidates)} distinct points; lower k"
-        )
-    mass = yield kernels.ClosestWeightPass(candidates)
-    keep = mass > 0
-    candidates, mass = candidates[keep], mass[keep]
-    if len(candidates) < k:
-        raise ValueError(f"k={k} but the data has only {len(candidates)} distinct points; lower k")
-    rng = np.random.default_rng(seed)
-    best, best_cost = None, np.inf
-    for _ in range(LOCAL_RESTARTS):
-        centers = _local_lloyd(candidates, mass, _local_kmeans_pp(candidates, mass, k, rng))
-        cost = mass @ kernels.nearest(candidates, centers)[1]
-        if cost < best_cost:
-            best, best_cost = centers, cost
-    return best
-
-
-def random_center_steps(d: int, k: int, seed: int):
-    """k distinct rows chosen uniformly at random (independently of partitioning)."""
-    pick = kernels.SmallestUniformPass(d, k, seed, stream=0)
-    rows = pick.rows((yield pick))[:, 1:]
-    if len(rows) < k:
-        raise ValueError(f"k={k} but the data has only {len(rows)} distinct points; lower k")
-    return rows
-
-
-def lloyd_steps(centers: np.ndarray, tol: float = LLOYD_TOL, max_passes: int = LLOYD_MAX_PASSES):
-    """Lloyd's k-means over all rows from `centers`, one pass per step, until the centres move by
-    less than `tol` × the data's mean feature variance (scikit-learn's rule; squared distance,
-    summed over centres) or `max_passes` passes. A centre that loses all its rows stays put."""
-    threshold = None
-    for _ in range(max_passes):
-        step = kernels.LloydPass(centers)
-        _, mass, sums, variance = step.split((yield step))
-        if threshold is None:
-            threshold = tol * float(np.mean(variance))
-        moved = np.where(mass[:, None] > 0, sums / np.maximum(mass, 1e-300)[:, None], centers)
-        shift = float(((moved - centers) ** 2).sum())
-        centers = moved
-        if shift <= threshold:
-            break
-    return centers
-
-
-def mixture_from_centers_steps(centers: np.ndarray, reg_covar: float, covariance_type: str = "full"):
-    """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
-    k, d = centers.shape
-    stats = ComponentStatistics.unpack((yield kernels.HardAssignmentPass(centers)), k, d)
-    weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
-    if lonely.any():  # a centre nobody is closest to: give it the pooled covariance
-        filled = ~lonely
-        covariances[lonely] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
-        means[lonely] = centers[lonely]
-    return Mixture.from_covariances(weights, means, covariances, reg_covar)
-
-
-def initial_mixture_steps(d: int, settings: "FitSettings"):
-    """The start of EM: `settings.start`, or `initMode` on the data, then one assignment pass.
-
-    'k-means||' seeds with k-means|| and runs Lloyd over all rows (scikit-learn's k-means start);
-    'k-means++' uses the seeds alone (scikit-learn's 'k-means++'); 'random' picks k distinct rows.
-    """
-    if settings.start is not None:
-        return settings.start
-    if settings.init_mode == "random":
-        centers = yield from random_center_steps(d, settings.k, settings.seed)
-    else:
-        centers = yield from kmeans_parallel_steps(d, settings.k, settings.seed)
-        if settings.init_mode == "k-means||":
-            centers = yield from lloyd_steps(centers)
-    return (yield from mixture_from_centers_steps(centers, settings.reg_covar, settings.covariance_type))
-
-
-def run_passes(reduce: Reduce, generators: list, describe: Callable[[str], None] | None = None) -> list:
-    """Drive pass generators to their return values: one pass over the data per round, shared by
-    every generator with a pass pending (each gets exactly the result it would get alone). Each
-    round is logged and names its Spark job through `describe`."""
-    results, pending = [None] * len(generators), {}
-
-    def advance(i, value):
-        try:
-            pending[i] = generators[i].send(value)
-        except StopIteration as done:
-            results[i] = done.value
-            pending.pop(i, None)
-
-    for i in range(len(generators)):
-        advance(i, None)
-    rounds = 0
-    while pending:
-        order = sorted(pending)
-        rounds += 1
-        what = ", ".join(sorted({pending[i].label for i in order}))
-        if describe:
-            describe(f"initialisation pass {rounds} ({what})")
-        began = time.perf_counter()
-        if len(order) == 1:
-            outputs = [reduce(pending[order[0]])]
-        else:
-            joint = kernels.ConcatPass([pending[i] for i in order])
-            outputs = joint.split(reduce(joint))
-        log.info("initialisation pass %d (%s): %.2f s", rounds, what, time.perf_counter() - began)
-        for i, output in zip(order, outputs):
-            advance(i, output)
-    return results
 
 
 @dataclass
@@ -284,15 +113,39 @@ class _Candidate:
     stop_reason: str = "max-iter"
     stats: ComponentStatistics | None = None
     revert: bool = False  # the last pass failed the decrease test: evaluate `previous` and stop
+    challengers: list = field(default_factory=list)  # (mixture, replaced, donor) beside the converged one
 
-    def observe(self, stats: ComponentStatistics, total_weight: float, seconds: float) -> None:
-        """Take the pass's statistics of the current mixture: record them, then stop or step."""
+    def to_evaluate(self) -> list[Mixture]:
+        """The mixtures the next pass evaluates: the current one and, once EM has converged,
+        challengers (the lightest component moved onto a split of a heavy one) while restarts last."""
+        s, settings = self.state, self.settings
+        self.challengers = []
+        if s.finishing and settings.reseed and len(s.reseeded) < settings.k:
+            self.challengers = challengers(s.mixture, settings.covariance_type, settings.reg_covar, CHALLENGERS)
+        return [s.mixture] + [c[0] for c in self.challengers]
+
+    def observe(self, evaluated: list[ComponentStatistics], total_weight: float, seconds: float) -> None:
+        """Take the pass's statistics of `to_evaluate()`'s mixtures: record them, then stop or step."""
         s, iteration, settings = self.state, self.state.iteration, self.settings
-        if not np.isfinite(stats.log_likelihood):
-            raise FloatingPointError(
-                f"{self.label}log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
-                "check the input for extreme values or raise regCovar"
-            )
+        stats = evaluated[0]
+        for each in evaluated:
+            if not np.isfinite(each.log_likelihood):
+                raise FloatingPointError(
+                    f"{self.label}log-likelihood became {each.log_likelihood} at iteration {iteration}; "
+                    "check the input for extreme values or raise regCovar"
+                )
+        if self.challengers:
+            best = max(range(len(self.challengers)), key=lambda i: evaluated[1 + i].log_likelihood)
+            gain = evaluated[1 + best].log_likelihood - stats.log_likelihood
+            if gain > ROUNDOFF[settings.dtype] * abs(stats.log_likelihood):
+                mixture, replaced, donor = self.challengers[best]
+                log.info(
+                    "%sconverged at iteration %d; moving component %d onto a split of component %d "
+                    "gains %.3g per row: EM goes on", self.label, iteration, replaced, donor, gain / total_weight,
+                )
+                s.mixture, stats, s.finishing = mixture, evaluated[1 + best], False
+                s.reseeded.append((iteration, replaced, donor))
+                s.empty = [j for j in s.empty if j != replaced]
         mean_ll = stats.log_likelihood / total_weight
         change = mean_ll - s.history[-1] / total_weight if s.history else None
         reseeded_here = bool(s.reseeded) and s.reseeded[-1][0] == iteration  # not an EM step
@@ -408,21 +261,23 @@ def _run_em(reduce: Reduce, candidates: list[_Candidate], total_weight: float, d
     result's log-likelihood, history and cluster sizes belong exactly to its returned mixture.
     """
 
-    def evaluate(group: list[_Candidate], label: str) -> list[ComponentStatistics]:
+    def evaluate(group: list[_Candidate], label: str, mixtures: list[list[Mixture]]) -> list[list[ComponentStatistics]]:
         if describe:
             describe(label)
-        estep = kernels.EStepPass([c.state.mixture for c in group])
-        return estep.split(reduce(estep))
+        estep = kernels.EStepPass([m for each in mixtures for m in each])
+        flat = iter(estep.split(reduce(estep)))
+        return [[next(flat) for _ in each] for each in mixtures]
 
     while active := [c for c in candidates if not c.done]:
         iteration = max(c.state.iteration for c in active)
         began = time.perf_counter()
         label = f"EM iteration {iteration}" + (f" ({len(active)} candidates)" if len(candidates) > 1 else "")
-        for candidate, stats in zip(active, evaluate(active, label)):
+        for candidate, stats in zip(active, evaluate(active, label, [c.to_evaluate() for c in active])):
             candidate.observe(stats, total_weight, time.perf_counter() - began)
         reverted = [c for c in active if c.revert]
         if reverted:  # rare: their statistics are those of the kept parameters
-            for candidate, stats in zip(reverted, evaluate(reverted, "EM: parameters kept")):
+            kept = evaluate(reverted, "EM: parameters kept", [[c.state.mixture] for c in reverted])
+            for candidate, (stats,) in zip(reverted, kept):
                 candidate.stats, candidate.revert = stats, False
 
 

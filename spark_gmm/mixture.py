@@ -115,6 +115,22 @@ def free_parameters(k: int, d: int, covariance_type: str = "full") -> int:
     return covariance[covariance_type] + k * d + k - 1
 
 
+def challengers(mixture: "Mixture", covariance_type: str, reg_covar: float, count: int) -> list[tuple]:
+    """[(mixture, replaced, donor)]: `mixture` with its lightest component replaced by one half of
+    one of its `count` heaviest components (see `split_component`); none for k < 2. EM evaluates
+    them where it converges: a mixture may hold a component on a few outliers while another covers
+    two clusters, and one pass tells which change, if any, raises the likelihood."""
+    if mixture.k < 2:
+        return []
+    replaced = int(np.argmin(mixture.weights))
+    own = mixture.covariances - reg_covar * np.eye(mixture.d)  # the scatter behind each covariance
+    donors = [int(j) for j in np.argsort(-mixture.weights, kind="stable") if j != replaced][:count]
+    return [
+        (split_component(mixture, own[donor], donor, replaced, covariance_type, reg_covar), replaced, donor)
+        for donor in donors
+    ]
+
+
 def information_criterion(criterion: str, log_likelihood: float, parameters: int, n: float) -> float:
     """BIC or AIC (lower is better) of a total log-likelihood over n rows (or total weight), as
     scikit-learn defines them."""

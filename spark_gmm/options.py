@@ -44,9 +44,10 @@ OPTIONS: dict[str, Option] = {
     "k": Option(2, int, "Number of components.", minimum=1),
     "maxIter": Option(100, int, "Most EM iterations (M-steps).", minimum=0),
     "tol": Option(
-        1e-3, float,
+        1e-4, float,
         "Convergence threshold on the change of the mean log-likelihood per row (per unit of "
-        "weight), as scikit-learn's.",
+        "weight), scikit-learn's test; the default is a tenth of scikit-learn's, because EM from a "
+        "k-means start often climbs slowly (a 1% cluster is found after ~60 iterations).",
         minimum=0,
     ),
     "seed": Option(DEFAULT_SEED, int, "Random seed of the initialisation."),

@@ -7,7 +7,8 @@ from pyspark.ml import Estimator, Model
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.sql import DataFrame, SparkSession
 
-from .clustering import GaussianMixture, GaussianMixtureModel
+from .clustering import GaussianMixture
+from .model import GaussianMixtureModel
 from .mixture import COVARIANCE_TYPES, free_parameters, information_criterion
 from .options import CRITERIA
 

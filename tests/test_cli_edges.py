@@ -13,7 +13,7 @@ from spark_gmm import GaussianMixture
 from spark_gmm.cli import UsageError, main, parse_args
 from spark_gmm.cli import arguments, storage
 from spark_gmm.cli.arguments import output_kind
-from spark_gmm.clustering import DTYPES, ENGINES, INIT_MODES
+from spark_gmm.options import DTYPES, ENGINES, INIT_MODES
 from spark_gmm.mixture import COVARIANCE_TYPES
 from spark_gmm.selection import CRITERIA
 

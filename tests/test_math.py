@@ -13,7 +13,7 @@ from scipy.stats import multivariate_normal
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from spark_gmm import em, kernels
+from spark_gmm import em, initialisation, kernels
 from spark_gmm.mixture import (
     WEIGHT_FLOOR,
     ComponentStatistics,
@@ -399,7 +399,7 @@ def blobs(rng, per=400):
 def test_kmeans_parallel_finds_each_blob(rng):
     x, true_centers = blobs(rng)
     reduce = make_reduce(x, block=100)
-    found = em.run_passes(reduce, [em.kmeans_parallel_steps(d=2, k=4, seed=3)])[0] + reduce.shift
+    found = initialisation.run_passes(reduce, [initialisation.kmeans_parallel_steps(d=2, k=4, seed=3)])[0] + reduce.shift
     assert found.shape == (4, 2)
     dist = np.linalg.norm(true_centers[:, None, :] - found[None, :, :], axis=2)
     nearest = dist.argmin(axis=1)
@@ -408,7 +408,7 @@ def test_kmeans_parallel_finds_each_blob(rng):
     # (σ = 1, blobs 20 apart), not necessarily at its mean...
     assert np.all(dist.min(axis=1) < 3.0)
     # ...which the hard-assignment start then moves to the blob means.
-    start = em.run_passes(reduce, [em.mixture_from_centers_steps(found - reduce.shift, REG)])[0].shifted(reduce.shift)
+    start = initialisation.run_passes(reduce, [initialisation.mixture_from_centers_steps(found - reduce.shift, REG)])[0].shifted(reduce.shift)
     dist = np.linalg.norm(true_centers[:, None, :] - start.means[None, :, :], axis=2)
     assert np.all(dist.min(axis=1) < 0.2)
     np.testing.assert_allclose(start.weights, 0.25, atol=0.01)
@@ -420,7 +420,7 @@ def test_kmeans_parallel_finds_each_blob(rng):
 def test_kmeans_parallel_is_partition_independent(rng, seed):
     x, _ = blobs(rng, per=300)
     shift = midrange(x)
-    reference = em.run_passes(make_reduce(x, block=100), [em.kmeans_parallel_steps(d=2, k=4, seed=seed)])[0]
+    reference = initialisation.run_passes(make_reduce(x, block=100), [initialisation.kmeans_parallel_steps(d=2, k=4, seed=seed)])[0]
     n_blocks = len(range(0, len(x), 37))
     variants = {
         "block37": make_reduce(x, block=37),
@@ -431,7 +431,7 @@ def test_kmeans_parallel_is_partition_independent(rng, seed):
     }
     for name, reduce in variants.items():
         np.testing.assert_allclose(
-            em.run_passes(reduce, [em.kmeans_parallel_steps(d=2, k=4, seed=seed)])[0], reference, rtol=1e-12,
+            initialisation.run_passes(reduce, [initialisation.kmeans_parallel_steps(d=2, k=4, seed=seed)])[0], reference, rtol=1e-12,
             atol=1e-12, err_msg=name,
         )
 
@@ -439,20 +439,20 @@ def test_kmeans_parallel_is_partition_independent(rng, seed):
 def test_random_centers_are_distinct_rows_and_partition_independent(rng):
     x, _ = blobs(rng, per=100)
     reduce = make_reduce(x, block=50)
-    centers = em.run_passes(reduce, [em.random_center_steps(d=2, k=5, seed=9)])[0] + reduce.shift
+    centers = initialisation.run_passes(reduce, [initialisation.random_center_steps(d=2, k=5, seed=9)])[0] + reduce.shift
     assert len(np.unique(centers, axis=0)) == 5
     for c in centers:
         assert np.any(np.all(np.isclose(x, c, rtol=0, atol=1e-9), axis=1))
-    again = em.run_passes(make_reduce(x[::-1], block=33), [em.random_center_steps(d=2, k=5, seed=9)])[0] + reduce.shift
+    again = initialisation.run_passes(make_reduce(x[::-1], block=33), [initialisation.random_center_steps(d=2, k=5, seed=9)])[0] + reduce.shift
     np.testing.assert_array_equal(np.sort(again, axis=0), np.sort(centers, axis=0))
-    other = em.run_passes(reduce, [em.random_center_steps(d=2, k=5, seed=10)])[0] + reduce.shift
+    other = initialisation.run_passes(reduce, [initialisation.random_center_steps(d=2, k=5, seed=10)])[0] + reduce.shift
     assert not np.array_equal(np.sort(other, axis=0), np.sort(centers, axis=0))
 
 
 def test_kmeans_parallel_refuses_too_few_distinct_points():
     x = np.repeat(np.array([[0.0, 1.0], [2.0, 3.0]]), 50, axis=0)
     with pytest.raises(ValueError, match="distinct points"):
-        em.run_passes(make_reduce(x), [em.kmeans_parallel_steps(d=2, k=3, seed=0)])[0]
+        initialisation.run_passes(make_reduce(x), [initialisation.kmeans_parallel_steps(d=2, k=3, seed=0)])[0]
 
 
 def test_float32_blocks_keep_moments_of_components_far_from_the_shift():

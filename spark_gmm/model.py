@@ -1,0 +1,328 @@
+"""`GaussianMixtureModel` and its training summary: a fitted mixture in the data's coordinates,
+scoring rows in the executors (`scoring`), sampling, and persistence."""
+
+from __future__ import annotations
+
+import numpy as np
+from pyspark.ml import Model
+from pyspark.ml.functions import array_to_vector
+from pyspark.ml.linalg import DenseMatrix, DenseVector, Vector, Vectors
+from pyspark.ml.stat import MultivariateGaussian
+from pyspark.sql import DataFrame, SparkSession, functions as F
+
+from . import em, persistence
+from .exceptions import InvalidInputError
+from .inputs import feature_count
+from .kernels import log_sum_exp, weighted_log_joint
+from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion
+from .params import GaussianMixtureParams
+from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
+
+
+class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable):
+    """A fitted Gaussian mixture: weights, means and full covariances in the data's coordinates."""
+
+    def __init__(self, weights, means, covariances):
+        super().__init__()
+        means = np.atleast_2d(np.asarray(means, dtype=np.float64))
+        k, d = means.shape
+        covariances = np.asarray(covariances, dtype=np.float64).reshape(k, d, d)
+        weights = np.asarray(weights, dtype=np.float64).reshape(k)
+        if not (np.isfinite(weights).all() and np.isfinite(means).all() and np.isfinite(covariances).all()):
+            raise ValueError("mixture parameters must be finite")
+        if (weights < 0).any() or not weights.sum() > 0:
+            raise ValueError("mixture weights must be non-negative with a positive sum")
+        for j, cov in enumerate(covariances):
+            if not np.allclose(cov, cov.T, rtol=1e-12, atol=0):
+                raise ValueError(f"covariance {j} is not symmetric")
+            try:
+                np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                raise ValueError(
+                    f"covariance {j} is not positive definite (smallest eigenvalue "
+                    f"{np.linalg.eigvalsh(cov)[0]:.3g})"
+                ) from None
+        self._mixture = Mixture.from_covariances(weights, means, covariances)
+        # Scoring works around the means' centre, as fitting works around the data's.
+        self._center = (means.min(axis=0) + means.max(axis=0)) / 2
+        self._centred = self._mixture.shifted(-self._center)
+        self._summary: GaussianMixtureSummary | None = None
+        self._feature_names: list[str] | None = None
+        self._setDefault(k=k)
+        self._set(k=k)
+
+    @classmethod
+    def fromArrays(cls, weights, means, covariances, covarianceType: str = "full") -> "GaussianMixtureModel":
+        """A model from k weights, k×d means and k×d×d covariances (to score, or to start a fit);
+        `covarianceType` must describe the covariances (it sets the parameter count of bic/aic)."""
+        model = cls(weights, means, covariances)
+        if covarianceType not in COVARIANCE_TYPES:
+            raise ValueError(f"covarianceType must be one of {COVARIANCE_TYPES}, got '{covarianceType}'")
+        c = model.covariances
+        diagonal_only = not (c * (1 - np.eye(model.numFeatures))).any()
+        variances = np.diagonal(c, axis1=1, axis2=2)
+        fits = {
+            "full": True,
+            "diag": diagonal_only,
+            "spherical": diagonal_only and (variances == variances[:, :1]).all(),
+            "tied": (c == c[0]).all(),
+        }[covarianceType]
+        if not fits:
+            raise ValueError(f"the covariances do not have the structure of covarianceType '{covarianceType}'")
+        return model._set(covarianceType=covarianceType)
+
+    @classmethod
+    def fromMLlib(cls, model) -> "GaussianMixtureModel":
+        """A spark_gmm model with the parameters and column settings of a fitted
+        `pyspark.ml.clustering.GaussianMixtureModel` (to score with it, or to start a fit from it)."""
+        rows = model.gaussiansDF.collect()  # works in classic and Spark Connect sessions
+        means = [row["mean"].toArray() for row in rows]
+        covariances = [row["cov"].toArray() for row in rows]
+        converted = cls(list(model.weights), means, covariances)
+        for name in ("featuresCol", "predictionCol", "probabilityCol"):
+            converted._set(**{name: model.getOrDefault(name)})
+        return converted
+
+    @property
+    def weights(self) -> list[float]:
+        return self._mixture.weights.tolist()
+
+    @property
+    def means(self) -> np.ndarray:
+        return self._mixture.means.copy()
+
+    @property
+    def covariances(self) -> np.ndarray:
+        return self._mixture.covariances.copy()
+
+    @property
+    def numFeatures(self) -> int:
+        return self._mixture.d
+
+    @property
+    def featureNames(self) -> list[str] | None:
+        """The features' names (inputCols, or the vector column's attributes), when known."""
+        return None if self._feature_names is None else list(self._feature_names)
+
+    @property
+    def gaussians(self) -> list[MultivariateGaussian]:
+        d = self.numFeatures
+        return [
+            MultivariateGaussian(DenseVector(mu), DenseMatrix(d, d, cov.ravel(order="F").tolist()))
+            for mu, cov in zip(self._mixture.means, self._mixture.covariances)
+        ]
+
+    @property
+    def gaussiansDF(self) -> DataFrame:
+        """One row per component: `mean` (vector) and `cov` (matrix), as in MLlib."""
+        spark = SparkSession.active()
+        return spark.createDataFrame(
+            [(g.mean, g.cov) for g in self.gaussians], ["mean", "cov"]
+        )
+
+    @property
+    def hasSummary(self) -> bool:
+        return self._summary is not None
+
+    @property
+    def summary(self) -> "GaussianMixtureSummary":
+        if self._summary is None:
+            raise RuntimeError("no training summary: this model was not fitted in this session")
+        return self._summary
+
+    def _log_joint(self, x: np.ndarray) -> np.ndarray:
+        return weighted_log_joint(np.asarray(x, dtype=np.float64) - self._center, self._centred)
+
+    def _as_row(self, vector) -> np.ndarray:
+        x = np.asarray(vector.toArray() if isinstance(vector, Vector) else vector, dtype=np.float64)
+        if x.shape != (self.numFeatures,):
+            raise ValueError(f"expected a vector of {self.numFeatures} features, got shape {x.shape}")
+        return x[None, :]
+
+    def predict(self, value) -> int:
+        """Most probable component of one feature vector."""
+        return int(self._log_joint(self._as_row(value)).argmax())
+
+    def predictProbability(self, value) -> DenseVector:
+        """Posterior probability of each component for one feature vector."""
+        log_joint = self._log_joint(self._as_row(value))
+        return Vectors.dense(np.exp(log_joint - log_sum_exp(log_joint)[:, None])[0])
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        """Adds prediction, probability (and logLikelihoodCol). A row that cannot be scored fails
+        the query (handleInvalid='error', as MLlib), is dropped ('skip') or gets nulls ('keep')."""
+        self._check_feature_count(dataset)
+        scores = F.col("__spark_gmm_scores")
+        scored = dataset.withColumn("__spark_gmm_scores", self._scores(dataset))
+        handle = self.getHandleInvalid()
+        if handle == "skip":
+            scored = scored.where(scores.prediction.isNotNull())
+        prediction = scores.prediction
+        if handle == "error":
+            prediction = refuse_unscorable(prediction, scores, self._features_label(), self.numFeatures)
+        out = [F.col(f"`{c}`") for c in dataset.columns]
+        out.append(prediction.alias(self.getPredictionCol()))
+        probability = scores.probability
+        out.append(
+            F.when(probability.isNotNull(), array_to_vector(probability)).alias(self.getProbabilityCol())
+        )
+        if self.getLogLikelihoodCol():
+            out.append(scores.logLikelihood.alias(self.getLogLikelihoodCol()))
+        return scored.select(*out)
+
+    def _scores(self, dataset: DataFrame):
+        return scoring_udf(self._centred, self._center)(self.featureColumn(dataset))
+
+    def _features_label(self) -> str:
+        return ", ".join(self.getInputCols()) if self.isDefined(self.inputCols) else self.getFeaturesCol()
+
+    def _check_feature_count(self, dataset: DataFrame) -> None:
+        """Refuse at once when the schema tells the feature count (inputCols, or a vector column's
+        ML attributes) and it is not the model's; otherwise rows are checked as they are scored."""
+        input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
+        count = feature_count(dataset, self.getFeaturesCol(), input_cols)
+        if count is not None and count != self.numFeatures:
+            raise InvalidInputError(
+                f"the model has {self.numFeatures} features but '{self._features_label()}' has {count}"
+            )
+
+    def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
+        """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored are refused
+        (or, with handleInvalid 'skip' or 'keep', left out)."""
+        self._check_feature_count(dataset)
+        w = self.weightColumn(dataset)
+        ll = self._scores(dataset).logLikelihood
+        weight = F.lit(1.0) if w is None else w
+        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & ~F.isnan(weight) & (
+            weight < float("inf")
+        )
+        total, mass, bad = dataset.select(
+            F.sum(F.when(usable, ll * weight)),
+            F.sum(F.when(usable, weight)),
+            F.count(F.when(~usable, F.lit(1))),
+        ).first()
+        if bad and self.getHandleInvalid() == "error":
+            raise InvalidInputError(
+                f"{bad} rows cannot be scored ({unscorable(self.numFeatures)}, or a null, negative, "
+                "NaN or infinite weight); set handleInvalid='skip' to leave them out"
+            )
+        if not mass:
+            raise InvalidInputError("no rows to score: the input is empty")
+        return float(total), float(mass)
+
+    def score(self, dataset: DataFrame) -> float:
+        """Mean log-likelihood per row (per unit of weight with weightCol), as scikit-learn's."""
+        total, mass = self._log_likelihood(dataset)
+        return total / mass
+
+    def bic(self, dataset: DataFrame) -> float:
+        """Bayesian information criterion on `dataset` (lower is better), with scikit-learn's count
+        of free parameters; n is the row count (the total weight with weightCol)."""
+        total, mass = self._log_likelihood(dataset)
+        return information_criterion("bic", total, self._free_parameters(), mass)
+
+    def aic(self, dataset: DataFrame) -> float:
+        """Akaike information criterion on `dataset` (lower is better)."""
+        total, mass = self._log_likelihood(dataset)
+        return information_criterion("aic", total, self._free_parameters(), mass)
+
+    def _free_parameters(self) -> int:
+        return free_parameters(self.getK(), self.numFeatures, self.getCovarianceType())
+
+    def sample(self, n: int, seed: int = 0, numPartitions: int | None = None) -> DataFrame:
+        """`n` rows drawn from the mixture: `features` (vector) and `component` (int).
+
+        Row i's draw is a function of (i, seed) alone, so the sample does not depend on the
+        partitioning.
+        """
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        spark = SparkSession.active()
+        ids = spark.range(0, n, numPartitions=numPartitions)
+        drawn = ids.mapInPandas(
+            sampler(self._mixture, seed), "features array<double>, component int"
+        )
+        return drawn.select(array_to_vector("features").alias("features"), "component")
+
+    def _save(self, path: str, overwrite: bool) -> str:
+        extra = {
+            "k": self.getK(),
+            "numFeatures": self.numFeatures,
+            "featureNames": self._feature_names,
+            "covarianceType": self.getCovarianceType(),
+        }
+        if self._summary is not None:
+            extra["summary"] = self._summary.to_dict()
+        m = self._mixture
+        return persistence.write_directory(
+            self, path, overwrite, extra, (m.weights, m.means, m.covariances)
+        )
+
+    @classmethod
+    def _load(cls, path: str) -> "GaussianMixtureModel":
+        metadata = persistence.read_metadata(path, cls.__name__)
+        model = cls(*persistence.read_components(path, metadata))
+        model._feature_names = metadata.get("featureNames")
+        persistence.restore_params(model, metadata)
+        return model
+
+    def __repr__(self) -> str:
+        return f"GaussianMixtureModel(uid={self.uid}, k={self.getK()}, numFeatures={self.numFeatures})"
+
+
+class GaussianMixtureSummary:
+    """Training summary: MLlib's fields plus the log-likelihood history and convergence."""
+
+    def __init__(
+        self, model: GaussianMixtureModel, dataset: DataFrame, result: em.FitResult, skipped: int,
+        total_weight: float,
+    ):
+        self._model, self._dataset = model, dataset
+        self.k = model.getK()
+        self.clusterSizes = list(result.cluster_sizes)
+        self.logLikelihood = float(result.log_likelihood)
+        self.logLikelihoodHistory = [float(v) for v in result.history]
+        self.numIter = int(result.iterations)
+        self.converged = bool(result.converged)
+        self.stopReason = result.stop_reason
+        self.emptyComponents = list(result.empty_components)
+        self.reseeded = [tuple(int(v) for v in item) for item in result.reseeded]
+        self.iterationSeconds = [float(v) for v in result.iteration_seconds]
+        self.invalidRowsSkipped = int(skipped)
+        self.resumedFromIteration = int(result.resumed_from)
+        self.totalWeight = float(total_weight)  # rows fitted, or their total weight with weightCol
+        self.featuresCol = model.getFeaturesCol()
+        self.predictionCol = model.getPredictionCol()
+        self.probabilityCol = model.getProbabilityCol()
+        self._predictions = None
+
+    @property
+    def predictions(self) -> DataFrame:
+        if self._predictions is None:
+            self._predictions = self._model.transform(self._dataset)
+        return self._predictions
+
+    @property
+    def cluster(self) -> DataFrame:
+        return self.predictions.select(self.predictionCol)
+
+    @property
+    def probability(self) -> DataFrame:
+        return self.predictions.select(self.probabilityCol)
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "clusterSizes": self.clusterSizes,
+            "logLikelihood": self.logLikelihood,
+            "logLikelihoodHistory": self.logLikelihoodHistory,
+            "numIter": self.numIter,
+            "converged": self.converged,
+            "stopReason": self.stopReason,
+            "emptyComponents": self.emptyComponents,
+            "reseeded": [list(item) for item in self.reseeded],
+            "iterationSeconds": self.iterationSeconds,
+            "invalidRowsSkipped": self.invalidRowsSkipped,
+            "resumedFromIteration": self.resumedFromIteration,
+            "totalWeight": self.totalWeight,
+        }
