@@ -725,8 +725,10 @@ def test_bad_params_are_refused(spark, rng):
     df = frame(spark, small_clean(rng))
     with pytest.raises(ValueError, match="initMode"):
         GaussianMixture(initMode="kmeans").fit(df)
-    with pytest.raises(ValueError, match="handleInvalid"):
-        GaussianMixture(handleInvalid="keep").fit(df)
+    with pytest.raises(ValueError, match="handleInvalid must be one of 'error', 'skip', 'keep', got 'drop'"):
+        GaussianMixture(handleInvalid="drop").fit(df)
+    with pytest.raises(ValueError, match="k must be at least 1, got 0"):
+        GaussianMixture(k=0).fit(df)
     with pytest.raises(ValueError, match="initial model has 3 features"):
         start = GaussianMixtureModel.fromArrays([1.0], np.zeros((1, 3)), np.eye(3)[None])
         GaussianMixture().setInitialModel(start).fit(df)
