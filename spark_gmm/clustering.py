@@ -3,6 +3,7 @@ pyspark.ml's Estimator/Model/Params and the distributed EM in `em` and `blocks`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -16,6 +17,7 @@ from pyspark.ml.stat import MultivariateGaussian
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
 from . import barrier, em, persistence
+from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
@@ -408,6 +410,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         self._centred = self._mixture.shifted(-self._center)
         self._summary: GaussianMixtureSummary | None = None
         self._feature_names: list[str] | None = None
+        self._alignment: dict | None = None
         self._setDefault(k=k)
         self._set(k=k)
 
@@ -479,6 +482,49 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         return spark.createDataFrame(
             [(g.mean, g.cov) for g in self.gaussians], ["mean", "cov"]
         )
+
+    @property
+    def componentIds(self) -> list[int]:
+        """The stable id of each component (`prediction` is the position in this list): 0..k-1
+        unless the model was aligned to a previous one (`alignTo`)."""
+        return list(self._alignment["componentIds"]) if self._alignment else list(range(self.getK()))
+
+    @property
+    def alignment(self) -> dict | None:
+        """How `alignTo` renumbered the components, with the drift figures; None if not aligned."""
+        return self._alignment
+
+    def alignTo(self, previous: "GaussianMixtureModel", maxDivergence: float = MAX_DIVERGENCE,
+                dataset: DataFrame | None = None) -> "GaussianMixtureModel":
+        """This model with its components renumbered to continue `previous`'s ids (docs/recurring.md):
+        each is matched to at most one previous component by a minimum-total Bhattacharyya divergence
+        assignment; one with no match within `maxDivergence` gets a never-issued id. `alignment`
+        holds the mapping and the drift; with `dataset`, also the share of its rows whose id changed
+        (both models score it in one pass)."""
+        if not isinstance(previous, GaussianMixtureModel):
+            raise TypeError(f"previous must be a GaussianMixtureModel, got {type(previous).__name__}")
+        if previous.numFeatures != self.numFeatures:
+            raise ValueError(f"the previous model has {previous.numFeatures} features, this one {self.numFeatures}")
+        mine, theirs = self._mixture, previous._mixture
+        next_id = previous._alignment["nextComponentId"] if previous._alignment else previous.getK()
+        found = align(mine.means, mine.covariances, theirs.means, theirs.covariances,
+                      previous.componentIds, next_id, maxDivergence)
+        o = found.order
+        aligned = GaussianMixtureModel(mine.weights[o], mine.means[o], mine.covariances[o])
+        self._copyValues(aligned)
+        aligned._resetUid(self.uid)
+        aligned._feature_names = self._feature_names
+        aligned._alignment = {
+            "componentIds": found.ids.tolist(), "nextComponentId": found.next_id,
+            "previousComponentIds": previous.componentIds, "maxDivergence": float(maxDivergence),
+            **drift(mine.weights[o], mine.means[o], mine.covariances[o], theirs.weights, theirs.means,
+                    theirs.covariances, found.ids, previous.componentIds, found.previous),
+        }
+        if dataset is not None:
+            add_label_changes(aligned._alignment, *_label_change_counts(aligned, previous, dataset))
+        if self._summary is not None:
+            aligned._summary = self._summary._renumbered(aligned, o)
+        return aligned
 
     @property
     def hasSummary(self) -> bool:
@@ -613,6 +659,8 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         }
         if self._summary is not None:
             extra["summary"] = self._summary.to_dict()
+        if self._alignment is not None:
+            extra["alignment"] = self._alignment
         m = self._mixture
         return persistence.write_directory(
             self, path, overwrite, extra, (m.weights, m.means, m.covariances)
@@ -623,11 +671,36 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         metadata = persistence.read_metadata(path, cls.__name__)
         model = cls(*persistence.read_components(path, metadata))
         model._feature_names = metadata.get("featureNames")
+        model._alignment = metadata.get("alignment")
         persistence.restore_params(model, metadata)
         return model
 
     def __repr__(self) -> str:
         return f"GaussianMixtureModel(uid={self.uid}, k={self.getK()}, numFeatures={self.numFeatures})"
+
+
+def _label_change_counts(model: GaussianMixtureModel, previous: GaussianMixtureModel, dataset: DataFrame):
+    """(rows, rows whose id changed) per component of `model`, both models scoring `dataset`'s
+    features (as `model` reads them) in one select; rows either cannot score are left out."""
+    def scorer(m: GaussianMixtureModel, name: str) -> GaussianMixtureModel:
+        m = m.copy().setPredictionCol(name).setProbabilityCol(f"{name}_p").setHandleInvalid("keep")
+        m.clear(m.logLikelihoodCol)
+        m.clear(m.inputCols)
+        if model.isDefined(model.inputCols):
+            m.setInputCols(model.getInputCols())
+        return m.setFeaturesCol(model.getFeaturesCol())
+
+    def stable_id(m: GaussianMixtureModel, position: str):
+        return F.element_at(F.array(*[F.lit(i) for i in m.componentIds]), F.col(position) + 1)
+
+    scored = scorer(previous, "__before").transform(scorer(model, "__now").transform(dataset))
+    scored = scored.where(F.col("__now").isNotNull() & F.col("__before").isNotNull())
+    changed = stable_id(model, "__now") != stable_id(previous, "__before")
+    rows = scored.groupBy("__now").agg(F.count(F.lit(1)).alias("n"), F.count(F.when(changed, 1)).alias("c")).collect()
+    counts = np.zeros((2, model.getK()), dtype=np.int64)
+    for row in rows:
+        counts[:, row["__now"]] = row["n"], row["c"]
+    return counts[0], counts[1]
 
 
 class GaussianMixtureSummary:
@@ -654,7 +727,18 @@ class GaussianMixtureSummary:
         self.featuresCol = model.getFeaturesCol()
         self.predictionCol = model.getPredictionCol()
         self.probabilityCol = model.getProbabilityCol()
+        self.alignment: dict | None = None  # set on an aligned model's summary (alignTo)
         self._predictions = None
+
+    def _renumbered(self, model: GaussianMixtureModel, order: np.ndarray) -> "GaussianMixtureSummary":
+        """This summary for `model`, whose component i is this fit's component order[i]."""
+        that = copy.copy(self)
+        position = {int(old): new for new, old in enumerate(order)}
+        that._model, that._predictions, that.alignment = model, None, model.alignment
+        that.clusterSizes = [self.clusterSizes[j] for j in order]
+        that.emptyComponents = sorted(position[j] for j in self.emptyComponents)
+        that.reseeded = [(at, position[j], position[donor]) for at, j, donor in self.reseeded]
+        return that
 
     @property
     def predictions(self) -> DataFrame:

@@ -1,0 +1,107 @@
+"""`spark-gmm fit` run day after day: --initial-model, --warm-start-from a dated layout, --align-to,
+--label-changes and the --max-drift exit code."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spark_gmm import GaussianMixtureModel
+from spark_gmm.cli import main
+from spark_gmm.cli.recurring import latest_model
+
+
+@pytest.fixture(scope="module")
+def tables(spark, tmp_path_factory):
+    """Two days of the same two clusters, day 2 a new sample."""
+    paths = []
+    for day in (1, 2):
+        rng = np.random.default_rng(day)
+        x = np.vstack([rng.normal(c, 1.0, size=(500, 2)) for c in ([0.0, 0.0], [8.0, 8.0])])
+        path = str(tmp_path_factory.mktemp("recurring") / f"day{day}.parquet")
+        spark.createDataFrame([(float(a), float(b)) for a, b in x], "x double, y double").write.parquet(path)
+        paths.append(path)
+    return paths
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    return code, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def fit(capsys, table, *flags):
+    return run(capsys, "fit", "--input", table, "--features", "x,y", "--seed", "1", *flags)
+
+
+def test_daily_warm_start_aligns_to_yesterday(spark, tables, tmp_path, capsys):
+    models = tmp_path / "models"
+    code, first = fit(capsys, tables[0], "--k", "2", "--warm-start-from", str(models),
+                      "--model-out", str(models / "2025-01-01"))
+    assert code == 0 and first["initialModelPath"] is None and first["alignedTo"] is None
+    (models / "2025-01-03").mkdir()  # an interrupted save (no metadata/) is never picked
+    code, second = fit(capsys, tables[1], "--warm-start-from", str(models), "--max-iter", "5",
+                       "--model-out", str(models / "2025-01-02"), "--label-changes", "--max-drift", "meanShift=1")
+    assert code == 0 and second["status"] == "ok", second
+    assert second["initialModelPath"] == second["alignedTo"] == str(models / "2025-01-01")
+    assert second["k"] == 2 and second["componentIds"] == [0, 1] and second["driftExceeded"] == []
+    day1 = GaussianMixtureModel.load(str(models / "2025-01-01"))
+    day2 = GaussianMixtureModel.load(str(models / "2025-01-02"))
+    assert day2.alignment["componentIds"] == [0, 1]
+    for j, component in enumerate(second["drift"]["components"]):
+        assert component["previousId"] == j
+        assert component["meanShift"] < 0.5
+        assert np.abs(day2.means[j] - day1.means[j]).max() < 0.3
+    assert second["drift"]["rowsCompared"] == 1000 and second["drift"]["labelChangeShare"] < 0.01
+
+
+def test_max_drift_exits_3_after_writing_outputs(spark, tables, tmp_path, capsys):
+    yesterday, today = str(tmp_path / "yesterday"), str(tmp_path / "today")
+    assert fit(capsys, tables[0], "--k", "2", "--model-out", yesterday)[0] == 0
+    code, summary = fit(capsys, tables[1], "--k", "2", "--align-to", yesterday, "--model-out", today,
+                        "--report", str(tmp_path / "r.html"), "--max-drift", "0")
+    assert code == 3 and summary["status"] == "drift"
+    assert summary["driftExceeded"] and all(": " in alarm for alarm in summary["driftExceeded"])
+    assert GaussianMixtureModel.load(today).componentIds == [0, 1]
+    assert (tmp_path / "r.html").stat().st_size > 0
+
+
+def test_initial_model_sets_k_and_refuses_another(spark, tables, tmp_path, capsys):
+    start = str(tmp_path / "start")
+    GaussianMixtureModel.fromArrays([0.5, 0.5], [[0.0, 0.0], [8.0, 8.0]], [np.eye(2)] * 2).save(start)
+    code, summary = fit(capsys, tables[0], "--initial-model", start, "--max-iter", "1")
+    assert code == 0 and summary["k"] == 2 and summary["iterations"] == 1
+    assert summary["initialModelPath"] == start and summary["alignedTo"] is None
+    code, summary = fit(capsys, tables[0], "--initial-model", start, "--k", "3")
+    assert code == 1 and summary["error"].startswith("--k 3 but the initial model")
+
+
+def test_first_warm_start_without_k_says_so(spark, tables, tmp_path, capsys):
+    code, summary = fit(capsys, tables[0], "--warm-start-from", str(tmp_path / "none"),
+                        "--model-out", str(tmp_path / "none" / "2025-01-01"))
+    assert code == 1 and "give --k for the first fit" in summary["error"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--k", "2", "--max-drift", "1"], "--max-drift needs a previous model"),
+    (["--k", "2", "--label-changes"], "--label-changes needs a previous model"),
+    (["--warm-start-from", "m", "--align-to", "a", "--model-out", "m/x"], "drop --align-to"),
+    (["--warm-start-from", "m"], "--warm-start-from needs --model-out"),
+    (["--k", "2", "--align-to", "a", "--max-drift", "shift=1"], "'shift' is not a drift figure"),
+    (["--k", "2", "--align-to", "a", "--max-drift", "-1"], "expected a number or FIGURE=LIMIT"),
+])
+def test_bad_recurring_flags_exit_2(tables, capsys, flags, message):
+    code, summary = fit(capsys, tables[0], *flags)
+    assert code == 2 and message in summary["error"]
+
+
+def test_latest_model_before_the_output(spark, tmp_path):
+    for name in ("2025-01-01", "2025-01-02", "2025-01-04"):
+        (tmp_path / name / "metadata").mkdir(parents=True)
+    (tmp_path / "2025-01-03").mkdir()
+    parent = str(tmp_path)
+    assert latest_model(spark, parent, f"{parent}/2025-01-04") == f"{parent}/2025-01-02"
+    assert latest_model(spark, parent, f"{parent}/2025-01-02/") == f"{parent}/2025-01-01"
+    assert latest_model(spark, parent, f"{parent}/2025-01-01") is None
+    assert latest_model(spark, parent + "/", "/elsewhere/x") == f"{parent}/2025-01-04"
+    assert latest_model(spark, str(Path(parent) / "missing"), "/elsewhere/x") is None
