@@ -22,7 +22,7 @@ from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
 from .inputs import check_driver_memory, executor_errors_explained, feature_count, feature_names, jvm_bytes
-from .kernels import log_sum_exp, weighted_log_joint
+from .kernels import log_sum_exp, normalize_log, weighted_log_joint
 from .mixture import (
     COVARIANCE_TYPES,
     ComponentStatistics,
@@ -553,6 +553,15 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         """Posterior probability of each component for one feature vector."""
         log_joint = self._log_joint(self._as_row(value))
         return Vectors.dense(np.exp(log_joint - log_sum_exp(log_joint)[:, None])[0])
+
+    def scoreArray(self, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction (n,), probability (n, k), log density (n,)) of the rows of the n×d array `x`,
+        in numpy on the driver (no Spark), computed as `transform` computes them."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.numFeatures:
+            raise ValueError(f"expected an array of shape (n, {self.numFeatures}), got {x.shape}")
+        log_density, probability = normalize_log(self._log_joint(x))
+        return probability.argmax(axis=1), probability, log_density
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         """Adds prediction, probability (and logLikelihoodCol). A row that cannot be scored fails

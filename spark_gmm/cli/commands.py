@@ -13,7 +13,7 @@ import warnings
 from .arguments import COMMANDS, output_kind, parse_args
 from .errors import JobError, UsageError, short_message
 from .logs import IterationCounter, configure_logging, error_stream, job_session, log_warning
-from .recurring import DRIFT_EXIT_CODE, align, previous_models
+from .recurring import DRIFT_EXIT_CODE, align, log_to_mlflow, previous_models
 from .storage import check_outputs, read_input, write_local_file, write_predictions
 
 log = logging.getLogger("spark_gmm.job")
@@ -169,7 +169,7 @@ def _fit_and_write(spark, args, fit) -> dict:
     if args.report:
         _write_report(args.report, model, df, {"input": args.input, "fit seconds": round(fit_seconds, 2)},
                       extra.get("candidates"), getattr(args, "criterion", "bic"))
-    return {
+    fields = {
         "k": model.getK(),
         "iterations": summary.numIter,
         "converged": summary.converged,
@@ -187,6 +187,9 @@ def _fit_and_write(spark, args, fit) -> dict:
         **recurring,
         **extra,
     }
+    if args.mlflow_experiment:
+        fields["mlflowRunId"] = log_to_mlflow(args, model, fields)
+    return fields
 
 
 # -- score and report ----------------------------------------------------------------------------
@@ -303,7 +306,12 @@ def _write_report(path, model, df, run, selection=None, criterion="bic") -> None
     log.info("report written to %s", path)
 
 
-def _check_report_dependencies(args) -> None:
+def _check_optional_dependencies(args) -> None:
+    if getattr(args, "mlflow_experiment", None):
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as error:
+            raise JobError(f"--mlflow-experiment needs MLflow ({error}); pip install 'spark-gmm[mlflow]'") from None
     if getattr(args, "report", None):
         try:
             import matplotlib  # noqa: F401
@@ -369,7 +377,7 @@ def main(argv=None, prog: str | None = None) -> int:
         try:
             spark, created = job_session(f"spark-gmm {command}")
             check_outputs(spark, args)  # before the input is read: a clash costs seconds, not a fit
-            _check_report_dependencies(args)
+            _check_optional_dependencies(args)
             fields = {"status": "ok", "command": command, **_RUN[command](spark, args)}
             code = 0
             if fields.get("driftExceeded"):

@@ -102,3 +102,23 @@ def align(model, previous, df, args) -> tuple[object, dict]:
         log.warning("drift beyond --max-drift: %s", alarm)
     return model, {"componentIds": ids, "drift": {k: v for k, v in figures.items() if k != "componentIds"},
                    "driftExceeded": alarms}
+
+
+def log_to_mlflow(args, model, fields: dict) -> str:
+    """Log the job's run to --mlflow-experiment; returns the run id. The outputs are written by
+    then, so a tracking server that cannot be reached fails the job with one line saying so."""
+    from spark_gmm.mlflow import log_run
+
+    skip = {"config", "notes", "log_level", "mlflow_experiment"}
+    params = {
+        name: ",".join(map(str, value)) if isinstance(value, list) else value
+        for name, value in vars(args).items()
+        if name not in skip and value is not None and not isinstance(value, dict)
+    }
+    params.update({f"maxDrift.{name}": limit for name, limit in (args.max_drift or {}).items()})
+    try:
+        run_id = log_run(args.mlflow_experiment, model, params, fields, args.report, f"spark-gmm {args.command}")
+    except Exception as error:  # noqa: BLE001 - MLflow's own errors: one line, not a trace
+        raise JobError(f"cannot log to MLflow experiment '{args.mlflow_experiment}': {short_message(error)}") from None
+    log.info("logged to MLflow experiment %s, run %s", args.mlflow_experiment, run_id)
+    return run_id
