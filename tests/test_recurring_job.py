@@ -63,7 +63,23 @@ def test_max_drift_exits_3_after_writing_outputs(spark, tables, tmp_path, capsys
     assert code == 3 and summary["status"] == "drift"
     assert summary["driftExceeded"] and all(": " in alarm for alarm in summary["driftExceeded"])
     assert GaussianMixtureModel.load(today).componentIds == [0, 1]
-    assert (tmp_path / "r.html").stat().st_size > 0
+    report = (tmp_path / "r.html").read_text()
+    assert "Drift from the previous model" in report and "mean shift (σ)" in report
+
+
+def test_drift_table_lists_new_and_retired_components():
+    from spark_gmm.report import drift_table
+
+    table = drift_table({
+        "components": [{"id": 0, "previousId": 0, "weight": 0.6, "weightChange": 0.1, "meanShift": 0.25,
+                        "divergence": 0.01, "labelChange": 0.02},
+                       {"id": 3, "previousId": None, "weight": 0.4, "weightChange": None, "meanShift": None,
+                        "divergence": None}],
+        "retired": [{"previousId": 1, "previousWeight": 0.5}],
+    })
+    assert "<td>0</td><td>0</td><td>0.6000</td><td>+0.1000</td><td>0.25</td><td>0.01</td><td>2.00%</td>" in table
+    assert "<td>3</td><td>new</td><td>0.4000</td><td>—</td>" in table
+    assert "<td>1 (retired)</td><td>0</td><td>-0.5000</td>" in table
 
 
 def test_initial_model_sets_k_and_refuses_another(spark, tables, tmp_path, capsys):
