@@ -121,3 +121,30 @@ def test_latest_model_before_the_output(spark, tmp_path):
     assert latest_model(spark, parent, f"{parent}/2025-01-01") is None
     assert latest_model(spark, parent + "/", "/elsewhere/x") == f"{parent}/2025-01-04"
     assert latest_model(spark, str(Path(parent) / "missing"), "/elsewhere/x") is None
+
+
+def test_scheduled_fits_warm_start_align_and_log_to_mlflow(monkeypatch):
+    """The Airflow DAG and the Databricks job: each day's fit starts from and aligns to the latest
+    earlier model next to its own dated directory, checks the drift and logs to MLflow."""
+    import ast
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import test_scheduler_examples as examples
+    from spark_gmm.cli import parse_args
+
+    dag = ast.parse(examples.DAG_FILE.read_text())
+    names = {}
+    for node in dag.body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                names[node.targets[0].id] = examples.resolve(node.value, names)
+            except examples.Unresolved:
+                pass
+    fit_call = next(n for n in ast.walk(dag) if isinstance(n, ast.Call)
+                    and any(k.arg == "task_id" and getattr(k.value, "value", None) == "fit" for k in n.keywords))
+    airflow = examples.resolve(next(k.value for k in fit_call.keywords if k.arg == "application_args"), names)
+    databricks = next(t for t in json.loads(examples.DATABRICKS_JOB.read_text())["tasks"] if t["task_key"] == "fit")
+    for argv in (airflow, databricks["spark_python_task"]["parameters"]):
+        args = parse_args("fit", examples.local_argv(argv))
+        assert args.model_out.rpartition("/")[0] == args.warm_start_from.rstrip("/")
+        assert args.label_changes and args.max_drift and args.mlflow_experiment
