@@ -82,6 +82,16 @@ def test_drift_table_lists_new_and_retired_components():
     assert "<td>1 (retired)</td><td>0</td><td>-0.5000</td>" in table
 
 
+def test_select_aligns_the_chosen_model(spark, tables, tmp_path, capsys):
+    yesterday = str(tmp_path / "yesterday")
+    GaussianMixtureModel.fromArrays([0.5, 0.5], [[8.0, 8.0], [0.0, 0.0]], [np.eye(2)] * 2).save(yesterday)
+    code, summary = run(capsys, "select", "--input", tables[1], "--features", "x,y", "--k-values", "2,3",
+                        "--covariance-types", "full", "--align-to", yesterday)
+    assert code == 0 and summary["k"] == 2 and summary["componentIds"] == [0, 1]
+    assert [round(c["weight"], 1) for c in summary["drift"]["components"]] == [0.5, 0.5]
+    assert all(c["meanShift"] < 0.3 for c in summary["drift"]["components"])
+
+
 def test_initial_model_sets_k_and_refuses_another(spark, tables, tmp_path, capsys):
     start = str(tmp_path / "start")
     GaussianMixtureModel.fromArrays([0.5, 0.5], [[0.0, 0.0], [8.0, 8.0]], [np.eye(2)] * 2).save(start)
