@@ -3,6 +3,8 @@ scoring rows in the executors (`scoring`), sampling, and persistence."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from pyspark.ml import Model
 from pyspark.ml.functions import array_to_vector
@@ -11,9 +13,10 @@ from pyspark.ml.stat import MultivariateGaussian
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
 from . import em, persistence
+from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
 from .inputs import feature_count
-from .kernels import log_sum_exp, weighted_log_joint
+from .kernels import log_sum_exp, normalize_log, weighted_log_joint
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion
 from .params import GaussianMixtureParams
 from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
@@ -48,6 +51,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         self._centred = self._mixture.shifted(-self._center)
         self._summary: GaussianMixtureSummary | None = None
         self._feature_names: list[str] | None = None
+        self._alignment: dict | None = None
         self._setDefault(k=k)
         self._set(k=k)
 
@@ -121,6 +125,49 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         )
 
     @property
+    def componentIds(self) -> list[int]:
+        """The stable id of each component (`prediction` is the position in this list): 0..k-1
+        unless the model was aligned to a previous one (`alignTo`)."""
+        return list(self._alignment["componentIds"]) if self._alignment else list(range(self.getK()))
+
+    @property
+    def alignment(self) -> dict | None:
+        """How `alignTo` renumbered the components, with the drift figures; None if not aligned."""
+        return self._alignment
+
+    def alignTo(self, previous: "GaussianMixtureModel", maxDivergence: float = MAX_DIVERGENCE,
+                dataset: DataFrame | None = None) -> "GaussianMixtureModel":
+        """This model with its components renumbered to continue `previous`'s ids (docs/recurring.md):
+        each is matched to at most one previous component by a minimum-total Bhattacharyya divergence
+        assignment; one with no match within `maxDivergence` gets a never-issued id. `alignment`
+        holds the mapping and the drift; with `dataset`, also the share of its rows whose id changed
+        (both models score it in one pass)."""
+        if not isinstance(previous, GaussianMixtureModel):
+            raise TypeError(f"previous must be a GaussianMixtureModel, got {type(previous).__name__}")
+        if previous.numFeatures != self.numFeatures:
+            raise ValueError(f"the previous model has {previous.numFeatures} features, this one {self.numFeatures}")
+        mine, theirs = self._mixture, previous._mixture
+        next_id = previous._alignment["nextComponentId"] if previous._alignment else previous.getK()
+        found = align(mine.means, mine.covariances, theirs.means, theirs.covariances,
+                      previous.componentIds, next_id, maxDivergence)
+        o = found.order
+        aligned = GaussianMixtureModel(mine.weights[o], mine.means[o], mine.covariances[o])
+        self._copyValues(aligned)
+        aligned._resetUid(self.uid)
+        aligned._feature_names = self._feature_names
+        aligned._alignment = {
+            "componentIds": found.ids.tolist(), "nextComponentId": found.next_id,
+            "previousComponentIds": previous.componentIds, "maxDivergence": float(maxDivergence),
+            **drift(mine.weights[o], mine.means[o], mine.covariances[o], theirs.weights, theirs.means,
+                    theirs.covariances, found.ids, previous.componentIds, found.previous),
+        }
+        if dataset is not None:
+            add_label_changes(aligned._alignment, *_label_change_counts(aligned, previous, dataset))
+        if self._summary is not None:
+            aligned._summary = self._summary._renumbered(aligned, o)
+        return aligned
+
+    @property
     def hasSummary(self) -> bool:
         return self._summary is not None
 
@@ -147,6 +194,15 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         """Posterior probability of each component for one feature vector."""
         log_joint = self._log_joint(self._as_row(value))
         return Vectors.dense(np.exp(log_joint - log_sum_exp(log_joint)[:, None])[0])
+
+    def scoreArray(self, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(prediction (n,), probability (n, k), log density (n,)) of the rows of the n×d array `x`,
+        in numpy on the driver (no Spark), computed as `transform` computes them."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.numFeatures:
+            raise ValueError(f"expected an array of shape (n, {self.numFeatures}), got {x.shape}")
+        log_density, probability = normalize_log(self._log_joint(x))
+        return probability.argmax(axis=1), probability, log_density
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         """Adds prediction, probability (and logLikelihoodCol). A row that cannot be scored fails
@@ -253,6 +309,8 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         }
         if self._summary is not None:
             extra["summary"] = self._summary.to_dict()
+        if self._alignment is not None:
+            extra["alignment"] = self._alignment
         m = self._mixture
         return persistence.write_directory(
             self, path, overwrite, extra, (m.weights, m.means, m.covariances)
@@ -263,11 +321,36 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         metadata = persistence.read_metadata(path, cls.__name__)
         model = cls(*persistence.read_components(path, metadata))
         model._feature_names = metadata.get("featureNames")
+        model._alignment = metadata.get("alignment")
         persistence.restore_params(model, metadata)
         return model
 
     def __repr__(self) -> str:
         return f"GaussianMixtureModel(uid={self.uid}, k={self.getK()}, numFeatures={self.numFeatures})"
+
+
+def _label_change_counts(model: GaussianMixtureModel, previous: GaussianMixtureModel, dataset: DataFrame):
+    """(rows, rows whose id changed) per component of `model`, both models scoring `dataset`'s
+    features (as `model` reads them) in one select; rows either cannot score are left out."""
+    def scorer(m: GaussianMixtureModel, name: str) -> GaussianMixtureModel:
+        m = m.copy().setPredictionCol(name).setProbabilityCol(f"{name}_p").setHandleInvalid("keep")
+        m.clear(m.logLikelihoodCol)
+        m.clear(m.inputCols)
+        if model.isDefined(model.inputCols):
+            m.setInputCols(model.getInputCols())
+        return m.setFeaturesCol(model.getFeaturesCol())
+
+    def stable_id(m: GaussianMixtureModel, position: str):
+        return F.element_at(F.array(*[F.lit(i) for i in m.componentIds]), F.col(position) + 1)
+
+    scored = scorer(previous, "__before").transform(scorer(model, "__now").transform(dataset))
+    scored = scored.where(F.col("__now").isNotNull() & F.col("__before").isNotNull())
+    changed = stable_id(model, "__now") != stable_id(previous, "__before")
+    rows = scored.groupBy("__now").agg(F.count(F.lit(1)).alias("n"), F.count(F.when(changed, 1)).alias("c")).collect()
+    counts = np.zeros((2, model.getK()), dtype=np.int64)
+    for row in rows:
+        counts[:, row["__now"]] = row["n"], row["c"]
+    return counts[0], counts[1]
 
 
 class GaussianMixtureSummary:
@@ -294,7 +377,18 @@ class GaussianMixtureSummary:
         self.featuresCol = model.getFeaturesCol()
         self.predictionCol = model.getPredictionCol()
         self.probabilityCol = model.getProbabilityCol()
+        self.alignment: dict | None = None  # set on an aligned model's summary (alignTo)
         self._predictions = None
+
+    def _renumbered(self, model: GaussianMixtureModel, order: np.ndarray) -> "GaussianMixtureSummary":
+        """This summary for `model`, whose component i is this fit's component order[i]."""
+        that = copy.copy(self)
+        position = {int(old): new for new, old in enumerate(order)}
+        that._model, that._predictions, that.alignment = model, None, model.alignment
+        that.clusterSizes = [self.clusterSizes[j] for j in order]
+        that.emptyComponents = sorted(position[j] for j in self.emptyComponents)
+        that.reseeded = [(at, position[j], position[donor]) for at, j, donor in self.reseeded]
+        return that
 
     @property
     def predictions(self) -> DataFrame:

@@ -275,6 +275,22 @@ def _table(header: list[str], rows: list[list]) -> str:
     ) + "</table>"
 
 
+def drift_table(alignment: dict) -> str:
+    """One row per component of an aligned model (and per retired one): its stable id, the id it
+    continues, and how far it moved (docs/recurring.md)."""
+    def figure(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    rows = [[c["id"], figure(c["previousId"], "d") if c["previousId"] is not None else "new",
+             figure(c["weight"], ".4f"), figure(c["weightChange"], "+.4f"), figure(c["meanShift"], ".3g"),
+             figure(c["divergence"], ".3g"), figure(c.get("labelChange"), ".2%")]
+            for c in alignment["components"]]
+    rows += [["—", f"{r['previousId']} (retired)", "0", figure(-r["previousWeight"], "+.4f"), "—", "—", "—"]
+             for r in alignment["retired"]]
+    return _table(["id", "previous id", "weight", "weight change", "mean shift (σ)", "divergence",
+                   "rows relabelled"], rows)
+
+
 def render_report(model, dataset: DataFrame, selection: list[dict] | None = None, criterion: str = "bic",
                   run: dict | None = None, history: list[float] | None = None,
                   total_weight: float | None = None) -> str:
@@ -330,6 +346,7 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
         **(run or {}), "report seconds": round(time.perf_counter() - began, 2),
     }
     candidates = _table(list(selection[0]), [list(r.values()) for r in selection]) if selection else ""
+    drift = drift_table(model.alignment) if model.alignment else ""
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>spark-gmm report</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
@@ -339,6 +356,7 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
         + "".join(_embed(*figure) for figure in figures)
         + "<h2>Components</h2>" + components
         + ("<h2>Candidates</h2>" + candidates if candidates else "")
+        + ("<h2>Drift from the previous model</h2>" + drift if drift else "")
         + "<h2>Run</h2>" + _table(["setting", "value"], [[key, value] for key, value in settings.items()])
         + "</body></html>"
     )

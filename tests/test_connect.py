@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -26,7 +28,7 @@ SCRIPT = textwrap.dedent(
                                          covarianceTypes=["full", "diag"]).fit(df)
     print(json.dumps({"means": model.means.tolist(), "loaded": loaded.means.tolist(),
                       "predictions": predictions, "iterations": model.summary.numIter,
-                      "bic": model.bic(df), "chosen": selection.bestModel.getK(),
+                      "bic": model.bic(df), "logLikelihood": model.summary.logLikelihood, "chosen": selection.bestModel.getK(),
                       "candidates": selection.candidates.count(), "sampled": model.sample(50, seed=1).count()}))
     """
 )
@@ -45,4 +47,5 @@ def test_spark_connect_session(tmp_path):
     assert result["loaded"] == result["means"]
     assert result["predictions"] == 2
     assert result["chosen"] == 2 and result["candidates"] == 6 and result["sampled"] == 50
-    assert result["bic"] > 0
+    # bic equals -2·LL + p·ln n of the fitted model (p = 2·(2 + 3) + 1 = 11 for k=2, d=2, full).
+    assert abs(result["bic"] - (-2 * result["logLikelihood"] + 11 * np.log(600))) < 1e-6 * abs(result["bic"])

@@ -139,24 +139,41 @@ def test_sparse_vectors_give_the_dense_model(spark, rng):
     assert_identical(a, b)
 
 
-@pytest.mark.parametrize("reg_covar", [1e-6, 0.0])
-def test_component_collapsing_onto_one_point(spark, rng, reg_covar):
-    """The singleton situation: a component that starts on an isolated point shrinks onto it."""
+def collapsing_start(rng):
+    """Two clusters and one isolated point, with a component started on that point."""
     x = np.vstack([blobs(rng, centers=((0.0, 0.0), (8.0, 0.0))), [[40.0, 40.0]]])
     start = GaussianMixtureModel.fromArrays(
         [0.45, 0.45, 0.1], [[0.5, 0.5], [7.5, 0.5], [39.0, 39.0]], [np.eye(2), np.eye(2), np.eye(2)]
     )
-    est = GaussianMixture(k=3, maxIter=50, regCovar=reg_covar).setInitialModel(start)
-    try:
-        model, said = fit_catching(est, frame(spark, x))
-    except FloatingPointError as error:  # regCovar=0: a clear refusal is allowed, NaN is not
-        assert reg_covar == 0.0 and "raise regCovar" in str(error)
-        return
+    return x, start
+
+
+def test_component_collapsing_onto_one_point_in_plain_em(spark, rng):
+    """The singleton situation: with restarts off, the component shrinks onto the point, held
+    finite by regCovar, and the user is told."""
+    x, start = collapsing_start(rng)
+    est = GaussianMixture(k=3, maxIter=50, reseedComponents=False).setInitialModel(start)
+    model, said = fit_catching(est, frame(spark, x))
     assert_finite(model)
     np.testing.assert_allclose(model.means[2], [40.0, 40.0], atol=1e-6)
-    if reg_covar:
-        np.testing.assert_allclose(model.covariances[2], 1e-6 * np.eye(2), rtol=1e-3)
-        assert any(s.startswith("component 2 is singular without regCovar") for s in said), said
+    np.testing.assert_allclose(model.covariances[2], 1e-6 * np.eye(2), rtol=1e-3)
+    assert any(s.startswith("component 2 is singular without regCovar") for s in said), said
+
+
+def test_component_collapsing_without_regulariser_is_refused(spark, rng):
+    """As scikit-learn: with regCovar=0 a collapsed covariance is ill-defined; never NaN."""
+    x, start = collapsing_start(rng)
+    est = GaussianMixture(k=3, maxIter=50, regCovar=0.0, reseedComponents=False).setInitialModel(start)
+    with pytest.raises(FloatingPointError, match=r"^component 2 has an ill-defined covariance.*set regCovar > 0"):
+        est.fit(frame(spark, x))
+
+
+def test_component_collapsing_onto_one_point_is_restarted(spark, rng):
+    x, start = collapsing_start(rng)
+    model, said = fit_catching(GaussianMixture(k=3, maxIter=50).setInitialModel(start), frame(spark, x))
+    assert_finite(model)
+    assert [j for _, j, _ in model.summary.reseeded][:1] == [2]
+    assert min(model.summary.clusterSizes) > 1  # no component is left on the single point
 
 
 def test_component_that_loses_all_its_points(spark, rng):
@@ -164,7 +181,8 @@ def test_component_that_loses_all_its_points(spark, rng):
     start = GaussianMixtureModel.fromArrays(
         [0.4, 0.4, 0.2], [[0.0, 0.0], [8.0, 0.0], [1e4, 1e4]], [np.eye(2)] * 3
     )
-    model, said = fit_catching(GaussianMixture(k=3, maxIter=20).setInitialModel(start), frame(spark, x))
+    plain = GaussianMixture(k=3, maxIter=20, reseedComponents=False).setInitialModel(start)
+    model, said = fit_catching(plain, frame(spark, x))
     assert_finite(model)
     assert model.summary.emptyComponents == [2]
     assert any("component 2 lost all its data" in s for s in said), said
@@ -176,7 +194,8 @@ def test_identical_starting_components(spark, rng):
     x = blobs(rng)
     start = GaussianMixtureModel.fromArrays([0.3, 0.3, 0.4], [[1.0, 1.0], [1.0, 1.0], [4.0, 4.0]],
                                             [np.eye(2)] * 3)
-    model, said = fit_catching(GaussianMixture(k=3, maxIter=30).setInitialModel(start), frame(spark, x))
+    plain = GaussianMixture(k=3, maxIter=30, reseedComponents=False).setInitialModel(start)
+    model, said = fit_catching(plain, frame(spark, x))
     assert_finite(model)
     assert any("initial components 0 and 1 are identical" in s for s in said), said
     np.testing.assert_allclose(model.means[0], model.means[1], rtol=1e-12)

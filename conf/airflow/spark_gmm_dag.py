@@ -1,7 +1,8 @@
 """Airflow 2.x DAG: fit a spark-gmm model on the feature table every day, then score the table.
 
     fit    spark-submit jobs/fit_gmm.py --config gmm.toml \
-               --model-out MODELS/<ds> --checkpoint-dir CHECKPOINTS/<ds>
+               --model-out MODELS/<ds> --checkpoint-dir CHECKPOINTS/<ds> \
+               --warm-start-from MODELS --label-changes --max-drift ... --mlflow-experiment ...
     score  spark-submit jobs/score_gmm.py --config gmm.toml --model MODELS/<ds>
 
 Needs apache-airflow-providers-apache-spark >= 4.6 (the `deploy_mode` argument; with provider 6.x
@@ -17,8 +18,20 @@ directories dated. Airflow renders `application_args`, so score reads the model 
 fit wrote, and a retried or cleared run writes to the same directories again. The fit resumes from
 its checkpoint, and --mode overwrite in gmm.toml lets it replace a saved model.
 
-The job exits with code 0 on success, 2 on a bad flag or config and 1 when it cannot run. The task
-fails on any non-zero code. Its last stdout line (a JSON summary) is in the driver log: in cluster
+Each day's fit is a warm refit: --warm-start-from starts EM from the latest model saved under
+MODELS before the run's date (yesterday's, or the last day that succeeded; a cold fit on the very
+first run) and aligns the new model to it, so component ids stay stable from day to day
+(docs/recurring.md). The run is logged to MLflow: parameters, the log-likelihood per iteration, the
+drift, the model and the report; the tracking URI reaches the driver through MLFLOW_TRACKING_URI
+(SPARK_CONF below), and the cluster's Python needs mlflow (pip install 'spark-gmm[mlflow]').
+
+The job exits with code 0 on success, 2 on a bad flag or config, 1 when it cannot run and 3 when
+the drift exceeds --max-drift (after the model is saved). The task fails on any non-zero code: a
+drift alarm stops the run before score publishes the new segments, and the failure e-mail or
+callback is the alert. Check the drift (the JSON line, the MLflow run), then mark the fit task
+success to let score run, or clear it after a fix. A retry of a drift alarm fits the same data
+again and fails the same way (spark-submit in cluster mode does not pass the exit code on, so
+Airflow cannot tell it from a crash). Its last stdout line (a JSON summary) is in the driver log: in cluster
 mode that is the YARN / Kubernetes driver log, not the Airflow task log.
 """
 
@@ -51,13 +64,17 @@ CONFIG = f"{SPARK_GMM_HOME}/conf/gmm.toml"
 PY_FILES = f"{SPARK_GMM_HOME}/dist/spark_gmm.zip"
 
 # One model and one checkpoint directory per logical date (`{{ ds }}` is rendered by Airflow).
-MODEL_DIR = "s3a://lake/models/events_gmm/{{ ds }}"
+MODELS = "s3a://lake/models/events_gmm"
+MODEL_DIR = MODELS + "/{{ ds }}"
 CHECKPOINT_DIR = "s3a://lake/checkpoints/events_gmm/{{ ds }}"
 
 # spark-submit settings shared by both tasks.
 SPARK_CONF = {
     # Airflow owns the retries: one YARN application attempt per task try.
     "spark.yarn.maxAppAttempts": "1",
+    # The MLflow tracking server, for the driver (YARN cluster mode; on Kubernetes use
+    # spark.kubernetes.driverEnv.MLFLOW_TRACKING_URI).
+    "spark.yarn.appMasterEnv.MLFLOW_TRACKING_URI": "https://mlflow.example.com",
     # On Kubernetes, spark-submit uploads the local application, files and py_files here:
     # "spark.kubernetes.file.upload.path": "s3a://lake/tmp/spark-uploads",
 }
@@ -92,6 +109,11 @@ with DAG(
             "--config", "gmm.toml",
             "--model-out", MODEL_DIR,
             "--checkpoint-dir", CHECKPOINT_DIR,
+            # Start from and align to the latest earlier model under MODELS; cold on the first day.
+            "--warm-start-from", MODELS,
+            "--label-changes",  # one more pass: the share of rows whose segment id changed
+            "--max-drift", "meanShift=1,weightChange=0.05,labelChange=0.1",
+            "--mlflow-experiment", "events_gmm",
         ],
     )
 

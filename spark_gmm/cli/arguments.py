@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 
+from spark_gmm.alignment import DRIFT_FIGURES, MAX_DIVERGENCE
 from spark_gmm.clustering import GaussianMixture
 from spark_gmm.options import COVARIANCE_TYPES, CRITERIA, DTYPES, ENGINES, HANDLE_INVALID, INIT_MODES
 from spark_gmm.selection import GaussianMixtureSelection
@@ -132,7 +133,7 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
         description=COMMANDS[command],
         epilog="Flags can also come from --config FILE (TOML; see docs/jobs.md). The last stdout line "
         "is a JSON summary; progress is logged to stderr. Exit code 0: done; 1: the job cannot run; "
-        "2: a bad flag or config.",
+        "2: a bad flag or config" + ("; 3: done, but the drift exceeded --max-drift." if fitting else "."),
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file of flag values (flags override it)")
     data = parser.add_argument_group("input")
@@ -149,6 +150,7 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                           help="rows with null/NaN/infinite features or bad weights: error fails the job, "
                           f"skip or keep leaves them out of the fit (default: {api.getHandleInvalid()})")
         _model_flags(parser.add_argument_group("model"), command, api, selection)
+        _recurring_flags(parser.add_argument_group("recurring fits (docs/recurring.md)"), command)
     out = parser.add_argument_group("output")
     if command == "report":
         out.add_argument("--model", metavar="DIR", help="the saved model to report on (required)")
@@ -207,6 +209,52 @@ def _model_flags(group, command: str, api: GaussianMixture, selection: GaussianM
                            "from the latest checkpoint")
         group.add_argument("--checkpoint-interval", type=_bounded(int, 1, "an integer >= 1"), default=interval,
                            help=f"iterations between checkpoints (default: {interval}, as in the API and MLlib)")
+
+
+def _drift_limits(text: str) -> dict[str, float]:
+    """'0.5' (every figure) or 'meanShift=1,weightChange=0.05' → {figure: largest allowed value}."""
+    limit = _bounded(float, 0.0, "a number >= 0")
+    if "=" not in text:
+        try:
+            return dict.fromkeys(DRIFT_FIGURES, limit(text))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number or FIGURE=LIMIT pairs like 'meanShift=1,weightChange=0.05', got '{text}'"
+            ) from None
+    limits = {}
+    for part in text.split(","):
+        name, _, value = (item.strip() for item in part.partition("="))
+        if name not in DRIFT_FIGURES:
+            raise argparse.ArgumentTypeError(f"'{name}' is not a drift figure: {', '.join(DRIFT_FIGURES)}")
+        limits[name] = limit(value)
+    return limits
+
+
+def _recurring_flags(group, command: str) -> None:
+    if command == "fit":
+        group.add_argument("--initial-model", metavar="DIR",
+                           help="start EM from this saved model instead of --init-mode (k is the model's; "
+                           "with a small --max-iter this is the cheap daily refresh)")
+        group.add_argument("--warm-start-from", metavar="PARENT",
+                           help="dated layout: start from, and align to, the latest model saved under PARENT "
+                           "(PARENT/2025-01-14, ...) whose name sorts before --model-out's; a cold fit "
+                           "when there is none")
+    group.add_argument("--align-to", metavar="DIR",
+                       help="renumber the new model's components to continue this saved model's ids, and "
+                       "report the drift of each component")
+    group.add_argument("--max-divergence", type=_bounded(float, 0.0, "a number >= 0"), default=MAX_DIVERGENCE,
+                       help="largest Bhattacharyya divergence of a match; a component further from every "
+                       f"previous one gets a new id (default: {MAX_DIVERGENCE})")
+    group.add_argument("--label-changes", action="store_true",
+                       help="also score the input with both models (one more pass) and report the share "
+                       "of rows whose component id changed")
+    group.add_argument("--max-drift", type=_drift_limits, metavar="LIMITS",
+                       help="exit with code 3 (after writing every output) when a drift figure exceeds its "
+                       f"limit or a component is new or retired: a number for all of {', '.join(DRIFT_FIGURES)}, "
+                       "or FIGURE=LIMIT pairs")
+    group.add_argument("--mlflow-experiment", metavar="NAME",
+                       help="log the run to this MLflow experiment (tracking URI from MLFLOW_TRACKING_URI; "
+                       "needs pip install 'spark-gmm[mlflow]')")
 
 
 def _output_flags(group, fitting: bool) -> None:
@@ -313,10 +361,24 @@ def _check(args: argparse.Namespace) -> None:
         "score": ["input", "model", "predictions_out"],
         "report": ["input", "model", "report"],
     }[args.command]
+    if args.command == "fit" and (args.initial_model or args.warm_start_from):
+        required.remove("k")  # the model's, or --k for a first cold fit (checked when it is known)
     missing = [f"--{name.replace('_', '-')}" for name in required if getattr(args, name) is None]
     if missing:
         raise UsageError(f"missing required argument{'s' if len(missing) > 1 else ''}: {', '.join(missing)}")
-    for name in ("input", "model_out", "model", "predictions_out", "weight_col", "checkpoint_dir", "report"):
+    previous = [f"--{n.replace('_', '-')}" for n in ("initial_model", "warm_start_from", "align_to")
+                if getattr(args, n, None) is not None]
+    if "--warm-start-from" in previous and len(previous) > 1:
+        others = ", ".join(flag for flag in previous if flag != "--warm-start-from")
+        raise UsageError(f"--warm-start-from chooses the previous model itself; drop {others}")
+    if "--warm-start-from" in previous and not args.model_out:
+        raise UsageError("--warm-start-from needs --model-out (the new model goes next to the ones it starts from)")
+    aligned = getattr(args, "align_to", None) or getattr(args, "warm_start_from", None)
+    for flag in ("max_drift", "label_changes"):
+        if getattr(args, flag, None) and not aligned:
+            raise UsageError(f"--{flag.replace('_', '-')} needs a previous model: --align-to or --warm-start-from")
+    for name in ("input", "model_out", "model", "predictions_out", "weight_col", "checkpoint_dir", "report",
+                 "initial_model", "warm_start_from", "align_to", "mlflow_experiment"):
         value = getattr(args, name, None)
         if value is not None and not value.strip():
             raise UsageError(f"argument --{name.replace('_', '-')}: must not be empty")

@@ -13,6 +13,7 @@ import warnings
 from .arguments import COMMANDS, output_kind, parse_args
 from .errors import JobError, UsageError, short_message
 from .logs import IterationCounter, configure_logging, error_stream, job_session, log_warning
+from .recurring import DRIFT_EXIT_CODE, align, log_to_mlflow, previous_models
 from .storage import check_outputs, read_input, write_local_file, write_predictions
 
 log = logging.getLogger("spark_gmm.job")
@@ -94,7 +95,9 @@ def _check_output_columns(args, input_columns: list[str]) -> None:
 def run_fit(spark, args) -> dict:
     """Fit k components; save, score and report as asked."""
     def fit(estimator, df):
-        return estimator.setK(args.k).setCovarianceType(args.covariance_type).fit(df), {}
+        if estimator.getInitialModel() is None:
+            estimator.setK(args.k)
+        return estimator.setCovarianceType(args.covariance_type).fit(df), {}
 
     return _fit_and_write(spark, args, fit)
 
@@ -131,6 +134,9 @@ def _fit_and_write(spark, args, fit) -> dict:
         dtype=args.dtype, reseedComponents=args.reseed_components, checkpointDir=getattr(args, "checkpoint_dir", None),
         checkpointInterval=getattr(args, "checkpoint_interval", None), **features,
     )
+    initial, previous, recurring = previous_models(spark, args)
+    if initial is not None:
+        estimator.setInitialModel(initial)
     began = time.perf_counter()
     progress = IterationCounter()
     library_log = logging.getLogger("spark_gmm")
@@ -142,6 +148,9 @@ def _fit_and_write(spark, args, fit) -> dict:
     finally:
         library_log.removeFilter(progress)
     fit_seconds = time.perf_counter() - began
+    if previous is not None:
+        model, drift = align(model, previous, df, args)
+        recurring.update(drift)
     summary = model.summary
     if not progress.count:
         # The barrier engine iterates inside a Spark task, whose log stays on the executor: report
@@ -160,7 +169,7 @@ def _fit_and_write(spark, args, fit) -> dict:
     if args.report:
         _write_report(args.report, model, df, {"input": args.input, "fit seconds": round(fit_seconds, 2)},
                       extra.get("candidates"), getattr(args, "criterion", "bic"))
-    return {
+    fields = {
         "k": model.getK(),
         "iterations": summary.numIter,
         "converged": summary.converged,
@@ -175,8 +184,12 @@ def _fit_and_write(spark, args, fit) -> dict:
         "covarianceType": model.getCovarianceType(),
         "fitSeconds": round(fit_seconds, 3),
         "reportPath": args.report,
+        **recurring,
         **extra,
     }
+    if args.mlflow_experiment:
+        fields["mlflowRunId"] = log_to_mlflow(args, model, fields)
+    return fields
 
 
 # -- score and report ----------------------------------------------------------------------------
@@ -293,7 +306,12 @@ def _write_report(path, model, df, run, selection=None, criterion="bic") -> None
     log.info("report written to %s", path)
 
 
-def _check_report_dependencies(args) -> None:
+def _check_optional_dependencies(args) -> None:
+    if getattr(args, "mlflow_experiment", None):
+        try:
+            import mlflow  # noqa: F401
+        except ImportError as error:
+            raise JobError(f"--mlflow-experiment needs MLflow ({error}); pip install 'spark-gmm[mlflow]'") from None
     if getattr(args, "report", None):
         try:
             import matplotlib  # noqa: F401
@@ -317,7 +335,7 @@ def _overview(prog: str) -> str:
         f"commands:\n{commands}\n\n"
         f"'{prog} COMMAND --help' lists the command's flags. Flags can also come from --config FILE "
         "(TOML).\nThe last stdout line is a JSON summary. Exit code 0: done; 1: the job cannot run; "
-        "2: a bad flag or config."
+        "2: a bad flag or config; 3: fit or select done, but the drift exceeded --max-drift."
     )
 
 
@@ -359,9 +377,11 @@ def main(argv=None, prog: str | None = None) -> int:
         try:
             spark, created = job_session(f"spark-gmm {command}")
             check_outputs(spark, args)  # before the input is read: a clash costs seconds, not a fit
-            _check_report_dependencies(args)
+            _check_optional_dependencies(args)
             fields = {"status": "ok", "command": command, **_RUN[command](spark, args)}
             code = 0
+            if fields.get("driftExceeded"):
+                code, fields["status"] = DRIFT_EXIT_CODE, "drift"
         except (JobError, UsageError) as error:
             code = 2 if isinstance(error, UsageError) else 1
             fields = {"status": "error", "command": command, "error": " ".join(str(error).split())}
@@ -376,7 +396,9 @@ def main(argv=None, prog: str | None = None) -> int:
                     spark.stop()
                 except Exception:  # noqa: BLE001 - the job's outcome is already decided
                     pass
-    if code != 0:
+    if code == DRIFT_EXIT_CODE:
+        print(f"drift: {'; '.join(fields['driftExceeded'])}", file=stderr, flush=True)
+    elif code != 0:
         print(f"error: {fields['error']}", file=stderr, flush=True)
     _emit(fields, began)
     return code
