@@ -100,7 +100,7 @@ OPTIONS: dict[str, Option] = {
         "float32 (half the bytes per pass), statistics combined in float64.",
         choices=DTYPES,
     ),
-    "aggregationDepth": Option(2, int, "Depth of the tree that combines large partials.", minimum=2),
+    "aggregationDepth": Option(2, int, "Depth of the tree that combines large partials (1: no tree).", minimum=1),
     "checkpointInterval": Option(
         10, int, "With checkpointDir: save the EM state every this many iterations (-1: never).",
         minimum=-1,
