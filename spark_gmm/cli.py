@@ -151,9 +151,9 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                          help="added to each covariance diagonal (default: 1e-6)")
         fit.add_argument("--init-mode", choices=("k-means||", "random"), default="k-means||",
                          help="initialisation (default: k-means||)")
-        fit.add_argument("--engine", choices=("driver", "barrier"), default="driver",
-                         help="one Spark job per EM pass (driver, default) or the whole fit in one "
-                         "barrier stage (barrier)")
+        fit.add_argument("--engine", choices=("auto", "driver", "barrier"), default="auto",
+                         help="auto (default: barrier where Spark can run it, else driver), driver (one "
+                         "Spark job per EM pass) or barrier (the data held in one barrier stage's tasks)")
     if command == "fit":
         fit.add_argument("--checkpoint-dir", metavar="DIR",
                          help="checkpoint the EM state here; a rerun with the same arguments resumes "

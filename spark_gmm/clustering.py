@@ -35,6 +35,7 @@ from pyspark.sql.functions import pandas_udf
 from . import barrier, em, persistence
 from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
+from .engine_choice import ENGINES
 from .inputs import (
     InputWarning,
     InvalidInputError,
@@ -58,7 +59,6 @@ log = logging.getLogger("spark_gmm")
 #: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
 DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
 INIT_MODES = ("k-means||", "random")
-ENGINES = ("driver", "barrier")
 DTYPES = ("float64", "float32")
 
 
@@ -91,8 +91,9 @@ class _GaussianMixtureParams(
     engine = Param(
         Params._dummy(),
         "engine",
-        "'driver': one Spark job per EM iteration over cached blocks; 'barrier': the whole fit in "
-        "one barrier stage with the data resident in the tasks (needs a free slot per task).",
+        "'auto' (default): 'barrier' where Spark can run it and the data fit the executors' Python "
+        "memory, else 'driver' (the choice is logged). 'driver': one Spark job per pass over cached "
+        "blocks. 'barrier': the blocks stay in the tasks of one barrier stage that serve every pass.",
         TypeConverters.toString,
     )
     dtype = Param(
@@ -120,7 +121,7 @@ class _GaussianMixtureParams(
         Params._dummy(),
         "checkpointDir",
         "If set, the EM state is saved here every checkpointInterval iterations, and a fit started "
-        "again with the same data and settings resumes from the latest one (driver engine).",
+        "again with the same data and settings resumes from the latest one.",
         TypeConverters.toString,
     )
     logLikelihoodCol = Param(
@@ -141,7 +142,7 @@ class _GaussianMixtureParams(
             regCovar=1e-6,
             initMode="k-means||",
             handleInvalid="error",
-            engine="driver",
+            engine="auto",
             dtype="float64",
             checkpointInterval=10,
             covarianceType="full",
@@ -232,7 +233,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         inputCols=None,
         logLikelihoodCol=None,
         handleInvalid="error",
-        engine="driver",
+        engine="auto",
         dtype="float64",
         checkpointDir=None,
         checkpointInterval=10,
@@ -261,7 +262,7 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
         inputCols=None,
         logLikelihoodCol=None,
         handleInvalid="error",
-        engine="driver",
+        engine="auto",
         dtype="float64",
         checkpointDir=None,
         checkpointInterval=10,
@@ -380,10 +381,11 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
             estimator._check_params()
         cache, summary, skipped = self._prepare(dataset, max(e.getK() for e in estimators))
         try:
-            results = em.fit_together(
-                cache.reduce, summary.d, summary.total_weight,
-                [e._settings(summary) for e in estimators], cache.describe,
-            )
+            with barrier.reducer(self.getEngine(), cache, summary, dataset.sparkSession) as reduce:
+                results = em.fit_together(
+                    reduce, summary.d, summary.total_weight,
+                    [e._settings(summary) for e in estimators], cache.describe,
+                )
         finally:
             self._release(cache)
         models = [e._model(r, dataset, summary, skipped) for e, r in zip(estimators, results)]
@@ -489,29 +491,23 @@ class GaussianMixture(_GaussianMixtureParams, Estimator, persistence.Persistable
 
     def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:
         settings = self._settings(summary)
-        if self.getNInit() > 1 and settings.start is None:
-            return self._restarts(cache, summary, settings)
-        checkpointer = self._checkpointer(spark, summary)
-        if self.getEngine() == "barrier":
-            if checkpointer is None:
-                try:
-                    return barrier.fit(cache, summary, settings, spark)
-                except barrier.BarrierUnavailable as why:
-                    log.warning("barrier engine unavailable (%s); using the driver engine", why)
-            else:  # the barrier stage iterates inside a task, which cannot write checkpoints
-                log.warning("checkpointDir is set: the fit runs on the driver engine, which checkpoints")
+        restarts = self.getNInit() > 1 and settings.start is None
+        checkpointer = None if restarts else self._checkpointer(spark, summary)
         resume = checkpointer.latest() if checkpointer else None
-        return em.fit_mixture(
-            cache.reduce, summary.d, summary.total_weight, settings, resume=resume,
-            on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
-        )
+        # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
+        spare = 1 if checkpointer else 0
+        with barrier.reducer(self.getEngine(), cache, summary, spark, spare) as reduce:
+            if restarts:
+                return self._restarts(reduce, cache, summary, settings)
+            return em.fit_mixture(
+                reduce, summary.d, summary.total_weight, settings, resume=resume,
+                on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
+            )
 
-    def _restarts(self, cache: BlockCache, summary, settings: em.FitSettings) -> em.FitResult:
-        """nInit fits from seeds seed, seed+1, ... in shared passes (driver engine); the best one."""
-        if self.getEngine() == "barrier":
-            log.warning("nInit > 1: the restarts share passes on the driver engine")
+    def _restarts(self, reduce, cache: BlockCache, summary, settings: em.FitSettings) -> em.FitResult:
+        """nInit fits from seeds seed, seed+1, ... in shared passes; the best one."""
         candidates = [replace(settings, seed=settings.seed + i) for i in range(self.getNInit())]
-        results = em.fit_together(cache.reduce, summary.d, summary.total_weight, candidates, cache.describe)
+        results = em.fit_together(reduce, summary.d, summary.total_weight, candidates, cache.describe)
         best = max(range(len(results)), key=lambda i: results[i].log_likelihood)
         log.info(
             "nInit=%d: kept restart %d (seed %d), log-likelihood %.10g; others: %s",
