@@ -100,7 +100,10 @@ def _serve(link: channel.Channel, by_partition: dict, shift) -> None:
             part = fold_blocks(pass_, ((raw, w) for _, raw, w in by_partition[pid]), shift)
             if part is not None:
                 mine.append((pid, part))
-        link.send(wire.encode_partials(mine))
+        try:
+            link.send(wire.encode_partials(mine))
+        except channel.ChannelError:
+            return
 
 
 class _Stage:
@@ -139,7 +142,7 @@ class ResidentEngine:
     """The driver's side: the listener, the stage runs and `reduce`."""
 
     def __init__(self, cache: BlockCache, summary, spark: SparkSession, plan: Plan):
-        self.cache, self.spark, self.plan = cache, spark, plan
+        self.cache, self.spark = cache, spark
         self.partitions, self.rows = summary.partitions, summary.rows
         blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
         # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks need a shuffle.
@@ -150,6 +153,7 @@ class ResidentEngine:
         self.tag = f"spark_gmm-resident-{uuid.uuid4().hex}"
         self.ready = threading.Condition()
         self.run, self.expected, self.members = 0, 0, {}
+        self.accepting = False  # whether tasks of the current run may still connect
         self.stage: _Stage | None = None
         self.failures = 0
         try:
@@ -162,7 +166,8 @@ class ResidentEngine:
 
     def _admit(self, hello: channel.Hello, link: channel.Channel) -> bool:
         with self.ready:
-            if hello.run != self.run or hello.index >= hello.tasks or hello.index in self.members:
+            current = self.accepting and hello.run == self.run
+            if not current or hello.index >= hello.tasks or hello.index in self.members:
                 return False
             if self.members and hello.tasks != self.expected:
                 return False
@@ -184,7 +189,7 @@ class ResidentEngine:
     def _start_run(self) -> None:
         with self.ready:
             self.run += 1
-            self.members, self.expected = {}, 0
+            self.members, self.expected, self.accepting = {}, 0, True
         task = make_task(
             self.listener.address, self.key, self.run, self.cache.shift, self.cache.has_weight,
             self.cache.dtype, self.read_seconds, self.handshake_seconds,
@@ -196,7 +201,9 @@ class ResidentEngine:
                     text = str(self.stage.error)
                     if UNREACHABLE in text or any(name in text for name in REFUSALS):
                         raise BarrierUnavailable(self.stage.reason())
-                    raise _RunFailed(f"stage run {self.run} ended before its tasks connected: {self.stage.reason()}")
+                    raise _RunFailed(
+                        f"stage run {self.run} ended before its tasks connected: {self.stage.reason()}"
+                    )
                 self.ready.wait(0.2)
 
     def _failed(self, failure: _RunFailed) -> None:
@@ -225,7 +232,8 @@ class ResidentEngine:
             except _RunFailed as failure:
                 self._failed(failure)
                 if self.failures >= ATTEMPTS:
-                    return self._hand_over(f"{ATTEMPTS} runs of the barrier stage failed in a row; last: {failure}", pass_)
+                    why = f"{ATTEMPTS} runs of the barrier stage failed in a row; last: {failure}"
+                    return self._hand_over(why, pass_)
             except BarrierUnavailable as why:
                 self._stop_run()
                 self.failures = ATTEMPTS
@@ -233,7 +241,8 @@ class ResidentEngine:
 
     def _hand_over(self, why: str, pass_):
         log.warning(
-            "resident engine: %s; the rest of the fit runs on the driver engine, which gives the same model", why
+            "resident engine: %s; the rest of the fit runs on the driver engine, which gives the same model",
+            why,
         )
         return self.cache.reduce(pass_)
 
@@ -274,7 +283,7 @@ class ResidentEngine:
     def _stop_run(self, finish: bool = False) -> None:
         """End the current run: tell its tasks to finish (or drop them), and wait for the stage."""
         with self.ready:
-            links, self.members = list(self.members.values()), {}
+            links, self.members, self.accepting = list(self.members.values()), {}, False
         for link in links:
             if finish:
                 try:
@@ -285,12 +294,13 @@ class ResidentEngine:
         stage, self.stage = self.stage, None
         if stage is None:
             return
-        if not stage.done.wait(self.read_seconds):
+        # Tasks end on their own once told or dropped; one still busy with a pass is cancelled.
+        if not stage.done.wait(self.read_seconds if finish else self.handshake_seconds):
             log.warning("resident engine: stage run %d did not end; cancelling it", self.run)
             self.spark.sparkContext.cancelJobsWithTag(self.tag)
             stage.done.wait(self.read_seconds)
         if finish and stage.error is not None:
-            log.warning("resident engine: the barrier stage ended with an error after the fit: %s", stage.reason())
+            log.warning("resident engine: the stage ended with an error after the fit: %s", stage.reason())
 
     def close(self) -> None:
         try:

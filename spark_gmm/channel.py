@@ -75,7 +75,8 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
     return digest.digest()
 
 
-def _read(sock: socket.socket, n: int, deadline: float | None = None, seconds: float | None = None) -> bytearray:
+def _read(sock: socket.socket, n: int, deadline: float | None = None,
+          seconds: float | None = None) -> bytearray:
     """Exactly `n` bytes, each read within `seconds` or all of them before `deadline`."""
     buffer = bytearray()
     while len(buffer) < n:
@@ -118,13 +119,9 @@ class Channel:
     def receive(self, limit: int, alive: Callable[[], bool] = lambda: True, poll: float = 0.2) -> bytearray:
         """The next message (at most `limit` bytes). Waits for it to start as long as `alive()`;
         once started, each read waits at most `read_seconds`."""
-        while True:
-            try:
-                ready, _, _ = select.select([self.sock], [], [], poll)
-            except (OSError, ValueError) as error:
-                raise ChannelError(str(error)) from None
-            if ready:
-                break
+        poller = select.poll()  # not select(): a driver's descriptors can be numbered above 1024
+        poller.register(self.sock, select.POLLIN)
+        while not poller.poll(int(poll * 1000)):  # data, a hang-up or an error all end the wait
             if not alive():
                 raise ChannelError("the barrier stage ended while waiting for a reply")
         header = bytes(_read(self.sock, _HEADER.size, seconds=self.read_seconds))
@@ -197,6 +194,7 @@ class Listener:
         self.address = (host, self.server.getsockname()[1])
         self.server.settimeout(0.25)
         self.pending: set[socket.socket] = set()
+        self.handshakes: list[threading.Thread] = []
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._accept, name="spark_gmm-listener", daemon=True)
@@ -212,11 +210,16 @@ class Listener:
                 return  # closed
             with self.lock:
                 if len(self.pending) >= MAX_HANDSHAKES or self.stopped.is_set():
-                    log.warning("resident engine: dropped a connection from %s: too many handshakes", _peer(sock))
+                    log.warning(
+                        "resident engine: dropped a connection from %s: too many handshakes", _peer(sock)
+                    )
                     _close(sock)
                     continue
                 self.pending.add(sock)
-            threading.Thread(target=self._handshake, args=(sock,), daemon=True).start()
+                self.handshakes = [t for t in self.handshakes if t.is_alive()]
+                thread = threading.Thread(target=self._handshake, args=(sock,), daemon=True)
+                self.handshakes.append(thread)
+            thread.start()
 
     def _handshake(self, sock: socket.socket) -> None:
         peer, admitted = _peer(sock), False
@@ -242,7 +245,8 @@ class Listener:
             if not admitted:
                 raise ChannelError("not a task of the current stage run")
         except (ChannelError, OSError) as error:
-            log.warning("resident engine: dropped a connection from %s: %s", peer, error)
+            why = "the fit ended during its handshake" if self.stopped.is_set() else error
+            log.warning("resident engine: dropped a connection from %s: %s", peer, why)
         finally:
             with self.lock:
                 self.pending.discard(sock)
@@ -250,11 +254,16 @@ class Listener:
                 _close(sock)
 
     def close(self) -> None:
-        """Stop accepting and close every connection still in its handshake."""
+        """Stop accepting, close every connection still in its handshake, and wait for those threads."""
         self.stopped.set()
+        self.thread.join()
         _close(self.server)
         with self.lock:
-            for sock in self.pending:
-                _close(sock)
-            self.pending.clear()
-        self.thread.join()
+            for sock in self.pending:  # wakes its handshake thread, which closes it
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            handshakes = list(self.handshakes)
+        for thread in handshakes:
+            thread.join(self.handshake_seconds)

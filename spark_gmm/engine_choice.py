@@ -80,7 +80,8 @@ def python_memory_per_task(conf, master: str, slots: int) -> tuple[int, str]:
     """(bytes a task's Python worker may use, where that figure comes from); see the module docstring."""
     cores = max(1, int(conf.get("spark.executor.cores", "1")))
     if conf.get("spark.executor.pyspark.memory", None):
-        return _mib(conf.get("spark.executor.pyspark.memory")) // cores, "spark.executor.pyspark.memory per core"
+        budget = _mib(conf.get("spark.executor.pyspark.memory"))
+        return budget // cores, "spark.executor.pyspark.memory per core"
     if _is_local(master):
         return available_memory_bytes() // max(slots, 1), "free memory per task slot"
     overhead = conf.get("spark.executor.memoryOverhead", None)
