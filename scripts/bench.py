@@ -1,5 +1,6 @@
-"""Seconds per EM iteration: spark_gmm (both engines) against pyspark.ml's GaussianMixture, a
-single-process numpy EM and the machine floor, all measured in one run on the same cached data.
+"""Seconds per EM iteration: spark_gmm (the default engine, and the driver and resident engines
+each) against pyspark.ml's GaussianMixture, a single-process numpy EM and the machine floor, all
+measured in one run on the same cached data.
 
     .venv/bin/python scripts/bench.py                         # 1M x 10, k=5
     .venv/bin/python scripts/bench.py --grid                  # the README grid
@@ -7,7 +8,9 @@ single-process numpy EM and the machine floor, all measured in one run on the sa
 
 Per-iteration time of spark_gmm is the median wall time of its EM passes in a fit of --iters
 iterations from a fixed start (tol=0); the rest of that fit (packing the cache, starting the
-barrier stage, building the model) is printed as its fixed cost. MLlib's is (fit with --iters
+resident engine's barrier stage, building the model) is printed as its fixed cost per fit. `auto`
+is the default engine (`engine="auto"`); the engine it chose is printed after its time (r: resident,
+d: driver). MLlib's is (fit with --iters
 iterations - fit with 1) / (--iters - 1), from the same seed, so its start-up cancels out. The driver
 engine's time is split into the cost of a trivial job over the cached blocks (job overhead), of a
 pass that only moves the blocks into Python (data movement) and the rest (kernel and reduction).
@@ -20,6 +23,7 @@ component standard deviations (means) and of σᵢσⱼ (covariances).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -113,6 +117,21 @@ def cache_bytes(spark):
     return sum(info.memSize() + info.diskSize() for info in infos)
 
 
+class ChoiceLog(logging.Handler):
+    """Remembers the engine the last fit ran on ('r' resident, 'd' driver) from spark_gmm's log."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.last = "?"
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("engine: "):
+            self.last = "r" if message.startswith("engine: resident") else "d"
+        elif "using the driver engine" in message:
+            self.last = "d"
+
+
 def run_case(spark, rows, dims, k, args, floor):
     from pyspark.ml.clustering import GaussianMixture as MLlibGaussianMixture
     from pyspark.sql import functions as F
@@ -126,7 +145,11 @@ def run_case(spark, rows, dims, k, args, floor):
     start = GaussianMixture(k=k, maxIter=0, tol=0.0, seed=1).fit(df)
     init = GaussianMixtureModel.fromArrays(start.weights, start.means, start.covariances)
     times, models = {}, {}
-    for engine, dtype in (("driver", "float64"), ("barrier", "float64"), ("driver", "float32"), ("barrier", "float32")):
+    choices = ChoiceLog()
+    logging.getLogger("spark_gmm").addHandler(choices)
+    for engine, dtype in (
+        ("auto", "float64"), ("driver", "float64"), ("barrier", "float64"), ("driver", "float32"), ("barrier", "float32")
+    ):
         fit = GaussianMixture(k=k, maxIter=args.iters, tol=0.0, engine=engine, dtype=dtype)
         fit.setInitialModel(init).fit(df)  # warm-up
         began = time.perf_counter()
@@ -135,6 +158,8 @@ def run_case(spark, rows, dims, k, args, floor):
         name = engine + ("32" if dtype == "float32" else "")
         times[name] = float(np.median(seconds))
         times[name + "_fixed"] = time.perf_counter() - began - sum(seconds)
+        times[name + "_chose"] = choices.last
+    logging.getLogger("spark_gmm").removeHandler(choices)
     wide, narrow = models["barrier", "float64"], models["barrier", "float32"]
     scale = np.sqrt(np.diagonal(wide.covariances, axis1=1, axis2=2))
     times["f32_error"] = max(
@@ -203,21 +228,23 @@ def main():
     floor = machine_floor()
     print(f"machine: dgemm {floor[0]:.1f} GFLOP/s, memory copy {floor[1]:.1f} GB/s, local[2]")
     header = (
-        f"{'rows':>9} {'d':>3} {'k':>3} | {'MLlib':>7} {'driver':>7} {'barrier':>7} {'numpy1':>7} "
-        f"{'floor':>7} | {'drv/ML':>6} {'bar/ML':>6} {'bar/floor':>9} | {'job':>5} {'move':>5} "
-        f"{'kernel':>6} | cache/raw | fixed: drv bar | {'drv32':>6} {'bar32':>6} {'f32 err':>8}"
+        f"{'rows':>9} {'d':>3} {'k':>3} | {'MLlib':>7} {'auto':>9} {'driver':>7} {'barrier':>7} {'numpy1':>7} "
+        f"{'floor':>7} | {'auto/ML':>7} {'drv/ML':>6} {'bar/ML':>6} {'bar/floor':>9} | {'job':>5} {'move':>5} "
+        f"{'kernel':>6} | cache/raw | fixed: auto drv  bar | {'drv32':>6} {'bar32':>6} {'f32 err':>8}"
     )
     print("seconds per EM iteration; ratios are speed-ups (MLlib time / ours) and slow-down vs floor")
     print(header)
+    logging.getLogger("spark_gmm").setLevel(logging.INFO)
     for rows, dims, k in cases:
         r = run_case(spark, rows, dims, k, args, floor)
         mllib = r.get("mllib", float("nan"))
         kernel = r["driver"] - r["trivial"] - r["movement"]
         print(
-            f"{rows:>9} {dims:>3} {k:>3} | {mllib:7.3f} {r['driver']:7.3f} {r['barrier']:7.3f} "
-            f"{r['numpy']:7.3f} {r['floor']:7.3f} | {mllib / r['driver']:6.1f} {mllib / r['barrier']:6.1f} "
-            f"{r['barrier'] / r['floor']:9.1f} | {r['trivial']:5.2f} {r['movement']:5.2f} {kernel:6.2f} | "
-            f"{r['cache_ratio']:9.2f} | {r['driver_fixed']:5.1f} {r['barrier_fixed']:5.1f} | "
+            f"{rows:>9} {dims:>3} {k:>3} | {mllib:7.3f} {r['auto']:7.3f} {r['auto_chose']} {r['driver']:7.3f} "
+            f"{r['barrier']:7.3f} {r['numpy']:7.3f} {r['floor']:7.3f} | {mllib / r['auto']:7.1f} "
+            f"{mllib / r['driver']:6.1f} {mllib / r['barrier']:6.1f} {r['barrier'] / r['floor']:9.1f} | "
+            f"{r['trivial']:5.2f} {r['movement']:5.2f} {kernel:6.2f} | {r['cache_ratio']:9.2f} | "
+            f"{r['auto_fixed']:10.1f} {r['driver_fixed']:4.1f} {r['barrier_fixed']:4.1f} | "
             f"{r['driver32']:6.3f} {r['barrier32']:6.3f} {r['f32_error']:8.1e}",
             flush=True,
         )

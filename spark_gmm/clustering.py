@@ -137,10 +137,11 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
             estimator._check_params()
         cache, summary, skipped = self._prepare(dataset, max(e.getK() for e in estimators))
         try:
-            results = em.fit(
-                cache.reduce, summary.d, summary.total_weight,
-                [e._settings(summary) for e in estimators], describe=cache.describe,
-            )
+            with barrier.reducer(self.getEngine(), cache, summary, dataset.sparkSession) as reduce:
+                results = em.fit(
+                    reduce, summary.d, summary.total_weight,
+                    [e._settings(summary) for e in estimators], describe=cache.describe,
+                )
         finally:
             self._release(cache)
         models = [e._model(r, dataset, summary, skipped) for e, r in zip(estimators, results)]
@@ -255,29 +256,23 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
 
     def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:
         settings = self._settings(summary)
-        if self.getNInit() > 1 and settings.start is None:
-            return self._restarts(cache, summary, settings)
-        checkpointer = self._checkpointer(spark, summary)
-        if self.getEngine() == "barrier":
-            if checkpointer is None:
-                try:
-                    return barrier.fit(cache, summary, settings, spark)
-                except barrier.BarrierUnavailable as why:
-                    log.warning("barrier engine unavailable (%s); using the driver engine", why)
-            else:  # the barrier stage iterates inside a task, which cannot write checkpoints
-                log.warning("checkpointDir is set: the fit runs on the driver engine, which checkpoints")
+        restarts = self.getNInit() > 1 and settings.start is None
+        checkpointer = None if restarts else self._checkpointer(spark, summary)
         resume = checkpointer.latest() if checkpointer else None
-        return em.fit(
-            cache.reduce, summary.d, summary.total_weight, [settings], resume=resume,
-            on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
-        )[0]
+        # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
+        spare = 1 if checkpointer else 0
+        with barrier.reducer(self.getEngine(), cache, summary, spark, spare) as reduce:
+            if restarts:
+                return self._restarts(reduce, cache, summary, settings)
+            return em.fit(
+                reduce, summary.d, summary.total_weight, [settings], resume=resume,
+                on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
+            )[0]
 
-    def _restarts(self, cache: BlockCache, summary, settings: em.FitSettings) -> em.FitResult:
-        """nInit fits from seeds seed, seed+1, ... in shared passes (driver engine); the best one."""
-        if self.getEngine() == "barrier":
-            log.warning("nInit > 1: the restarts share passes on the driver engine")
+    def _restarts(self, reduce, cache: BlockCache, summary, settings: em.FitSettings) -> em.FitResult:
+        """nInit fits from seeds seed, seed+1, ... in shared passes; the best one."""
         candidates = [replace(settings, seed=settings.seed + i) for i in range(self.getNInit())]
-        results = em.fit(cache.reduce, summary.d, summary.total_weight, candidates, describe=cache.describe)
+        results = em.fit(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe)
         best = max(range(len(results)), key=lambda i: results[i].log_likelihood)
         log.info(
             "nInit=%d: kept restart %d (seed %d), log-likelihood %.10g; others: %s",

@@ -15,7 +15,7 @@ from .mixture import COVARIANCE_TYPES
 #: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
 DEFAULT_SEED = zlib.crc32(b"spark_gmm.GaussianMixture")
 INIT_MODES = ("k-means||", "k-means++", "random")
-ENGINES = ("driver", "barrier")
+ENGINES = ("auto", "driver", "barrier")
 DTYPES = ("float64", "float32")
 HANDLE_INVALID = ("error", "skip", "keep")
 CRITERIA = ("bic", "aic")
@@ -89,9 +89,10 @@ OPTIONS: dict[str, Option] = {
         choices=HANDLE_INVALID,
     ),
     "engine": Option(
-        "driver", str,
-        "'driver': one Spark job per EM iteration over cached blocks; 'barrier': the whole fit in "
-        "one barrier stage with the data resident in the tasks (needs a free slot per task).",
+        "auto", str,
+        "'auto' (default): 'barrier' where Spark can run it and the data fit the executors' Python "
+        "memory, else 'driver' (the choice is logged). 'driver': one Spark job per pass over cached "
+        "blocks. 'barrier': the blocks stay in the tasks of one barrier stage that serve every pass.",
         choices=ENGINES,
     ),
     "dtype": Option(

@@ -1,9 +1,19 @@
-"""The barrier engine runs the same kernels, statistics and M-step as the driver engine."""
+"""The resident ("barrier") engine runs the driver engine's EM loop with a different `reduce`, so
+every fit — plain, float32, nInit restarts, fitMultiple candidates, checkpointed — gives the driver
+engine's model bit for bit; `engine="auto"` picks it where it can run."""
+
+import glob
+import logging
+import os
+import socket
+import struct
+import threading
 
 import numpy as np
 import pytest
+from pyspark.conf import SparkConf
 
-from spark_gmm import GaussianMixture
+from spark_gmm import GaussianMixture, channel, engine_choice
 
 
 @pytest.fixture(scope="module")
@@ -14,46 +24,36 @@ def blobs(spark):
     return spark.createDataFrame([(row.tolist(),) for row in x], ["features"])
 
 
+def assert_identical(a, b):
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.means, b.means)
+    np.testing.assert_array_equal(a.covariances, b.covariances)
+    assert a.summary.logLikelihoodHistory == b.summary.logLikelihoodHistory
+    assert a.summary.numIter == b.summary.numIter
+    assert a.summary.clusterSizes == b.summary.clusterSizes
+
+
+@pytest.fixture
+def engine_log(caplog):
+    """The log lines of the engine choice (and of the resident engine) during a test."""
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+
+    def lines(prefix):
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+
+    return lines
+
+
 @pytest.mark.parametrize("partitions", [1, 2, 5])
-def test_barrier_engine_gives_the_driver_engines_model(blobs, partitions):
+def test_resident_engine_gives_the_driver_engines_model(blobs, partitions, engine_log):
     df = blobs.repartition(partitions)
-    fits = {
-        engine: GaussianMixture(k=3, seed=3, tol=1e-9, maxIter=30, engine=engine).fit(df)
-        for engine in ("driver", "barrier")
-    }
-    driver, barrier = fits["driver"], fits["barrier"]
-    np.testing.assert_allclose(barrier.weights, driver.weights, rtol=1e-10)
-    np.testing.assert_allclose(barrier.means, driver.means, rtol=1e-12, atol=1e-10)
-    np.testing.assert_allclose(barrier.covariances, driver.covariances, rtol=1e-10, atol=1e-12)
-    assert barrier.summary.logLikelihoodHistory == pytest.approx(
-        driver.summary.logLikelihoodHistory, rel=1e-12
-    )
-    assert barrier.summary.numIter == driver.summary.numIter
-    assert barrier.summary.clusterSizes == driver.summary.clusterSizes
+    driver = GaussianMixture(k=3, seed=3, tol=1e-9, maxIter=30, engine="driver").fit(df)
+    resident = GaussianMixture(k=3, seed=3, tol=1e-9, maxIter=30, engine="barrier").fit(df)
+    assert engine_log("engine: ")[-1].startswith(f"engine: resident (a barrier stage of {min(partitions, 2)} task")
+    assert_identical(resident, driver)
 
 
-def test_barrier_engine_reports_refusals_at_the_driver(blobs):
-    # Five identical rows cannot make three components: the refusal comes back as a plain error.
-    few = blobs.limit(1).crossJoin(blobs.sparkSession.range(5)).select("features")
-    with pytest.raises(ValueError, match="distinct points"):
-        GaussianMixture(k=3, engine="barrier").fit(few)
-
-
-def test_tree_reduction_gives_the_same_model(blobs, monkeypatch):
-    from spark_gmm import blocks
-
-    df = blobs.repartition(9)
-    start = GaussianMixture(k=3, seed=3, maxIter=0).fit(df)
-    flat = GaussianMixture(maxIter=3, tol=0.0).setInitialModel(start).fit(df)
-    monkeypatch.setattr(blocks, "TREE_THRESHOLD_BYTES", 0)  # every pass reduces in a tree
-    tree = GaussianMixture(maxIter=3, tol=0.0, aggregationDepth=3).setInitialModel(start).fit(df)
-    np.testing.assert_allclose(tree.means, flat.means, rtol=1e-12)
-    np.testing.assert_allclose(tree.covariances, flat.covariances, rtol=1e-10, atol=1e-12)
-    assert tree.summary.numIter == flat.summary.numIter
-
-
-def test_float32_blocks_stay_close_to_float64(blobs):
-    """dtype='float32' halves the cached bytes; its model stays within float32 round-off."""
+def test_float32_blocks_on_both_engines(blobs):
     df = blobs.repartition(3)
     start = GaussianMixture(k=3, seed=3, maxIter=0).fit(df)
     fits = {
@@ -66,8 +66,279 @@ def test_float32_blocks_stay_close_to_float64(blobs):
     scale = np.sqrt(np.diagonal(wide.covariances, axis1=1, axis2=2))
     assert np.abs((narrow.means - wide.means) / scale).max() < 1e-4  # data sit at 1e6: shifted first
     np.testing.assert_allclose(narrow.covariances, wide.covariances, rtol=1e-3, atol=1e-4)
-    np.testing.assert_allclose(narrow.weights, wide.weights, rtol=1e-4)
     assert narrow.summary.logLikelihood == pytest.approx(wide.summary.logLikelihood, rel=1e-6)
-    barrier = fits["float32", "barrier"]
-    np.testing.assert_allclose(barrier.means, narrow.means, rtol=1e-12)
-    np.testing.assert_allclose(barrier.covariances, narrow.covariances, rtol=1e-10, atol=1e-12)
+    assert_identical(fits["float32", "barrier"], narrow)
+
+
+def test_restarts_and_candidates_on_the_resident_engine(blobs, engine_log):
+    df = blobs.repartition(3)
+    restarts = {
+        engine: GaussianMixture(k=3, seed=5, nInit=3, maxIter=10, engine=engine).fit(df)
+        for engine in ("driver", "barrier")
+    }
+    assert_identical(restarts["barrier"], restarts["driver"])
+    est = GaussianMixture(seed=2, maxIter=10)
+    maps = [{est.k: k, est.covarianceType: t} for k in (2, 4) for t in ("full", "diag")]
+    fitted = {
+        engine: dict(est.copy({est.engine: engine}).fitMultiple(df, maps)) for engine in ("driver", "barrier")
+    }
+    assert engine_log("engine: ")[-1].startswith("engine: resident")
+    for i in range(len(maps)):
+        assert_identical(fitted["barrier"][i], fitted["driver"][i])
+
+
+def test_checkpoints_and_resuming_on_the_resident_engine(blobs, tmp_path, engine_log):
+    df = blobs.repartition(3)
+    settings = dict(k=3, seed=8, tol=0.0, checkpointInterval=1, engine="barrier")
+    directory = str(tmp_path / "ckpt")
+    stopped = GaussianMixture(maxIter=3, checkpointDir=directory, **settings).fit(df)
+    # Checkpoint writes are Spark jobs: one of the session's two slots stays free for them.
+    assert engine_log("engine: ")[-1].startswith("engine: resident (a barrier stage of 1 task")
+    assert glob.glob(os.path.join(directory, "slot-*", "part-*"))
+    resumed = GaussianMixture(maxIter=6, checkpointDir=directory, **settings).fit(df)
+    assert resumed.summary.resumedFromIteration == 3
+    unbroken = GaussianMixture(maxIter=6, **{**settings, "engine": "driver"}).fit(df)
+    assert_identical(resumed, unbroken)
+    assert_identical(stopped, GaussianMixture(maxIter=3, **{**settings, "engine": "driver"}).fit(df))
+
+
+def test_tree_reduction_gives_the_same_model_on_both_engines(blobs, monkeypatch):
+    from spark_gmm import blocks
+
+    df = blobs.repartition(9)
+    start = GaussianMixture(k=3, seed=3, maxIter=0).fit(df)
+    flat = GaussianMixture(maxIter=3, tol=0.0, engine="driver").setInitialModel(start).fit(df)
+    monkeypatch.setattr(blocks, "TREE_THRESHOLD_BYTES", 0)  # every pass reduces in a tree
+    tree = {
+        engine: GaussianMixture(maxIter=3, tol=0.0, aggregationDepth=3, engine=engine).setInitialModel(start).fit(df)
+        for engine in ("driver", "barrier")
+    }
+    np.testing.assert_allclose(tree["driver"].means, flat.means, rtol=1e-12)
+    np.testing.assert_allclose(tree["driver"].covariances, flat.covariances, rtol=1e-10, atol=1e-12)
+    assert_identical(tree["barrier"], tree["driver"])
+
+
+def test_refusals_of_the_data_come_back_as_plain_errors(blobs):
+    # Five identical rows cannot make three components: EM runs on the driver and says so.
+    few = blobs.limit(1).crossJoin(blobs.sparkSession.range(5)).select("features")
+    with pytest.raises(ValueError, match="distinct points"):
+        GaussianMixture(k=3, engine="barrier").fit(few)
+
+
+# -- engine="auto" -----------------------------------------------------------------------------
+
+
+def test_auto_is_the_default_and_picks_the_resident_engine_here(blobs, engine_log):
+    df = blobs.repartition(2)
+    assert GaussianMixture().getEngine() == "auto"
+    auto = GaussianMixture(k=3, seed=4, maxIter=5).fit(df)
+    (line,) = engine_log("engine: ")
+    assert line.startswith("engine: resident (a barrier stage of 2 task(s) over 2 partition(s)")
+    assert_identical(auto, GaussianMixture(k=3, seed=4, maxIter=5, engine="driver").fit(df))
+
+
+def test_auto_falls_back_to_the_driver_engine_when_the_blocks_do_not_fit(blobs, monkeypatch, engine_log):
+    monkeypatch.setattr(engine_choice, "python_memory_per_task", lambda conf, master, slots: (1000, "a test budget"))
+    df = blobs.repartition(2)
+    auto = GaussianMixture(k=3, seed=4, maxIter=5).fit(df)
+    (line,) = engine_log("engine: ")
+    assert line.startswith("engine: driver (") and line.endswith("above the 1 kB of a test budget)")
+    assert engine_log("resident engine:") == []
+    assert_identical(auto, GaussianMixture(k=3, seed=4, maxIter=5, engine="driver").fit(df))
+
+
+class FakeSession:
+    """A classic session as `engine_choice` sees it: its settings, master and slot count."""
+
+    def __init__(self, master="local[4]", slots=4, **settings):
+        conf = SparkConf(loadDefaults=False)
+        for key, value in settings.items():
+            conf.set(key.replace("_", "."), value)
+        self.sparkContext = type("Context", (), {"master": master, "getConf": lambda self: conf})()
+        self.slots = slots
+
+
+class ConnectSession:
+    @property
+    def sparkContext(self):
+        raise RuntimeError("[JVM_ATTRIBUTE_NOT_SUPPORTED] sparkContext is not supported in Spark Connect")
+
+
+class Summary:
+    rows, d, partitions = 1_000_000, 10, 8
+
+
+class Cache:
+    dtype, has_weight = np.float64, False
+
+
+@pytest.fixture
+def plan(monkeypatch):
+    def plan(session, engine="auto", spare=0):
+        monkeypatch.setattr(engine_choice, "task_slots", lambda spark: spark.slots)
+        return engine_choice.choose(engine, Cache(), Summary(), session, spare)
+
+    return plan
+
+
+def test_auto_chooses_by_what_spark_can_schedule(plan, caplog):
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    resident = plan(FakeSession(slots=4))
+    assert (resident.resident, resident.tasks, resident.host) == (True, 4, "127.0.0.1")
+    cluster = plan(FakeSession("spark://master:7077", slots=16, **{
+        "spark_driver_host": "10.1.2.3", "spark_executor_memory": "8g", "spark_executor_cores": "4"}))
+    # 80 MB in 8 tasks, twice 10 MB per task, within the default overhead of 8g executors / 4 cores.
+    assert (cluster.resident, cluster.tasks, cluster.host) == (True, 8, "10.1.2.3")
+    assert "executor memory overhead per core" in cluster.reason
+    for session, spare, why in [
+        (ConnectSession(), 0, "Spark Connect"),
+        (FakeSession(**{"spark_dynamicAllocation_enabled": "true"}), 0, "dynamic allocation"),
+        (FakeSession(slots=1), 1, "1 task slot(s), 1 of them kept free for checkpoint writes"),
+        (FakeSession(**{"spark_network_crypto_enabled": "true"}), 0, "spark.network.crypto.enabled is on"),
+        (FakeSession(**{"spark_ssl_enabled": "TRUE"}), 0, "spark.ssl.enabled is on"),
+        (FakeSession(**{"spark_executor_pyspark_memory": "30"}), 0, "above the 31.5 MB of spark.executor.pyspark.memory per core"),
+        (FakeSession("yarn", slots=8, **{"spark_executor_memoryOverhead": "10"}), 0, "executor memory overhead"),
+    ]:
+        chosen = plan(session, spare=spare)
+        assert not chosen.resident and why in chosen.reason, chosen.reason
+        assert caplog.records[-1].getMessage() == f"engine: driver ({chosen.reason})"
+    assert plan(FakeSession(), engine="driver").reason == "engine='driver'"
+
+
+def test_explicit_barrier_warns_where_auto_would_not_use_it(plan, caplog):
+    encrypted = plan(FakeSession(**{"spark_network_crypto_enabled": "true"}), engine="barrier")
+    assert encrypted.resident
+    assert "NOT encrypted" in caplog.text
+    dynamic = plan(FakeSession(**{"spark_dynamicAllocation_enabled": "true"}), engine="barrier")
+    assert not dynamic.resident
+    assert caplog.records[-1].levelname == "WARNING"
+    assert "engine='barrier' cannot run here (dynamic allocation" in caplog.records[-1].getMessage()
+
+
+# -- the coordinator under attack ---------------------------------------------------------------
+
+
+class Attackers(logging.Handler):
+    """When the coordinator logs its address, local clients connect to it and misbehave."""
+
+    def __init__(self):
+        super().__init__()
+        self.address, self.threads, self.closed = None, [], {}
+
+    def emit(self, record):
+        message = record.getMessage()
+        if self.address is None and message.startswith("resident engine: coordinator listening on "):
+            host, port = message.rsplit(" ", 1)[1].rsplit(":", 1)
+            self.address = (host, int(port))
+            for name, behaviour in [
+                ("silent", b""),
+                ("garbage", os.urandom(200)),
+                ("huge length", struct.pack("<Q", 2**62)),
+                ("wrong key", None),
+            ]:
+                thread = threading.Thread(target=self.attack, args=(name, behaviour), daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def attack(self, name, payload):
+        if payload is None:  # a well-formed hello under another key
+            try:
+                channel.connect(self.address, os.urandom(32), channel.Hello(0, 2, 1), 5.0, 5.0)
+                self.closed[name] = False
+            except channel.ChannelError:
+                self.closed[name] = True
+            return
+        sock = socket.create_connection(self.address)
+        sock.sendall(payload)
+        sock.settimeout(30)
+        try:
+            while sock.recv(1 << 16):  # the challenge, then nothing until the coordinator hangs up
+                pass
+            self.closed[name] = True
+        except OSError:
+            self.closed[name] = True
+        finally:
+            sock.close()
+
+
+def test_a_fit_under_attack_gives_the_same_model(blobs, monkeypatch, caplog):
+    from spark_gmm import barrier
+
+    df = blobs.repartition(2)
+    calm = GaussianMixture(k=3, seed=6, maxIter=20, tol=0.0, engine="barrier").fit(df)
+    monkeypatch.setattr(barrier, "HANDSHAKE_SECONDS", 1.0)
+    attackers = Attackers()
+    logger = logging.getLogger("spark_gmm")
+    logger.addHandler(attackers)
+    logger.setLevel(logging.INFO)
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    try:
+        attacked = GaussianMixture(k=3, seed=6, maxIter=20, tol=0.0, engine="barrier").fit(df)
+    finally:
+        logger.removeHandler(attackers)
+    for thread in attackers.threads:
+        thread.join(30)
+    assert attackers.address[0] == "127.0.0.1"  # local mode: loopback only
+    assert attackers.closed == dict.fromkeys(["silent", "garbage", "huge length", "wrong key"], True)
+    assert caplog.text.count("resident engine: dropped a connection") == 4
+    assert_identical(attacked, calm)
+
+
+# -- a task killed mid-fit ------------------------------------------------------------------------
+
+
+def connected_workers(jvm_pid, port):
+    """Pids of this session's Python workers holding a TCP connection to `port` on loopback."""
+    from test_reliability import _python_workers
+
+    inodes = set()
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = []
+    for pid in _python_workers(jvm_pid):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{pid}/fd")):
+                holders.append(pid)
+        except OSError:
+            continue
+    return holders
+
+
+class KillAtIteration(logging.Handler):
+    """Kills one resident task's Python worker when the driver logs EM iteration `iteration`."""
+
+    def __init__(self, jvm_pid, iteration):
+        super().__init__()
+        self.jvm_pid, self.iteration = jvm_pid, iteration
+        self.port, self.killed = None, []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("resident engine: coordinator listening on "):
+            self.port = int(message.rsplit(":", 1)[1])
+        elif message.startswith(f"iteration {self.iteration}:") and not self.killed:
+            victims = connected_workers(self.jvm_pid, self.port)
+            if victims:
+                os.kill(victims[0], 9)
+                self.killed.append(victims[0])
+
+
+def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
+    df = blobs.repartition(2)
+    est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0, engine="barrier")
+    calm = est.fit(df)
+    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration=3)
+    logger = logging.getLogger("spark_gmm")
+    logger.addHandler(killer)
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    try:
+        disturbed = est.fit(df)
+    finally:
+        logger.removeHandler(killer)
+    assert killer.killed, "no resident task was found to kill"
+    assert "running the barrier stage again (failure 1 of at most 2 in a row)" in caplog.text
+    assert "runs on the driver engine" not in caplog.text  # the rerun itself finished the fit
+    assert_identical(disturbed, calm)

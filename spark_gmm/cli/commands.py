@@ -12,7 +12,7 @@ import warnings
 
 from .arguments import COMMANDS, output_kind, parse_args
 from .errors import JobError, UsageError, short_message
-from .logs import IterationCounter, configure_logging, error_stream, job_session, log_warning
+from .logs import configure_logging, error_stream, job_session, log_warning
 from .recurring import DRIFT_EXIT_CODE, align, log_to_mlflow, previous_models
 from .storage import check_outputs, read_input, write_local_file, write_predictions
 
@@ -138,25 +138,15 @@ def _fit_and_write(spark, args, fit) -> dict:
     if initial is not None:
         estimator.setInitialModel(initial)
     began = time.perf_counter()
-    progress = IterationCounter()
-    library_log = logging.getLogger("spark_gmm")
-    library_log.addFilter(progress)
     try:
         model, extra = fit(estimator, df)
     except (InvalidInputError, ValueError, FloatingPointError) as error:
         raise JobError(short_message(error)) from None
-    finally:
-        library_log.removeFilter(progress)
     fit_seconds = time.perf_counter() - began
     if previous is not None:
         model, drift = align(model, previous, df, args)
         recurring.update(drift)
     summary = model.summary
-    if not progress.count:
-        # The barrier engine iterates inside a Spark task, whose log stays on the executor: report
-        # the history the summary brings back instead.
-        for i, value in enumerate(summary.logLikelihoodHistory):
-            log.info("iteration %d: log-likelihood %.10g (reported by the barrier stage)", i, value)
     if args.model_out:
         try:
             writer = model.write()

@@ -73,19 +73,6 @@ def configure_logging(level: str, stream) -> None:
     logger.propagate = False
 
 
-class IterationCounter(logging.Filter):
-    """Counts the library's per-iteration log records (to know whether they reached the driver)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and "iteration %d: log-likelihood" in record.msg:
-            self.count += 1
-        return True
-
-
 def log_warning(message, category, filename, lineno, file=None, line=None):
     """Library warnings (an emptied component, a repaired covariance) as one log line each."""
     log.warning("%s: %s", category.__name__, message)
