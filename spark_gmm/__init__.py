@@ -13,6 +13,7 @@ from .exceptions import (  # noqa: E402
 )
 from .persistence import ModelFormatError  # noqa: E402
 from .selection import GaussianMixtureSelection, GaussianMixtureSelectionModel  # noqa: E402
+from . import report  # noqa: E402,F401  (spark_gmm.report.write_report works after `import spark_gmm`)
 
 __all__ = [
     "GaussianMixture",

@@ -10,19 +10,29 @@ from dataclasses import replace
 
 import numpy as np
 from pyspark.ml import Estimator
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, functions as F
 
 from . import barrier, em, persistence
 from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
-from .inputs import check_driver_memory, executor_errors_explained, feature_names, jvm_bytes
+from .inputs import (
+    check_driver_memory,
+    check_executor_memory,
+    executor_errors_explained,
+    feature_count,
+    feature_names,
+    jvm_bytes,
+)
 from .mixture import ComponentStatistics, Mixture, thin_components
 from .model import GaussianMixtureModel, GaussianMixtureSummary
 from .options import check_options
 from .params import GaussianMixtureParams
 
 log = logging.getLogger("spark_gmm")
+
+#: Largest feature magnitude (and range) a fit accepts: squared distances must stay finite.
+LARGEST_FEATURE = 1e150
 
 
 class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable):
@@ -151,6 +161,7 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
         """(cached blocks, input summary, rows skipped), validated for `k` (default: this k)."""
         x = self.featureColumn(dataset)
         w = self.weightColumn(dataset)
+        self._check_size_before_packing(dataset, x, k or self.getK())
         cache = BlockCache(dataset, x, w, self.getAggregationDepth())
         try:
             log.info("reading and validating the input into cached blocks")
@@ -170,6 +181,17 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
             self._release(cache)
             raise
         return cache, summary, skipped
+
+    def _check_size_before_packing(self, dataset: DataFrame, x, k: int) -> None:
+        """Refuse a fit too large for the driver before the input is read in full: the feature count
+        comes from the schema, or from the first row that has features."""
+        input_cols = self.getInputCols() if self.isDefined(self.inputCols) else None
+        d = feature_count(dataset, self.getFeaturesCol(), input_cols)
+        if d is None:
+            first = dataset.select(F.size(x).alias("d")).where(x.isNotNull()).first()
+            d = int(first["d"]) if first is not None else 0
+        if d > 0:
+            check_driver_memory(k, d, 8 * ComponentStatistics.size(k, d), 1, 0)
 
     @staticmethod
     def _release(cache: BlockCache) -> None:
@@ -235,6 +257,12 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
             raise InvalidInputError(f"weight column '{self.getWeightCol()}': all weights are zero")
         if self.getK() > s.rows:
             raise InvalidInputError(f"k={self.getK()} is larger than the number of rows ({s.rows})")
+        extreme = np.maximum(np.abs(s.shift) + s.span / 2, s.span)
+        for i in np.flatnonzero(extreme > LARGEST_FEATURE):
+            raise InvalidInputError(
+                f"feature {self._feature_name(i)} has values as large as {extreme[i]:.3g}: their squares "
+                "overflow float64 in the densities; rescale it (e.g. StandardScaler)"
+            )
         for i in np.flatnonzero(s.span == 0):
             constant = f"feature {self._feature_name(i)} is constant ({s.shift[i]:.17g})"
             if self.getRegCovar() <= 0:
@@ -252,6 +280,7 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
             partials_at_driver(s.partitions, partial_bytes, self.getAggregationDepth()),
             jvm_bytes(spark.conf.get("spark.driver.maxResultSize", "1g")),
         )
+        check_executor_memory(self.getK(), s.d, spark)
         return invalid
 
     def _run(self, cache: BlockCache, summary, spark) -> em.FitResult:

@@ -16,6 +16,11 @@ from pyspark.sql.types import ArrayType, NumericType
 from .exceptions import ExecutorEnvironmentError, InvalidInputError
 
 
+def named_column(name: str) -> Column:
+    """The column called `name`, whatever characters it holds (backticks are doubled in quoting)."""
+    return F.col("`" + name.replace("`", "``") + "`")
+
+
 def _field(df: DataFrame, name: str, role: str):
     fields = {f.name: f for f in df.schema.fields}
     if name not in fields:
@@ -35,14 +40,14 @@ def feature_array(df: DataFrame, features_col: str, input_cols: list[str] | None
                     f"input column '{name}' has type {field.dataType.simpleString()}; "
                     "inputCols must be numeric columns"
                 )
-        return F.array(*[F.col(f"`{name}`").cast("double") for name in input_cols])
+        return F.array(*[named_column(name).cast("double") for name in input_cols])
     field = _field(df, features_col, "features")
     kind = field.dataType
     if isinstance(kind, VectorUDT):
-        column = F.col(f"`{features_col}`")
+        column = named_column(features_col)
         return F.when(column.isNotNull(), vector_to_array(column, "float64"))
     if isinstance(kind, ArrayType) and isinstance(kind.elementType, NumericType):
-        return F.col(f"`{features_col}`").cast("array<double>")
+        return named_column(features_col).cast("array<double>")
     raise InvalidInputError(
         f"features column '{features_col}' has type {kind.simpleString()}; expected a vector, "
         "an array of numbers, or set inputCols to numeric columns"
@@ -80,7 +85,7 @@ def weight_column(df: DataFrame, weight_col: str | None) -> Column | None:
         raise InvalidInputError(
             f"weight column '{weight_col}' has type {field.dataType.simpleString()}; it must be numeric"
         )
-    return F.col(f"`{weight_col}`").cast("double")
+    return named_column(weight_col).cast("double")
 
 
 #: float64 k×d×d arrays the driver holds at once: statistics, covariances, Cholesky factors and their
@@ -142,6 +147,31 @@ def check_driver_memory(k: int, d: int, partial_bytes: int, partials: int, max_r
             f"{_gib(partial_bytes)}, k={k}, d={d}) but spark.driver.maxResultSize is "
             f"{_gib(max_result_bytes)}; raise aggregationDepth, coalesce the input, or raise "
             "spark.driver.maxResultSize"
+        )
+
+
+#: float64 k×d×d arrays an executor task holds at once: the mixture's covariances and precision
+#: factors, the pass's statistics and their temporaries.
+TASK_COPIES = 4
+
+
+def check_executor_memory(k: int, d: int, spark) -> None:
+    """Refuse a fit whose per-task arrays (k·d² doubles, a few copies) exceed an executor task's
+    Python memory, as far as this session can tell (classic sessions only)."""
+    from .engine_choice import python_memory_per_task, task_slots
+
+    try:
+        context = spark.sparkContext
+    except Exception:  # Spark Connect: the executors' settings are not visible here
+        return
+    need = 8 * k * d * d * TASK_COPIES
+    have, source = python_memory_per_task(context.getConf(), context.master, task_slots(spark))
+    if need > MEMORY_SHARE * have:
+        raise InvalidInputError(
+            f"k={k} components × d={d} features need about {_gib(need)} in each executor task "
+            f"(k·d² = {k * d * d:.3g} doubles, {TASK_COPIES} copies); the executors' Python has "
+            f"{_gib(have)} ({source}). Reduce the number of features or components, or raise "
+            "spark.executor.pyspark.memory"
         )
 
 

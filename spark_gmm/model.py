@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 from . import em, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
-from .inputs import feature_count
+from .inputs import feature_count, named_column
 from .kernels import log_sum_exp, normalize_log, weighted_log_joint
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion
 from .params import GaussianMixtureParams
@@ -216,7 +216,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         prediction = scores.prediction
         if handle == "error":
             prediction = refuse_unscorable(prediction, scores, self._features_label(), self.numFeatures)
-        out = [F.col(f"`{c}`") for c in dataset.columns]
+        out = [named_column(c) for c in dataset.columns]
         out.append(prediction.alias(self.getPredictionCol()))
         probability = scores.probability
         out.append(

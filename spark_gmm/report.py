@@ -15,7 +15,9 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import DataFrame, functions as F
+from pyspark.sql import DataFrame
+
+from .inputs import named_column
 
 #: Rows drawn for the scatter plot: enough to see the clusters, bounded whatever the table's size.
 SAMPLE_ROWS = 5000
@@ -313,7 +315,7 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
     fraction = min(1.0, SAMPLE_ROWS / max(n, 1))
     scorer = model.copy({model.handleInvalid: "skip"})  # the pictures show the rows it can score
     sample = scorer.transform(dataset.sample(fraction=fraction, seed=0).limit(SAMPLE_ROWS))
-    sample = sample.select(x.alias("x"), F.col(f"`{model.getPredictionCol()}`").alias("c")).toPandas()
+    sample = sample.select(x.alias("x"), named_column(model.getPredictionCol()).alias("c")).toPandas()
     sample = sample[sample["c"].notna()]
     points = (np.stack(sample["x"].to_numpy()) - mean) @ axes if len(sample) else np.zeros((0, 2))
     clusters = sample["c"].astype(int).to_numpy()

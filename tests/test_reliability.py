@@ -337,3 +337,49 @@ def test_killed_python_worker_changes_nothing(spark, kill_data, engine):
     assert killer.failures() >= 1, "no kill failed a task"  # so Spark did retry something
     assert_identical(disturbed, undisturbed)
     assert disturbed.summary.clusterSizes == undisturbed.summary.clusterSizes
+
+
+# -- extreme inputs --------------------------------------------------------------------------------
+
+
+def test_values_whose_squares_overflow_are_refused(spark, rng):
+    x = blobs(rng)
+    x[:, 1] *= 1e158
+    with pytest.raises(InvalidInputError, match=r"^feature 1 of 'features' has values as large as .*e\+15[89].*rescale"):
+        GaussianMixture(k=3, seed=1).fit(frame(spark, x))
+
+
+def test_column_names_with_backticks_work(spark, rng):
+    x = blobs(rng)
+    df = spark.createDataFrame([(float(a), float(b)) for a, b in x], "`a``b` double, `c` double")
+    fitted = GaussianMixture(k=3, seed=1, inputCols=["a`b", "c"]).fit(df)
+    assert fitted.transform(df).count() == len(x)
+    assert fitted.featureNames == ["a`b", "c"]
+
+
+def test_a_fit_too_wide_for_the_driver_is_refused_before_the_input_is_packed(spark):
+    """d = 100,000 features: the refusal comes from one row, not after a pass over all of them."""
+    df = spark.range(1000).selectExpr("array_repeat(cast(id as double), 100000) as features")
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup(None))
+    with pytest.raises(InvalidInputError, match=r"^k=2 components × d=100000 features need about .* of driver memory"):
+        GaussianMixture(k=2).fit(df)
+    jobs = [tracker.getJobInfo(j) for j in set(tracker.getJobIdsForGroup(None)) - before]
+    assert len(jobs) <= 1  # at most the one-row look at the feature count
+
+
+def test_executor_memory_is_checked_too(monkeypatch):
+    from spark_gmm import engine_choice, inputs
+
+    class Session:
+        class sparkContext:  # noqa: N801 - the attribute pyspark sessions have
+            master = "spark://cluster:7077"
+
+            @staticmethod
+            def getConf():
+                return {"spark.executor.pyspark.memory": "512m", "spark.executor.cores": "4"}
+
+    monkeypatch.setattr(engine_choice, "task_slots", lambda spark: 8)
+    with pytest.raises(InvalidInputError, match=r"^k=5 components × d=2000 features need about 0.596 GiB in each executor task"):
+        inputs.check_executor_memory(5, 2000, Session())
+    inputs.check_executor_memory(5, 200, Session())  # 6 MB: fine

@@ -192,3 +192,13 @@ def test_demo_data_overlaps_so_that_em_takes_several_iterations(spark, tmp_path)
     assert model.summary.numIter >= 4 and per_row[-1] - per_row[0] > 0.05
     distance = np.linalg.norm(model.means[:, None] - np.array(truth["means"])[None], axis=2)
     assert sorted(distance.argmin(axis=1)) == [0, 1, 2, 3] and distance.min(axis=1).max() < 0.3
+
+
+def test_report_is_reachable_from_the_package():
+    """`import spark_gmm` is enough for `spark_gmm.report.write_report` (the docs' spelling)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import spark_gmm; print(spark_gmm.report.write_report.__name__)"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "write_report", done.stderr

@@ -12,6 +12,8 @@ import warnings
 
 from .arguments import COMMANDS, output_kind, parse_args
 from .errors import JobError, UsageError, short_message
+from spark_gmm.inputs import named_column
+
 from .logs import configure_logging, error_stream, job_session, log_warning
 from .recurring import DRIFT_EXIT_CODE, align, log_to_mlflow, previous_models
 from .storage import check_outputs, read_input, write_local_file, write_predictions
@@ -63,7 +65,7 @@ def model_features(model, df, names: list[str] | None) -> dict:
     if "inputCols" in features:
         count = len(features["inputCols"])
     else:
-        column = F.col(f"`{features['featuresCol']}`")
+        column = named_column(features['featuresCol'])
         if isinstance(df.schema[features["featuresCol"]].dataType, VectorUDT):
             column = vector_to_array(column)
         first = df.where(column.isNotNull()).select(F.size(column)).first()
@@ -242,7 +244,7 @@ def _scored(model, df, args):
     out = model.transform(df)
     if not args.probability_col:
         return out.drop(probability)
-    column = F.col(f"`{probability}`")
+    column = named_column(probability)
     # vector_to_array fails on null (unscorable rows), so only convert the others.
     return out.withColumn(probability, F.when(column.isNotNull(), vector_to_array(column, "float64")))
 
@@ -269,8 +271,8 @@ def _scoring_figures(spark, args, scored, k: int) -> dict:
         source = spark.table(args.predictions_out)
     else:
         source = spark.read.format(args.output_format).load(args.predictions_out)
-    sums = [F.sum(F.col(f"`{args.log_likelihood_col}`")).alias("ll")] if args.log_likelihood_col else []
-    groups = source.groupBy(F.col(f"`{args.prediction_col}`").alias("component")).agg(
+    sums = [F.sum(named_column(args.log_likelihood_col)).alias("ll")] if args.log_likelihood_col else []
+    groups = source.groupBy(named_column(args.prediction_col).alias("component")).agg(
         F.count(F.lit(1)).alias("rows"), *sums
     ).collect()
     sizes, unscored, total = [0] * k, 0, 0.0
