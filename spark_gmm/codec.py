@@ -20,6 +20,7 @@ most `WINDOW_VALUES` values, so no task, Connect message, driver JVM buffer or
 
 from __future__ import annotations
 
+import gc
 import hashlib
 
 import numpy as np
@@ -27,11 +28,14 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 from pyspark.sql.utils import AnalysisException
 
-#: Values per row: 4 MiB, well inside Parquet's and Arrow's per-value limits.
-CHUNK_VALUES = 1 << 19
-#: Values per Spark write or read: 64 MiB, so that a task carrying one window stays under
-#: spark.rpc.message.maxSize's default (128 MiB) and the driver JVM never buffers more.
-WINDOW_VALUES = 1 << 23
+#: Values per row: 1 MiB, one Parquet page.
+CHUNK_VALUES = 1 << 17
+#: Values per Spark write or read: 32 MiB, so that a task carrying one window stays well under
+#: spark.rpc.message.maxSize (128 MiB) and a default 1 GiB driver JVM holds its few copies of it.
+WINDOW_VALUES = 1 << 22
+#: Parquet row group size: the vectorized reader decodes a whole row group even when a window's
+#: filter keeps part of it, so small row groups keep reads within the window too.
+ROW_GROUP_BYTES = 8 << 20
 #: |C_ij − C_ji| allowed, relative to sqrt(C_ii·C_jj): a thousand times the round-off of a covariance
 #: computed in another order (a few 1e-16), far below any deliberate asymmetry.
 SYMMETRY_TOLERANCE = 1e-12
@@ -211,9 +215,13 @@ def write(spark, path: str, arrays: dict[str, np.ndarray], write_id: str, overwr
             .write.mode(mode)
             .option("compression", "uncompressed")
             .option("parquet.enable.dictionary", "false")
+            .option("parquet.block.size", str(ROW_GROUP_BYTES))
             .parquet(path)
         )
         mode = "append"
+        # The window's DataFrame sits in a Python reference cycle that keeps its rows alive in the
+        # JVM until Python collects it; without this, a large model's windows pile up there.
+        gc.collect()
 
 
 def read(spark, path: str, shapes: dict[str, tuple[int, ...]], write_id: str, owner: str):
@@ -233,6 +241,7 @@ def read(spark, path: str, shapes: dict[str, tuple[int, ...]], write_id: str, ow
                         & (F.col("offset") < start + WINDOW_VALUES)
                     ).toArrow()
                 )
+                gc.collect()  # as in `write`
     return assembly.result()
 
 

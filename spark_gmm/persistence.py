@@ -218,15 +218,16 @@ def read_arrays(path: str) -> SavedMixture:
             lines += [line for line in stream.read().decode("utf-8").splitlines() if line.strip()]
     metadata = _parse_metadata(lines, path, "GaussianMixtureModel")
     try:
-        table = pq.read_table(f"{root}/data", filesystem=fs)
         if metadata["formatVersion"] == 1:
-            components = _version_1_components(table, path, metadata)
+            components = _version_1_components(pq.read_table(f"{root}/data", filesystem=fs), path, metadata)
         else:
             assembly = codec.Assembly(
                 codec.mixture_shapes(metadata["k"], metadata["numFeatures"]), metadata["writeId"],
                 f"{path}/data", f"{path}/metadata",
             )
-            assembly.add(table)
+            for fragment in pq.ParquetDataset(f"{root}/data", filesystem=fs).fragments:
+                for batch in fragment.to_batches(batch_size=16):  # 16 MiB at a time, not a 2nd copy
+                    assembly.add(pa.Table.from_batches([batch]))
             arrays = assembly.result()
             components = arrays["weights"], arrays["means"], arrays["covariances"]
     except ModelFormatError:
