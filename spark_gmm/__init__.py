@@ -9,6 +9,7 @@ from .exceptions import (  # noqa: E402
     ExecutorEnvironmentError,
     InputWarning,
     InvalidInputError,
+    InvalidMixtureError,
     SpectralRepairWarning,
 )
 from .persistence import ModelFormatError  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "ExecutorEnvironmentError",
     "InputWarning",
     "InvalidInputError",
+    "InvalidMixtureError",
     "ModelFormatError",
     "SpectralRepairWarning",
     "__version__",

@@ -5,6 +5,9 @@ cached DataFrame holding the block's float64 values as raw bytes. Every data pas
 cached blocks straight to numpy, folds the pass's partials per partition in storage order, and
 the driver combines one partial per partition in partition order. Only DataFrame APIs are used on
 the hot path (no `sparkContext`), so the same code runs under Spark Connect.
+
+The packing pass also takes a digest of the rows it keeps (`content_digest`), so a checkpoint can
+tell the data it was made from without another pass.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, functions as F
 
+from .codec import binary_views as _binary_views
+
 #: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
 BLOCK_BYTES = 1 << 19
 #: Above this many bytes of partials per pass, the driver combines them in a tree (aggregationDepth).
@@ -25,12 +30,13 @@ TREE_THRESHOLD_BYTES = 32 << 20
 
 BLOCK_SCHEMA = (
     "pid int, seq int, n int, d int, x binary, w binary, wsum double, xmin binary, xmax binary, "
-    "null_rows long, nonfinite_rows long, bad_weight_rows long, dmin int, dmax int"
+    "null_rows long, nonfinite_rows long, bad_weight_rows long, dmin int, dmax int, digest long"
 )
 SUMMARY_COLUMNS = [
     "pid", "n", "d", "wsum", "xmin", "xmax",
-    "null_rows", "nonfinite_rows", "bad_weight_rows", "dmin", "dmax",
+    "null_rows", "nonfinite_rows", "bad_weight_rows", "dmin", "dmax", "digest",
 ]
+_U64 = (1 << 64) - 1
 PARTIAL_SCHEMA = "pid int, part binary"
 
 
@@ -44,18 +50,36 @@ def _partition_id() -> int:
     return TaskContext.get().partitionId()
 
 
-def _binary_views(column: pa.Array) -> list[np.ndarray]:
-    """Zero-copy uint8 views of each value of a binary (or large binary) Arrow array."""
-    if isinstance(column, pa.ChunkedArray):
-        return [v for chunk in column.chunks for v in _binary_views(chunk)]
-    _, offsets, data = column.buffers()
-    kind = np.int64 if pa.types.is_large_binary(column.type) else np.int32
-    offsets = np.frombuffer(offsets, dtype=kind)[column.offset : column.offset + len(column) + 1]
-    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
-    return [data[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 in which every output bit depends on every
+    input bit (uint64 arithmetic wraps, as the hash needs)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
-def _block_batch(pid, seq, x, w, counts, dims):
+def content_digest(x: np.ndarray, w: np.ndarray | None) -> int:
+    """Digest of the multiset of rows (x_i, w_i): Σ_i h(x_i, w_i) mod 2⁶⁴ (w_i = 1 without weights).
+
+    Summed, it does not depend on row order or partitioning, and digests of parts add up to the
+    digest of the whole. h mixes each value's bits with a salt for its position, sums over the row
+    and mixes again, so moving a value to another column or another row changes it. -0.0 counts as
+    0.0 (the fit cannot tell them apart). A guard against resuming on other data, not a
+    cryptographic hash.
+    """
+    n, d = x.shape
+    weights = np.ones(n) if w is None else w
+    salts = _mix64(np.arange(1, d + 2, dtype=np.uint64))
+    total = 0
+    step = max(1, (1 << 18) // (d + 1))  # bounded temporaries for any d
+    for start in range(0, n, step):
+        rows = np.column_stack([x[start : start + step], weights[start : start + step]]) + 0.0
+        per_row = _mix64(rows.view(np.uint64) ^ salts).sum(axis=1, dtype=np.uint64)
+        total = (total + int(_mix64(per_row).sum(dtype=np.uint64))) & _U64
+    return total
+
+
+def _block_batch(pid, seq, x, w, counts, dims, digest=0):
     """One output row: a block of valid rows plus what the driver needs to validate the input."""
     n, d = x.shape if x is not None else (0, -1)
     finite = x if x is not None else np.empty((0, 0))
@@ -75,6 +99,7 @@ def _block_batch(pid, seq, x, w, counts, dims):
             "bad_weight_rows": pa.array([counts[2]], pa.int64()),
             "dmin": pa.array([dims[0]], pa.int32()),
             "dmax": pa.array([dims[1]], pa.int32()),
+            "digest": pa.array(np.array([digest], np.uint64).view(np.int64)),
         }
     )
 
@@ -115,7 +140,7 @@ def make_packer(has_weight: bool):
         block_rows = None
         seq = 0
         pending_x, pending_w, pending = [], [], 0
-        counts, dims = np.zeros(3, np.int64), (-1, -1)
+        counts, dims, digest = np.zeros(3, np.int64), (-1, -1), 0
 
         def flush(limit):
             nonlocal pending_x, pending_w, pending
@@ -139,6 +164,7 @@ def make_packer(has_weight: bool):
                 return
             if not len(x):
                 continue
+            digest = (digest + content_digest(x, w)) & _U64
             block_rows = block_rows or block_rows_for(x.shape[1])
             pending_x.append(x)
             pending_w.append(w)
@@ -152,8 +178,8 @@ def make_packer(has_weight: bool):
             for bx, bw in flush(pending):
                 yield _block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
                 seq += 1
-        # Counts of invalid rows travel on a row of their own.
-        yield _block_batch(pid, seq, None, None, counts.tolist(), dims)
+        # Counts of invalid rows and the digest travel on a row of their own.
+        yield _block_batch(pid, seq, None, None, counts.tolist(), dims, digest)
 
     return pack
 
@@ -266,6 +292,7 @@ class InputSummary:
     bad_weight_rows: int
     dims: tuple[int, int]
     partitions: int
+    content: str  # 16 hex digits: `content_digest` of all valid rows, whatever their order
 
 
 class BlockCache:
@@ -317,6 +344,7 @@ class BlockCache:
             bad_weight_rows=int(t.column("bad_weight_rows").to_numpy().sum()),
             dims=dims,
             partitions=self.partitions,
+            content=f"{int(t.column('digest').to_numpy().view(np.uint64).sum(dtype=np.uint64)):016x}",
         )
 
     def narrow(self) -> None:

@@ -1,107 +1,152 @@
 """EM checkpoints: the state after an M-step, saved so a killed fit resumes to the same model.
 
-A checkpoint is one JSON text file written with Spark's DataFrame writer (any file system, Spark
-Connect too) into one of two slots, alternately, so a fit killed while writing one slot still has the
-other. It holds the parameters in the fit's shifted coordinates, exactly (JSON floats round-trip), and
-a fingerprint of the data and the settings; a resumed fit continues with the very numbers an
-unbroken fit would have had, so it ends with the same model.
+Checkpoints go into one of two slots, alternately, so a fit killed while writing one slot still has
+the other. A slot holds ``arrays/`` (the current and the previous mixture, in the fit's shifted
+coordinates, as exact float64 payloads of `codec`) and ``state/`` (one JSON line: the iteration, the
+log-likelihood history, the fingerprint and the write's id), written last. A slot whose arrays were
+not written by the write its state names — a kill between the two writes — is skipped.
+
+The fingerprint names the data (row count, total weight and the packing pass's content digest, which
+ignores row order and partitioning) and every setting that changes the model (k, regCovar, tol,
+seed, initMode, the initial model's digest, dtype, covarianceType). A checkpoint whose fingerprint
+differs is refused, naming the differing keys. `maxIter` only says where EM stops, not where it
+goes: a checkpoint at iteration i lies on the path of any fit with maxIter ≥ i, so a larger maxIter
+continues a finished fit; a maxIter below the checkpoint's iteration is refused.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import uuid
 
 import numpy as np
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import AnalysisException
 
+from . import codec
 from .em import EMState
 from .mixture import Mixture, precision_cholesky
 
+log = logging.getLogger("spark_gmm")
+
 SLOTS = ("slot-0", "slot-1")
+_MIXTURES = ("mixture.", "previous.")
+_STATE_KEYS = {
+    "writeId", "fingerprint", "iteration", "k", "numFeatures", "hasPrevious", "history", "seconds", "empty",
+    "reseeded", "finishing",
+}
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint directory holds a fit of other data or other settings."""
 
 
-def _mixture_json(mixture: Mixture | None):
-    if mixture is None:
-        return None
-    return {
-        "weights": mixture.weights.tolist(),
-        "means": mixture.means.tolist(),
-        "covariances": mixture.covariances.tolist(),
-    }
-
-
-def _mixture(record, reg_covar: float) -> Mixture | None:
-    if record is None:
-        return None
-    covariances = np.array(record["covariances"], dtype=np.float64)
-    return Mixture(
-        weights=np.array(record["weights"], dtype=np.float64),
-        means=np.array(record["means"], dtype=np.float64),
-        covariances=covariances,
-        precisions_cholesky=precision_cholesky(covariances),
-    )
-
-
 class Checkpointer:
     """Saves every `interval`-th EM state under `directory`; `latest()` reads the newest back."""
 
-    def __init__(self, spark: SparkSession, directory: str, interval: int, fingerprint: dict, reg_covar: float):
+    def __init__(
+        self, spark: SparkSession, directory: str, interval: int, fingerprint: dict, max_iter: int,
+    ):
         self.spark, self.directory, self.interval = spark, directory.rstrip("/"), interval
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back
-        self.reg_covar = reg_covar
+        self.max_iter = max_iter
 
     def save(self, state: EMState) -> None:
         if self.interval < 1 or state.iteration % self.interval:
             return
+        slot = f"{self.directory}/{SLOTS[(state.iteration // self.interval) % 2]}"
+        write_id = uuid.uuid4().hex
+        arrays = {}
+        for prefix, m in zip(_MIXTURES, (state.mixture, state.previous)):
+            if m is not None:
+                arrays.update(codec.mixture_arrays(m.weights, m.means, m.covariances, prefix))
+        codec.write(self.spark, f"{slot}/arrays", arrays, write_id, overwrite=True)
         record = {
+            "writeId": write_id,
             "fingerprint": self.fingerprint,
+            "maxIter": self.max_iter,
             "iteration": state.iteration,
-            "mixture": _mixture_json(state.mixture),
-            "previous": _mixture_json(state.previous),
+            "k": state.mixture.k,
+            "numFeatures": state.mixture.d,
+            "hasPrevious": state.previous is not None,
             "history": state.history,
             "seconds": state.seconds,
             "empty": state.empty,
             "reseeded": state.reseeded,
             "finishing": state.finishing,
         }
-        slot = SLOTS[(state.iteration // self.interval) % 2]
         self.spark.createDataFrame([(json.dumps(record),)], "value string").coalesce(1).write.mode(
             "overwrite"
-        ).text(f"{self.directory}/{slot}")
+        ).text(f"{slot}/state")
 
-    def latest(self) -> EMState | None:
-        """The newest complete checkpoint, or None; refuses one of other data or settings."""
-        records = []
-        for slot in SLOTS:
-            try:
-                lines = [row[0] for row in self.spark.read.text(f"{self.directory}/{slot}").collect()]
-                records.append(json.loads(lines[0]))
-            except (AnalysisException, IndexError, ValueError):
-                continue  # absent, or cut short by a kill: the other slot holds the previous one
-        if not records:
+    def _record(self, slot: str) -> dict | None:
+        """The slot's state, or None when it is absent or cut short by a kill."""
+        path = f"{self.directory}/{slot}/state"
+        try:
+            if not codec.exists(self.spark, path):
+                return None
+            lines = [row[0] for row in self.spark.read.text(path).collect()]
+            record = json.loads(lines[0])
+            complete = isinstance(record, dict) and _STATE_KEYS <= set(record)
+            return {**record, "slot": slot} if complete else None
+        except (AnalysisException, IndexError, ValueError):
             return None
-        record = max(records, key=lambda r: r["iteration"])
-        if record["fingerprint"] != self.fingerprint:
-            changed = sorted(
-                key for key in set(record["fingerprint"]) | set(self.fingerprint)
-                if record["fingerprint"].get(key) != self.fingerprint.get(key)
-            )
+
+    def _check(self, record: dict) -> None:
+        found = record.get("fingerprint") or {}
+        changed = sorted(
+            key for key in set(found) | set(self.fingerprint) if found.get(key) != self.fingerprint.get(key)
+        )
+        if changed:
             raise CheckpointMismatchError(
                 f"checkpoint directory {self.directory} holds a fit of other data or settings "
                 f"(differs in: {', '.join(changed)}); use another directory or remove it to start afresh"
             )
-        return EMState(
-            iteration=record["iteration"],
-            mixture=_mixture(record["mixture"], self.reg_covar),
-            previous=_mixture(record["previous"], self.reg_covar),
-            history=record["history"],
-            seconds=record["seconds"],
-            empty=record["empty"],
-            reseeded=[tuple(item) for item in record["reseeded"]],
-            finishing=record["finishing"],
+        if record["iteration"] > self.max_iter:
+            raise CheckpointMismatchError(
+                f"checkpoint directory {self.directory} holds a fit at iteration {record['iteration']}, "
+                f"beyond maxIter={self.max_iter} (differs in: maxIter); raise maxIter to continue it, or "
+                "use another directory"
+            )
+
+    def latest(self) -> EMState | None:
+        """The newest complete checkpoint, or None; refuses one of other data or settings."""
+        records = [r for r in (self._record(slot) for slot in SLOTS) if r is not None]
+        for record in sorted(records, key=lambda r: r["iteration"], reverse=True):
+            self._check(record)
+            prefixes = _MIXTURES if record["hasPrevious"] else _MIXTURES[:1]
+            shapes = {}
+            for prefix in prefixes:
+                shapes.update(codec.mixture_shapes(record["k"], record["numFeatures"], prefix))
+            path = f"{self.directory}/{record['slot']}/arrays"
+            try:
+                arrays = codec.read(self.spark, path, shapes, record["writeId"], f"{record['slot']}/state")
+            except Exception as why:  # noqa: BLE001 — any unreadable slot: the other one may do
+                first = (str(why).strip().splitlines() or [type(why).__name__])[0]
+                log.warning("checkpoint %s is incomplete (%s); trying the other slot", path, first)
+                continue
+            if record.get("maxIter") != self.max_iter:
+                log.info("checkpoint written with maxIter=%s; continuing to maxIter=%d",
+                         record.get("maxIter"), self.max_iter)
+            mixtures = [self._mixture(arrays, prefix) for prefix in prefixes]
+            return EMState(
+                iteration=record["iteration"],
+                mixture=mixtures[0],
+                previous=mixtures[1] if record["hasPrevious"] else None,
+                history=record["history"],
+                seconds=record["seconds"],
+                empty=record["empty"],
+                reseeded=[tuple(item) for item in record["reseeded"]],
+                finishing=record["finishing"],
+            )
+        return None
+
+    def _mixture(self, arrays: dict[str, np.ndarray], prefix: str) -> Mixture:
+        covariances = arrays[f"{prefix}covariances"]
+        return Mixture(
+            weights=arrays[f"{prefix}weights"],
+            means=arrays[f"{prefix}means"],
+            covariances=covariances,
+            precisions_cholesky=precision_cholesky(covariances),
         )

@@ -12,7 +12,7 @@ import numpy as np
 from pyspark.ml import Estimator
 from pyspark.sql import DataFrame, functions as F
 
-from . import barrier, em, persistence
+from . import barrier, codec, em, persistence
 from .blocks import BlockCache, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
@@ -314,20 +314,27 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
         directory = self.getCheckpointDir()
         if not directory:
             return None
-        fingerprint = {
+        start = self._initial_model
+        fingerprint = {  # the data and every setting that changes the model (maxIter: see Checkpointer)
             "k": self.getK(),
             "numFeatures": summary.d,
             "rows": summary.rows,
             "totalWeight": summary.total_weight,
-            "shift": summary.shift.tolist(),
+            "content": summary.content,
             "regCovar": self.getRegCovar(),
             "tol": self.getTol(),
             "seed": self.getSeed(),
-            "initMode": self.getInitMode() if self._initial_model is None else "initialModel",
+            "initMode": self.getInitMode() if start is None else "initialModel",
+            "initialModel": None if start is None else codec.digest(
+                codec.mixture_arrays(start.weights, start.means, start.covariances)
+            ),
             "dtype": self.getDtype(),
             "covarianceType": self.getCovarianceType(),
+            "reseedComponents": self.getReseedComponents(),
         }
-        return Checkpointer(spark, directory, self.getCheckpointInterval(), fingerprint, self.getRegCovar())
+        return Checkpointer(
+            spark, directory, self.getCheckpointInterval(), fingerprint, self.getMaxIter()
+        )
 
     def _settings(self, summary) -> em.FitSettings:
         start = None

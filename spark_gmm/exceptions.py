@@ -19,3 +19,7 @@ class SpectralRepairWarning(UserWarning):
 
 class ExecutorEnvironmentError(RuntimeError):
     """The executors' Python cannot run spark_gmm's code (a module it needs is missing there)."""
+
+
+class InvalidMixtureError(ValueError):
+    """Mixture parameters that are not a Gaussian mixture (the message names the component)."""

@@ -12,7 +12,7 @@ from pyspark.ml.linalg import DenseMatrix, DenseVector, Vector, Vectors
 from pyspark.ml.stat import MultivariateGaussian
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
-from . import em, persistence
+from . import codec, em, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
 from .inputs import feature_count, named_column
@@ -29,22 +29,11 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         super().__init__()
         means = np.atleast_2d(np.asarray(means, dtype=np.float64))
         k, d = means.shape
-        covariances = np.asarray(covariances, dtype=np.float64).reshape(k, d, d)
-        weights = np.asarray(weights, dtype=np.float64).reshape(k)
-        if not (np.isfinite(weights).all() and np.isfinite(means).all() and np.isfinite(covariances).all()):
-            raise ValueError("mixture parameters must be finite")
-        if (weights < 0).any() or not weights.sum() > 0:
-            raise ValueError("mixture weights must be non-negative with a positive sum")
-        for j, cov in enumerate(covariances):
-            if not np.allclose(cov, cov.T, rtol=1e-12, atol=0):
-                raise ValueError(f"covariance {j} is not symmetric")
-            try:
-                np.linalg.cholesky(cov)
-            except np.linalg.LinAlgError:
-                raise ValueError(
-                    f"covariance {j} is not positive definite (smallest eigenvalue "
-                    f"{np.linalg.eigvalsh(cov)[0]:.3g})"
-                ) from None
+        weights, means, covariances = codec.checked_mixture(
+            np.asarray(weights, dtype=np.float64).reshape(k),
+            means,
+            np.asarray(covariances, dtype=np.float64).reshape(k, d, d),
+        )
         self._mixture = Mixture.from_covariances(weights, means, covariances)
         # Scoring works around the means' centre, as fitting works around the data's.
         self._center = (means.min(axis=0) + means.max(axis=0)) / 2

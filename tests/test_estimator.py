@@ -513,7 +513,7 @@ def test_initial_model_and_k_must_agree(truth_data):
      (np.array([[1.0, 0.5], [0.4, 1.0]]), "not symmetric")],
 )
 def test_from_arrays_refuses_invalid_covariances(covariance, problem):
-    with pytest.raises(ValueError, match=f"covariance 1 is {problem}"):
+    with pytest.raises(ValueError, match=f"^component 1: covariance is {problem}"):
         GaussianMixtureModel.fromArrays([0.5, 0.5], np.zeros((2, 2)), [np.eye(2), covariance])
 
 

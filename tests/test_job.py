@@ -225,7 +225,7 @@ def test_killed_fit_job_resumes_to_the_same_model(big_table, tmp_path):
                             stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (checkpoints / "slot-1" / "_SUCCESS").exists() and time.monotonic() < deadline:
+        while not (checkpoints / "slot-1" / "state" / "_SUCCESS").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the job ended before it could be killed"
     finally:

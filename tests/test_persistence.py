@@ -204,6 +204,13 @@ PICKLE_MARKERS = [b"\x80\x02", b"\x80\x03", b"\x80\x04\x95", b"\x80\x05\x95", b"
                   b"pickle"]
 
 
+def decoded(table: pa.Table, name: str) -> np.ndarray:
+    """One array of a payload table, decoded by hand: little-endian float64 chunks at their offsets."""
+    rows = sorted((r for r in table.to_pylist() if r["name"] == name), key=lambda r: r["offset"])
+    flat = np.concatenate([np.frombuffer(r["values"], dtype="<f8") for r in rows])
+    return flat.reshape(rows[0]["shape"])
+
+
 def test_saved_files_are_plain_parquet_and_json(fitted, tmp_path):
     path = tmp_path / "model"
     fitted.save(str(path))
@@ -215,7 +222,7 @@ def test_saved_files_are_plain_parquet_and_json(fitted, tmp_path):
     assert len(lines) == 1
     meta = json.loads(lines[0])
     assert meta["class"] == "spark_gmm.GaussianMixtureModel"
-    assert meta["formatVersion"] == 1
+    assert meta["formatVersion"] == 2
     assert meta["uid"] == fitted.uid
     assert meta["k"] == 3 and meta["numFeatures"] == 2
     assert meta["paramMap"]["featuresCol"] == "arr"
@@ -224,19 +231,15 @@ def test_saved_files_are_plain_parquet_and_json(fitted, tmp_path):
     assert meta["summary"]["logLikelihoodHistory"] == fitted.summary.logLikelihoodHistory
     assert meta["summary"]["numIter"] == fitted.summary.numIter
 
-    # Data: Parquet, one row per component, plain types.
-    table = pq.read_table(str(path / "data")).sort_by("component")
-    assert table.schema.field("component").type in (pa.int32(), pa.int64())
-    assert table.schema.field("weight").type == pa.float64()
-    assert pa.types.is_list(table.schema.field("mean").type)
-    assert table.schema.field("mean").type.value_type == pa.float64()
-    assert table.schema.field("covariance").type.value_type == pa.float64()
-    assert table.column("component").to_pylist() == [0, 1, 2]
-    np.testing.assert_array_equal(table.column("weight").to_numpy(), fitted.weights)
-    np.testing.assert_array_equal(np.array(table.column("mean").to_pylist()), fitted.means)
-    np.testing.assert_array_equal(
-        np.array(table.column("covariance").to_pylist()).reshape(3, 2, 2), fitted.covariances
-    )
+    # Data: Parquet rows of raw float64 chunks (no text, no lists of floats), tagged with the writeId.
+    table = pq.read_table(str(path / "data"))
+    assert table.schema.field("values").type in (pa.binary(), pa.large_binary())
+    assert table.schema.field("offset").type == pa.int64()
+    assert set(table.column("writeId").to_pylist()) == {meta["writeId"]}
+    assert sorted(table.column("name").to_pylist()) == ["covariances", "means", "weights"]
+    np.testing.assert_array_equal(decoded(table, "weights"), fitted.weights)
+    np.testing.assert_array_equal(decoded(table, "means"), fitted.means)
+    np.testing.assert_array_equal(decoded(table, "covariances"), fitted.covariances)
 
     # Nothing but Parquet, JSON text and Hadoop's bookkeeping files; no pickle anywhere.
     for root, _, files in os.walk(path):
@@ -267,7 +270,7 @@ def test_saved_estimator_files_are_json(spark, tmp_path):
     assert meta["paramMap"]["maxIter"] == 4
     assert meta["hasInitialModel"] is True
     table = pq.read_table(str(path / "initialModel" / "data"))
-    assert table.num_rows == 1
+    np.testing.assert_array_equal(decoded(table, "means"), start.means)
 
 
 # -- interrupted and corrupt saves -------------------------------------------------------------------
@@ -414,3 +417,143 @@ def test_killed_save_never_leaves_a_directory_that_loads_wrongly(spark, tmp_path
     else:
         assert loaded.means[0, 0] in (1.0, 2.0)
         np.testing.assert_array_equal(loaded.means, [[loaded.means[0, 0], 0.0], [0.0, loaded.means[0, 0]]])
+
+
+# -- validation, old formats, large models, loading without Spark ------------------------------------
+
+
+def _replace_data(path, weights, means, covariances):
+    """Rewrite a saved model's data/ with other arrays under the same writeId (as a foreign tool or a
+    hand edit would), leaving the metadata alone."""
+    from spark_gmm import codec
+
+    (meta,) = glob.glob(str(path / "metadata" / "part-*"))
+    write_id = json.loads(open(meta).read())["writeId"]
+    for old in glob.glob(str(path / "data" / "*")) + glob.glob(str(path / "data" / ".*.crc")):
+        os.remove(old)
+    table = pa.concat_tables(codec.to_tables(codec.mixture_arrays(weights, means, covariances), write_id))
+    pq.write_table(table, str(path / "data" / "part-00000.parquet"))
+
+
+@pytest.mark.parametrize(
+    "covariance, message",
+    [
+        ([[2.0, 0.3], [0.2999, 1.0]], r"component 1: covariance is not symmetric \(entry \(0, 1\) is 0.3, entry \(1, 0\) is 0.2999"),
+        ([[1.0, 2.0], [2.0, 1.0]], r"component 1: covariance is not positive definite \(smallest eigenvalue -1"),
+    ],
+)
+def test_a_saved_model_with_a_bad_covariance_is_refused(spark, tmp_path, covariance, message):
+    from spark_gmm.persistence import read_arrays
+
+    path = tmp_path / "model"
+    GaussianMixtureModel.fromArrays([0.5, 0.5], [[0.0, 0.0], [3.0, 3.0]], [np.eye(2)] * 2).save(str(path))
+    _replace_data(path, [0.5, 0.5], [[0.0, 0.0], [3.0, 3.0]], [np.eye(2), covariance])
+    with pytest.raises(ModelFormatError, match=f"model holds an invalid mixture: {message}"):
+        GaussianMixtureModel.load(str(path))
+    with pytest.raises(ModelFormatError, match=message):
+        read_arrays(str(path))
+
+
+def test_round_off_asymmetry_in_a_saved_model_loads_symmetrised(spark, tmp_path):
+    path = tmp_path / "model"
+    covariance = np.array([[2.0, 0.3], [np.nextafter(0.3, 1.0), 1.0]])
+    GaussianMixtureModel.fromArrays([1.0], [[0.0, 0.0]], [np.eye(2)]).save(str(path))
+    _replace_data(path, [1.0], [[0.0, 0.0]], [covariance])
+    loaded = GaussianMixtureModel.load(str(path)).covariances[0]
+    assert loaded[0, 1] == loaded[1, 0] and 0.3 <= loaded[0, 1] <= np.nextafter(0.3, 1.0)
+
+
+def test_a_model_with_a_bad_covariance_is_never_written(spark, tmp_path):
+    """Refused when the model is built or, at the latest, before its save writes anything."""
+    path = tmp_path / "model"
+    with pytest.raises(ValueError, match="component 0: covariance is not symmetric"):
+        GaussianMixtureModel.fromArrays([1.0], [[0.0, 0.0]], [[[1.0, 0.5], [0.1, 1.0]]]).save(str(path))
+    assert not path.exists()
+
+
+def test_format_version_1_directories_still_load(spark, tmp_path):
+    """A directory as spark_gmm 0.1 wrote it: one row per component with array<double> columns."""
+    from spark_gmm.persistence import read_arrays
+
+    weights, means = [0.25, 0.75], [[1.0, 2.0], [-1.0, 1e7]]
+    covariances = [np.diag([1.0, 2.0]), [[2.0, 0.3], [0.3, 1.0]]]
+    path = tmp_path / "v1"
+    (path / "data").mkdir(parents=True)
+    (path / "metadata").mkdir()
+    pq.write_table(pa.table({
+        "component": pa.array([1, 0], pa.int32()),
+        "weight": [weights[1], weights[0]],
+        "mean": [means[1], means[0]],
+        "covariance": [np.ravel(covariances[1]).tolist(), np.ravel(covariances[0]).tolist()],
+        "writeId": ["abc", "abc"],
+    }), str(path / "data" / "part-00000.parquet"))
+    metadata = {
+        "class": "spark_gmm.GaussianMixtureModel", "formatVersion": 1, "uid": "GaussianMixtureModel_1",
+        "writeId": "abc", "paramMap": {"k": 2, "featuresCol": "x"}, "defaultParamMap": {}, "k": 2,
+        "numFeatures": 2, "featureNames": None, "covarianceType": "full",
+    }
+    (path / "metadata" / "part-00000").write_text(json.dumps(metadata) + "\n")
+    loaded = GaussianMixtureModel.load(str(path))
+    assert loaded.weights == weights and loaded.getFeaturesCol() == "x"
+    np.testing.assert_array_equal(loaded.means, means)
+    np.testing.assert_array_equal(loaded.covariances, covariances)
+    np.testing.assert_array_equal(read_arrays(str(path)).covariances, covariances)
+
+
+def test_a_large_model_saves_and_loads_exactly_in_windows(spark, tmp_path, monkeypatch):
+    """k·d² = 2e6 doubles in 16 MiB; small windows force many writes, reads and chunks per array."""
+    from spark_gmm import codec
+    from spark_gmm.persistence import read_arrays
+
+    monkeypatch.setattr(codec, "CHUNK_VALUES", 1 << 16)
+    monkeypatch.setattr(codec, "WINDOW_VALUES", 1 << 18)
+    rng = np.random.default_rng(3)
+    k, d = 2, 1000
+    factors = rng.normal(size=(k, d, 20))
+    covariances = np.einsum("kif,kjf->kij", factors, factors) + np.eye(d)
+    model = GaussianMixtureModel.fromArrays([0.4, 0.6], rng.normal(size=(k, d)) * 1e3, covariances)
+    path = tmp_path / "large"
+    model.save(str(path))
+    assert len(glob.glob(str(path / "data" / "part-*.parquet"))) == 8  # one file per window
+    loaded = GaussianMixtureModel.load(str(path))
+    assert_same_arrays(loaded, model)
+    assert_same_arrays(read_arrays(str(path)), model)
+
+
+NO_SESSION = """
+import json, sys
+import numpy as np
+from pyspark import SparkContext
+from pyspark.sql import SparkSession
+from spark_gmm import GaussianMixtureModel
+from spark_gmm.persistence import read_arrays
+
+saved = read_arrays(sys.argv[1])
+local = GaussianMixtureModel.fromArrays(*saved[:3], saved.metadata["covarianceType"])
+rows = json.loads(sys.argv[2])
+probabilities = [local.predictProbability(r).toArray().tolist() for r in rows]
+no_spark = SparkContext._gateway is None and SparkSession.getActiveSession() is None
+loaded = GaussianMixtureModel.load(sys.argv[1])  # no session yet: load starts one
+print(json.dumps({"no_spark": no_spark, "probabilities": probabilities,
+                  "means": saved.means.tolist(), "loaded": loaded.means.tolist(),
+                  "features": loaded.getFeaturesCol()}))
+"""
+
+
+def test_a_saved_model_reads_without_spark_and_loads_without_a_session(fitted, tmp_path):
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "model")
+    fitted.save(path)
+    rows = [[0.0, 0.0], [3.0, 3.0], [6.0, 0.5]]
+    done = subprocess.run(
+        [sys.executable, "-c", NO_SESSION, path, json.dumps(rows)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["no_spark"]  # read_arrays started neither a JVM nor a session
+    assert result["probabilities"] == [fitted.predictProbability(r).toArray().tolist() for r in rows]
+    assert result["means"] == result["loaded"] == fitted.means.tolist()
+    assert result["features"] == "arr"
