@@ -22,6 +22,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, functions as F
 
 from .codec import binary_views as _binary_views
+from .rows import feature_rows, lengths_of, usable_weights
 
 #: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
 BLOCK_BYTES = 1 << 19
@@ -105,30 +106,19 @@ def _block_batch(pid, seq, x, w, counts, dims, digest=0):
 
 
 def _rows_of_batch(batch: pa.RecordBatch, has_weight: bool):
-    """(x, w, [null, nonfinite, bad-weight] counts, (dmin, dmax)) of the valid rows of a batch."""
-    col = batch.column(0)
-    n = len(col)
-    lengths = pc.list_value_length(col).fill_null(-1).to_numpy(zero_copy_only=False)
-    present = lengths >= 0
-    dims = (int(lengths[present].min()), int(lengths[present].max())) if present.any() else (-1, -1)
+    """(x, w, [null, nonfinite, bad-weight] counts, (dmin, dmax)) of the valid rows of a batch
+    (the rule of `rows`); x is None when the batch holds vectors of different lengths."""
+    dims = lengths_of(batch.column(0))
     if dims[0] != dims[1]:
         return None, None, [0, 0, 0], dims
-    d = dims[0]
-    values = col.flatten()
-    element_null = values.is_null().to_numpy(zero_copy_only=False)
-    flat = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-    x = np.empty((n, max(d, 0)))
-    x[present] = flat.reshape(-1, max(d, 0)) if d > 0 else np.empty((present.sum(), 0))
-    null = ~present
-    if element_null.any():
-        null[np.flatnonzero(present)[element_null.reshape(-1, d).any(axis=1)]] = True
-    nonfinite = ~null & ~np.isfinite(np.where(null[:, None], 0.0, x)).all(axis=1)
-    w, bad_weight = None, np.zeros(n, bool)
+    x, missing, nonfinite = feature_rows(batch.column(0), max(dims[0], 0))
+    bad_weight = np.zeros(len(x), bool)
+    w = None
     if has_weight:
         w = batch.column(1).to_numpy(zero_copy_only=False).astype(np.float64)
-        bad_weight = ~null & ~nonfinite & ~(np.isfinite(w) & (w >= 0))
-    keep = ~(null | nonfinite | bad_weight)
-    counts = [int(null.sum()), int(nonfinite.sum()), int(bad_weight.sum())]
+        bad_weight = ~missing & ~nonfinite & ~usable_weights(w)
+    keep = ~(missing | nonfinite | bad_weight)
+    counts = [int(missing.sum()), int(nonfinite.sum()), int(bad_weight.sum())]
     return x[keep], (w[keep] if has_weight else None), counts, dims
 
 

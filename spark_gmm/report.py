@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 
 from .inputs import named_column
+from .rows import feature_rows
 
 #: Rows drawn for the scatter plot: enough to see the clusters, bounded whatever the table's size.
 SAMPLE_ROWS = 5000
@@ -35,11 +36,8 @@ def _moments(dataset: DataFrame, x, center: np.ndarray):
     def partial(batches):
         n, first, second = 0, np.zeros(d), np.zeros((d, d))
         for batch in batches:
-            column = batch.column(0)
-            whole = pc.equal(pc.list_value_length(column).fill_null(-1), d)
-            values = pc.list_flatten(column.filter(whole)).to_numpy(zero_copy_only=False)
-            values = values.astype(np.float64).reshape(-1, d) - center  # null elements become NaN
-            values = values[np.isfinite(values).all(axis=1)]
+            x, missing, nonfinite = feature_rows(batch.column(0), d)
+            values = x[~(missing | nonfinite)] - center
             n += len(values)
             first += values.sum(axis=0)
             second += values.T @ values

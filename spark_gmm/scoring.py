@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import Column, functions as F
 from pyspark.sql.functions import pandas_udf
 
 from .kernels import normalize_log, row_uniforms, weighted_log_joint
 from .mixture import Mixture
+from .rows import feature_rows
 
 SCORES_SCHEMA = "prediction int, probability array<double>, logLikelihood double"
 
@@ -19,26 +21,14 @@ def unscorable(d: int) -> str:
     return f"null, NaN or infinite features, or other than {d} features (the model's)"
 
 
-def scorable_rows(features: pd.Series, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """(x (n, d) with zeros where unusable, usable (n,) bool): a row is usable when its features
-    are present, exactly d of them, and all finite (nulls inside arrive as NaN)."""
-    n = len(features)
-    usable = np.fromiter((v is not None and len(v) == d for v in features), dtype=bool, count=n)
-    x = np.zeros((n, d))
-    if usable.any():
-        x[usable] = np.stack(features[usable].to_numpy()).astype(np.float64)
-    usable &= np.isfinite(x).all(axis=1)
-    x[~usable] = 0.0
-    return x, usable
-
-
 def scoring_udf(mixture: Mixture, center: np.ndarray):
     """pandas UDF of an array<double> column: prediction, probability and log density of each row
     (null for unusable rows). `mixture` is in coordinates shifted by `center`."""
 
     @pandas_udf(SCORES_SCHEMA)
     def score(features: pd.Series) -> pd.DataFrame:
-        x, usable = scorable_rows(features, mixture.d)
+        x, missing, nonfinite = feature_rows(pa.array(features, type=pa.list_(pa.float64())), mixture.d)
+        usable = ~(missing | nonfinite)
         log_norm, probability = normalize_log(weighted_log_joint(x - center, mixture))
         return pd.DataFrame(
             {

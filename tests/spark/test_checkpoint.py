@@ -13,6 +13,7 @@ from spark_gmm import GaussianMixture, GaussianMixtureModel
 from spark_gmm.checkpoint import Checkpointer, CheckpointMismatchError
 from spark_gmm.em import EMState
 from spark_gmm.mixture import Mixture
+from support import assert_identical
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +28,6 @@ def settings(**extra):
     return dict(k=3, seed=8, tol=0.0, regCovar=1e-5, checkpointInterval=1, **extra)
 
 
-def assert_identical(a, b):
-    np.testing.assert_array_equal(a.weights, b.weights)
-    np.testing.assert_array_equal(a.means, b.means)
-    np.testing.assert_array_equal(a.covariances, b.covariances)
-    assert a.summary.logLikelihoodHistory == b.summary.logLikelihoodHistory
-    assert a.summary.numIter == b.summary.numIter
 
 
 def test_resumed_fit_equals_the_unbroken_fit(data, tmp_path):

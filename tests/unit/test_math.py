@@ -1,7 +1,7 @@
 """The numerical core (kernels, M-step, initialisation, EM loop) against independent references.
 
-Pure numpy: the passes run through an in-memory `reduce` that folds them over a list of numpy blocks
-exactly as `blocks.fold_partition` does (blocks in order, `x = raw - shift`). No Spark.
+Pure numpy: the passes run through the in-memory engine (`spark_gmm.local`), which folds them over
+numpy blocks as the Spark engines do (blocks in order, `x = raw - shift`). No Spark.
 """
 
 import warnings
@@ -14,6 +14,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from spark_gmm import em, initialisation, kernels
+from spark_gmm.local import data_shift, local_reduce
 from spark_gmm.mixture import (
     WEIGHT_FLOOR,
     ComponentStatistics,
@@ -29,28 +30,14 @@ REG = 1e-6
 # -- references and data ---------------------------------------------------------------------------
 
 
-def midrange(x):
-    """The data shift, computed as blocks.BlockCache.summarize does."""
-    return x.min(axis=0) / 2 + x.max(axis=0) / 2
-
-
 def make_reduce(x, w=None, block=100, order=None, shift=None):
-    """In-memory engine: fold a pass over blocks of `block` rows (in `order`), like fold_partition."""
-    shift = midrange(x) if shift is None else np.asarray(shift, dtype=np.float64)
-    starts = list(range(0, len(x), block))
+    """The in-memory engine (`spark_gmm.local`) over blocks of `block` rows, taken in `order`."""
+    shift = data_shift(x) if shift is None else shift
     if order is not None:
-        starts = [starts[i] for i in order]
-
-    def reduce(pass_):
-        acc = None
-        for s in starts:
-            raw = np.ascontiguousarray(x[s : s + block])
-            part = pass_.map_block(raw, raw - shift, None if w is None else w[s : s + block])
-            acc = part if acc is None else pass_.combine(acc, part)
-        return acc
-
-    reduce.shift = shift
-    return reduce
+        starts = list(range(0, len(x), block))
+        rows = np.concatenate([np.arange(starts[i], min(starts[i] + block, len(x))) for i in order])
+        x, w = x[rows], (None if w is None else w[rows])
+    return local_reduce(x, w, block, shift)
 
 
 def run_em(reduce, start, rows, max_iter, tol, reg_covar, **settings):
@@ -419,7 +406,7 @@ def test_kmeans_parallel_finds_each_blob(rng):
 @pytest.mark.parametrize("seed", [0, 3])
 def test_kmeans_parallel_is_partition_independent(rng, seed):
     x, _ = blobs(rng, per=300)
-    shift = midrange(x)
+    shift = data_shift(x)
     reference = initialisation.run_passes(make_reduce(x, block=100), [initialisation.kmeans_parallel_steps(d=2, k=4, seed=seed)])[0]
     n_blocks = len(range(0, len(x), 37))
     variants = {

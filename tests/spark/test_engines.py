@@ -14,6 +14,7 @@ import pytest
 from pyspark.conf import SparkConf
 
 from spark_gmm import GaussianMixture, channel, engine_choice
+from support import assert_identical
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,6 @@ def blobs(spark):
     return spark.createDataFrame([(row.tolist(),) for row in x], ["features"])
 
 
-def assert_identical(a, b):
-    np.testing.assert_array_equal(a.weights, b.weights)
-    np.testing.assert_array_equal(a.means, b.means)
-    np.testing.assert_array_equal(a.covariances, b.covariances)
-    assert a.summary.logLikelihoodHistory == b.summary.logLikelihoodHistory
-    assert a.summary.numIter == b.summary.numIter
-    assert a.summary.clusterSizes == b.summary.clusterSizes
 
 
 @pytest.fixture

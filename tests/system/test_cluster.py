@@ -22,7 +22,9 @@ import pytest
 
 from spark_gmm import GaussianMixtureModel
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)  # the .venv pytest runs from, with spark_gmm installed (editable)
 CLUSTER_SH = ROOT / "scripts" / "cluster.sh"
 TIMEOUT = 300  # seconds per spark-submit

@@ -16,7 +16,9 @@ import pytest
 from spark_gmm import GaussianMixtureModel
 from spark_gmm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

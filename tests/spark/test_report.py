@@ -159,7 +159,7 @@ def test_principal_axes_explain_the_variance():
 
 
 def load_make_data():
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_data.py"
+    path = Path(__file__).resolve().parents[2] / "scripts" / "make_data.py"
     spec = importlib.util.spec_from_file_location("make_data", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

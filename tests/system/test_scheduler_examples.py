@@ -18,12 +18,14 @@ import pytest
 
 from spark_gmm.cli import UsageError, parse_args
 
+pytestmark = pytest.mark.slow
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "conf" / "gmm.toml"
 DAG_FILE = ROOT / "conf" / "airflow" / "spark_gmm_dag.py"
 DATABRICKS_JOB = ROOT / "conf" / "databricks" / "job.json"

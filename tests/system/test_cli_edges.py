@@ -17,6 +17,8 @@ from spark_gmm.options import DTYPES, ENGINES, INIT_MODES
 from spark_gmm.mixture import COVARIANCE_TYPES
 from spark_gmm.selection import CRITERIA
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def table(spark, tmp_path_factory):

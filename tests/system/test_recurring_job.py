@@ -11,6 +11,8 @@ from spark_gmm import GaussianMixtureModel
 from spark_gmm.cli import main
 from spark_gmm.cli.recurring import latest_model
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def tables(spark, tmp_path_factory):

@@ -17,7 +17,9 @@ mlflow = pytest.importorskip("mlflow")
 from spark_gmm import GaussianMixture, GaussianMixtureModel  # noqa: E402
 from spark_gmm.cli import main  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 FEATURES = ["a", "b", "c"]
 
 

@@ -19,17 +19,9 @@ from spark_gmm import (
     InputWarning,
     InvalidInputError,
 )
+from support import array_frame as frame, assert_identical
 
 VECTOR_SCHEMA = StructType([StructField("features", VectorUDT(), True)])
-
-
-def frame(spark, x, partitions=2, **extra):
-    """A DataFrame with `features` array<double> (plus `extra` columns) from an n×d array."""
-    n, d = x.shape
-    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32))
-    columns = {"features": pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))}
-    columns.update({name: pa.array(values) for name, values in extra.items()})
-    return spark.createDataFrame(pa.table(columns)).repartition(partitions)
 
 
 def blobs(rng, n=300, centers=((0.0, 0.0), (8.0, 0.0), (0.0, 8.0))):
@@ -44,11 +36,6 @@ def assert_finite(model):
     assert all(np.isfinite(model.summary.logLikelihoodHistory))
 
 
-def assert_identical(a, b):
-    np.testing.assert_array_equal(a.weights, b.weights)
-    np.testing.assert_array_equal(a.means, b.means)
-    np.testing.assert_array_equal(a.covariances, b.covariances)
-    assert a.summary.logLikelihoodHistory == b.summary.logLikelihoodHistory
 
 
 def fit_catching(estimator, df):

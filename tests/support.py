@@ -1,0 +1,24 @@
+"""Builders and assertions shared by the suites (importable from every test: pythonpath 'tests')."""
+
+import numpy as np
+import pyarrow as pa
+
+
+def array_frame(spark, x, partitions=2, **extra):
+    """A DataFrame with `features` array<double> from the n×d array `x`, plus `extra` columns,
+    in `partitions` partitions (None: as Spark makes it)."""
+    n, d = x.shape
+    offsets = pa.array(np.arange(0, n * d + 1, d, dtype=np.int32))
+    columns = {"features": pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(x).ravel()))}
+    columns.update({name: pa.array(values) for name, values in extra.items()})
+    df = spark.createDataFrame(pa.table(columns))
+    return df if partitions is None else df.repartition(partitions)
+
+
+def assert_identical(a, b):
+    """Two fitted models are the same bit for bit: parameters, history and iterations."""
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.means, b.means)
+    np.testing.assert_array_equal(a.covariances, b.covariances)
+    assert a.summary.logLikelihoodHistory == b.summary.logLikelihoodHistory
+    assert a.summary.numIter == b.summary.numIter

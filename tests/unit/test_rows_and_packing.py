@@ -1,0 +1,79 @@
+"""The row rule and the packing of rows into blocks, without Spark (Arrow batches in, blocks out)."""
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from spark_gmm import blocks
+from spark_gmm.rows import feature_rows, usable_weights
+
+
+def test_the_row_rule():
+    column = pa.array([[1.0, 2.0], None, [1.0, None], [np.nan, 0.0], [1.0, 2.0, 3.0], [np.inf, 1.0], [3.0, 4.0]],
+                      type=pa.list_(pa.float64()))
+    x, missing, nonfinite = feature_rows(column, 2)
+    assert missing.tolist() == [False, True, True, False, True, False, False]
+    assert nonfinite.tolist() == [False, False, False, True, False, True, False]
+    np.testing.assert_array_equal(x[[0, 6]], [[1.0, 2.0], [3.0, 4.0]])
+    assert np.isfinite(x).all()  # unusable rows are zeros, never NaN
+    assert usable_weights(np.array([1.0, 0.0, -1.0, np.nan, np.inf])).tolist() == [True, True, False, False, False]
+
+
+def test_the_scoring_udf_input_follows_the_same_rule():
+    features = pd.Series([np.array([1.0, 2.0]), None, np.array([np.nan, 1.0]), np.array([1.0, 2.0, 3.0])])
+    _, missing, nonfinite = feature_rows(pa.array(features, type=pa.list_(pa.float64())), 2)
+    assert (missing | nonfinite).tolist() == [False, True, True, True]
+
+
+def batch(rows, weights=None):
+    columns = {"x": pa.array(rows, type=pa.list_(pa.float64()))}
+    if weights is not None:
+        columns["w"] = pa.array(weights, type=pa.float64())
+    return pa.RecordBatch.from_pydict(columns)
+
+
+def unpack(out):
+    table = pa.Table.from_batches(list(out))
+    blocks_ = [(int(n), np.frombuffer(x, np.float64).reshape(n, -1) if n else None)
+               for n, x in zip(table.column("n").to_pylist(), table.column("x").to_pylist())]
+    return table, blocks_
+
+
+@pytest.fixture(autouse=True)
+def one_partition(monkeypatch):
+    monkeypatch.setattr(blocks, "_partition_id", lambda: 3)
+
+
+def test_packing_keeps_valid_rows_in_order_and_counts_the_others(monkeypatch):
+    monkeypatch.setattr(blocks, "block_rows_for", lambda d: 4)
+    rng = np.random.default_rng(0)
+    good = rng.normal(size=(10, 2))
+    rows = [good[i].tolist() for i in range(5)] + [None, [1.0, np.nan]] + [good[i].tolist() for i in range(5, 10)]
+    weights = [1.0] * 5 + [1.0, 1.0] + [2.0, -1.0, 2.0, 2.0, 2.0]
+    table, packed = unpack(blocks.make_packer(True)([batch(rows[:6], weights[:6]), batch(rows[6:], weights[6:])]))
+    sizes = [n for n, _ in packed if n]
+    assert sizes == [4, 4, 1]  # full blocks of block_rows, then the rest
+    kept = np.vstack([x for n, x in packed if n])
+    np.testing.assert_array_equal(kept, np.delete(good, 6, axis=0))  # row 6 has weight -1
+    assert table.column("pid").to_pylist() == [3] * len(packed)
+    assert table.column("seq").to_pylist() == list(range(len(packed)))
+    counts = table.slice(len(packed) - 1)
+    assert counts.column("null_rows")[0].as_py() == 1
+    assert counts.column("nonfinite_rows")[0].as_py() == 1
+    assert counts.column("bad_weight_rows")[0].as_py() == 1
+    assert sum(table.column("wsum").to_pylist()) == 5 * 1.0 + 4 * 2.0
+
+
+def test_packing_reports_vectors_of_different_lengths():
+    table, packed = unpack(blocks.make_packer(False)([batch([[1.0, 2.0], [1.0, 2.0, 3.0]])]))
+    assert table.column("dmin").to_pylist()[-1] == 2 and table.column("dmax").to_pylist()[-1] == 3
+    assert all(n == 0 for n, _ in packed)
+
+
+def test_the_content_digest_ignores_how_rows_are_batched():
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(50, 3)).tolist()
+    whole, _ = unpack(blocks.make_packer(False)([batch(rows)]))
+    split, _ = unpack(blocks.make_packer(False)([batch(rows[:17]), batch(rows[17:40]), batch(rows[40:])]))
+    assert whole.column("digest").to_pylist()[-1] == split.column("digest").to_pylist()[-1] != 0
