@@ -72,7 +72,7 @@ def test_config_parses_and_every_setting_reaches_its_flag(command):
 def test_config_select_says_it_does_not_read_fit():
     assert config_only("select").notes == [
         f"config file '{CONFIG}': select reads the top-level keys and [select] only; it does not use [fit] "
-        "(k, max-iter, tol, seed, model-out, checkpoint-dir, checkpoint-interval, mode)"
+        "(k, max-iter, tol, seed, model-out, checkpoint-interval, mode)"
     ]
 
 
@@ -86,8 +86,9 @@ def test_config_fit_and_score_share_input_and_model():
     fit, score = config_only("fit"), config_only("score")
     assert (fit.input, fit.features, fit.format) == (score.input, score.features, score.format)
     assert score.model == fit.model_out
-    # fit keeps to the model (and its checkpoints); the predictions are score's.
-    assert fit.checkpoint_dir and fit.predictions_out is None
+    # fit keeps to the model; the predictions are score's. No shared checkpoint directory: each
+    # scheduled run passes its own (a fixed one would hold other days' fits).
+    assert fit.checkpoint_dir is None and fit.predictions_out is None
     assert score.predictions_out and score.mode == "overwrite"
 
 
