@@ -14,7 +14,7 @@ from .arguments import COMMANDS, output_kind, parse_args
 from .errors import JobError, UsageError, short_message
 from spark_gmm.inputs import named_column
 
-from .logs import configure_logging, error_stream, job_session, log_warning
+from .logs import job_logging, error_stream, job_session, log_warning
 from .recurring import DRIFT_EXIT_CODE, align, log_to_mlflow, previous_models
 from .storage import check_outputs, read_input, write_local_file, write_predictions
 
@@ -359,35 +359,35 @@ def main(argv=None, prog: str | None = None) -> int:
     except SystemExit as done:  # --help
         return done.code if isinstance(done.code, int) else 0
 
-    configure_logging(args.log_level, stderr)
-    for note in args.notes:
-        log.warning(note)
-    spark = created = None
-    code, fields = 1, {"command": command}
-    with warnings.catch_warnings():
-        warnings.showwarning = log_warning
-        try:
-            spark, created = job_session(f"spark-gmm {command}")
-            check_outputs(spark, args)  # before the input is read: a clash costs seconds, not a fit
-            _check_optional_dependencies(args)
-            fields = {"status": "ok", "command": command, **_RUN[command](spark, args)}
-            code = 0
-            if fields.get("driftExceeded"):
-                code, fields["status"] = DRIFT_EXIT_CODE, "drift"
-        except (JobError, UsageError) as error:
-            code = 2 if isinstance(error, UsageError) else 1
-            fields = {"status": "error", "command": command, "error": " ".join(str(error).split())}
-        except KeyboardInterrupt:
-            code, fields = 130, {"status": "error", "command": command, "error": "interrupted"}
-        except Exception as error:  # a bug or a cluster failure: keep the trace for whoever debugs it
-            traceback.print_exc(file=stderr)
-            fields = {"status": "error", "command": command, "error": f"{type(error).__name__}: {short_message(error)}"}
-        finally:
-            if spark is not None and created:
-                try:
-                    spark.stop()
-                except Exception:  # noqa: BLE001 - the job's outcome is already decided
-                    pass
+    with job_logging(args.log_level, stderr):
+        for note in args.notes:
+            log.warning(note)
+        spark = created = None
+        code, fields = 1, {"command": command}
+        with warnings.catch_warnings():
+            warnings.showwarning = log_warning
+            try:
+                spark, created = job_session(f"spark-gmm {command}")
+                check_outputs(spark, args)  # before the input is read: a clash costs seconds, not a fit
+                _check_optional_dependencies(args)
+                fields = {"status": "ok", "command": command, **_RUN[command](spark, args)}
+                code = 0
+                if fields.get("driftExceeded"):
+                    code, fields["status"] = DRIFT_EXIT_CODE, "drift"
+            except (JobError, UsageError) as error:
+                code = 2 if isinstance(error, UsageError) else 1
+                fields = {"status": "error", "command": command, "error": " ".join(str(error).split())}
+            except KeyboardInterrupt:
+                code, fields = 130, {"status": "error", "command": command, "error": "interrupted"}
+            except Exception as error:  # a bug or a cluster failure: keep the trace for whoever debugs it
+                traceback.print_exc(file=stderr)
+                fields = {"status": "error", "command": command, "error": f"{type(error).__name__}: {short_message(error)}"}
+            finally:
+                if spark is not None and created:
+                    try:
+                        spark.stop()
+                    except Exception:  # noqa: BLE001 - the job's outcome is already decided
+                        pass
     if code == DRIFT_EXIT_CODE:
         print(f"drift: {'; '.join(fields['driftExceeded'])}", file=stderr, flush=True)
     elif code != 0:

@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 log = logging.getLogger("spark_gmm.job")
 
@@ -58,19 +59,25 @@ def error_stream():
     return sys.stderr
 
 
-def configure_logging(level: str, stream) -> None:
-    """Show the `spark_gmm` loggers (the library's EM progress and this job's steps) on `stream`."""
+@contextmanager
+def job_logging(level: str, stream):
+    """Show the `spark_gmm` loggers (the library's EM progress and this job's steps) on `stream`
+    while the job runs; the logger is as it was afterwards (the job may run inside a notebook)."""
     logger = logging.getLogger("spark_gmm")
-    logger.setLevel(level)
-    for handler in [h for h in logger.handlers if getattr(h, "_spark_gmm_job", False)]:
-        logger.removeHandler(handler)
+    before = logger.level, logger.propagate
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     )
-    handler._spark_gmm_job = True
+    logger.setLevel(level)
     logger.addHandler(handler)
     logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        logger.propagate = before[1]
 
 
 def log_warning(message, category, filename, lineno, file=None, line=None):

@@ -88,7 +88,7 @@ def test_checkpoints_and_resuming_on_the_resident_engine(blobs, tmp_path, engine
     stopped = GaussianMixture(maxIter=3, checkpointDir=directory, **settings).fit(df)
     # Checkpoint writes are Spark jobs: one of the session's two slots stays free for them.
     assert engine_log("engine: ")[-1].startswith("engine: resident (a barrier stage of 1 task")
-    assert glob.glob(os.path.join(directory, "slot-*", "part-*"))
+    assert glob.glob(os.path.join(directory, "slot-*", "state", "part-*"))
     resumed = GaussianMixture(maxIter=6, checkpointDir=directory, **settings).fit(df)
     assert resumed.summary.resumedFromIteration == 3
     unbroken = GaussianMixture(maxIter=6, **{**settings, "engine": "driver"}).fit(df)
@@ -132,11 +132,12 @@ def test_auto_is_the_default_and_picks_the_resident_engine_here(blobs, engine_lo
 
 
 def test_auto_falls_back_to_the_driver_engine_when_the_blocks_do_not_fit(blobs, monkeypatch, engine_log):
-    monkeypatch.setattr(engine_choice, "python_memory_per_task", lambda conf, master, slots: (1000, "a test budget"))
+    # 10 kB: room for the k×d×d arrays of a task, not for its share of the blocks.
+    monkeypatch.setattr(engine_choice, "python_memory_per_task", lambda conf, master, slots: (10_000, "a test budget"))
     df = blobs.repartition(2)
     auto = GaussianMixture(k=3, seed=4, maxIter=5).fit(df)
     (line,) = engine_log("engine: ")
-    assert line.startswith("engine: driver (") and line.endswith("above the 1 kB of a test budget)")
+    assert line.startswith("engine: driver (") and line.endswith("above the 10 kB of a test budget)")
     assert engine_log("resident engine:") == []
     assert_identical(auto, GaussianMixture(k=3, seed=4, maxIter=5, engine="driver").fit(df))
 
