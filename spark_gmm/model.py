@@ -41,6 +41,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         self._summary: GaussianMixtureSummary | None = None
         self._feature_names: list[str] | None = None
         self._alignment: dict | None = None
+        self._training: dict | None = None  # a loaded model's saved summary figures
         self._setDefault(k=k)
         self._set(k=k)
 
@@ -159,6 +160,15 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
     @property
     def hasSummary(self) -> bool:
         return self._summary is not None
+
+    @property
+    def trainingFigures(self) -> dict | None:
+        """The training summary's figures (k, clusterSizes, logLikelihood, logLikelihoodHistory,
+        numIter, converged, stopReason, totalWeight, ...): also on a loaded model, which has no
+        `summary`; None for a model that was never fitted (fromArrays)."""
+        if self._summary is not None:
+            return self._summary.to_dict()
+        return None if self._training is None else dict(self._training)
 
     @property
     def summary(self) -> "GaussianMixtureSummary":
@@ -311,6 +321,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         model = cls(*persistence.read_components(path, metadata))
         model._feature_names = metadata.get("featureNames")
         model._alignment = metadata.get("alignment")
+        model._training = metadata.get("summary")
         persistence.restore_params(model, metadata)
         return model
 

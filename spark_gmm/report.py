@@ -302,7 +302,7 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
     from . import __version__
 
     began = time.perf_counter()
-    summary = model.summary if model.hasSummary else None
+    summary = model.trainingFigures  # also on a loaded model
     x = model.featureColumn(dataset)
     means = model.means
     n, mean, covariance = _moments(dataset, x, (means.min(axis=0) + means.max(axis=0)) / 2)
@@ -320,14 +320,14 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
 
     figures = []
     if history is None and summary is not None:
-        history, total_weight = summary.logLikelihoodHistory, summary.totalWeight
+        history, total_weight = summary["logLikelihoodHistory"], summary.get("totalWeight")
     if history:
-        figures.append(likelihood_figure(history, total_weight, summary.converged if summary else None))
+        figures.append(likelihood_figure(history, total_weight, summary["converged"] if summary else None))
     figures.append(scatter_figure(
         points, clusters, (means - mean) @ axes, np.einsum("di,kde,ej->kij", axes, model.covariances, axes),
         explained, model.weights, n,
     ))
-    sizes = summary.clusterSizes if summary else np.bincount(clusters, minlength=k).tolist()
+    sizes = summary["clusterSizes"] if summary else np.bincount(clusters, minlength=k).tolist()
     figures.append(sizes_figure(model.weights, sizes, in_sample=summary is None))
     if selection:
         figures.append(selection_figure(selection, criterion))
@@ -341,8 +341,8 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
     settings = {
         "k": k, "covarianceType": model.getCovarianceType(), "features": ", ".join(names),
         "rows": n, "spark_gmm": __version__, "Spark": spark_version,
-        **({"iterations": summary.numIter, "converged": summary.converged,
-            "logLikelihood": summary.logLikelihood} if summary else {}),
+        **({"iterations": summary["numIter"], "converged": summary["converged"],
+            "logLikelihood": summary["logLikelihood"]} if summary else {}),
         **(run or {}), "report seconds": round(time.perf_counter() - began, 2),
     }
     candidates = _table(list(selection[0]), [list(r.values()) for r in selection]) if selection else ""

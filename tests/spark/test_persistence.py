@@ -557,3 +557,19 @@ def test_a_saved_model_reads_without_spark_and_loads_without_a_session(fitted, t
     assert result["probabilities"] == [fitted.predictProbability(r).toArray().tolist() for r in rows]
     assert result["means"] == result["loaded"] == fitted.means.tolist()
     assert result["features"] == "arr"
+
+
+
+def test_a_loaded_model_keeps_its_training_figures(spark, tmp_path):
+    """`trainingFigures` is public on a loaded model (no `summary` there): history, sizes, stop."""
+    rng = np.random.default_rng(5)
+    x = np.vstack([rng.normal(c, 1.0, size=(300, 2)) for c in ([0.0, 0.0], [6.0, 6.0])])
+    df = spark.createDataFrame([(r.tolist(),) for r in x], ["features"])
+    model = GaussianMixture(k=2, seed=1).fit(df)
+    model.save(str(tmp_path / "m"))
+    loaded = GaussianMixtureModel.load(str(tmp_path / "m"))
+    assert not loaded.hasSummary
+    figures = loaded.trainingFigures
+    assert figures["logLikelihoodHistory"] == model.summary.logLikelihoodHistory
+    assert figures["clusterSizes"] == model.summary.clusterSizes and figures["stopReason"] == "converged"
+    assert GaussianMixtureModel.fromArrays([1.0], [[0.0]], [[[1.0]]]).trainingFigures is None

@@ -279,8 +279,8 @@ def test_reports_from_fit_select_and_a_saved_model(spark, table, tmp_path, capsy
     assert code == 0 and select_report.read_text().count("data:image/png;base64,") == 4
     saved_report = tmp_path / "saved.html"
     code, summary = run(capsys, "report", "--model", model_dir, "--input", table, "--report", str(saved_report))
-    # No history picture: a loaded model has no public training summary yet (only the PCA and sizes).
-    assert code == 0 and saved_report.read_text().count("data:image/png;base64,") == 2
+    # The loaded model's training figures (trainingFigures) bring the history picture back.
+    assert code == 0 and saved_report.read_text().count("data:image/png;base64,") == 3
     code, summary = run(capsys, "report", "--model", model_dir, "--input", table,
                         "--report", str(tmp_path / "no" / "such" / "dir.html"))
     assert code == 1 and "cannot write the report" in summary["error"]
