@@ -142,3 +142,11 @@ def test_scores_of_each_covariance_type_equal_sklearn_on_the_same_parameters(spa
     np.testing.assert_allclose(model.score(df), sk.score(points), rtol=1e-11)
     np.testing.assert_allclose(model.bic(df), sk.bic(points), rtol=1e-11)
     np.testing.assert_allclose(model.aic(df), sk.aic(points), rtol=1e-11)
+
+
+def test_an_infinite_weight_cannot_be_scored(spark, model, points):
+    weights = np.ones(len(points))
+    weights[5] = np.inf
+    weighted = model.copy().setWeightCol("w")
+    with pytest.raises(InvalidInputError, match="^1 rows cannot be scored .* a null, negative, NaN or infinite weight"):
+        weighted.score(frame(spark, points, w=weights))
