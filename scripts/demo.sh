@@ -48,7 +48,6 @@ echo "job summary line: $(tail -n 1 "$OUT/job.out")"
 echo "== 3/3 result: the fit beside the truth"
 "$VENV/bin/python" - "$OUT" <<'PY'
 """Fitted mixture (from the saved model, read without Spark) against the true one."""
-import glob
 import itertools
 import json
 import sys
@@ -61,13 +60,12 @@ with open(f"{out}/job.out") as f:
     job = json.loads(f.read().strip().splitlines()[-1])
 with open(f"{out}/data.truth.json") as f:
     truth = json.load(f)
-with open(glob.glob(f"{out}/model/metadata/part-*")[0]) as f:
-    trained = json.loads(f.readline())["summary"]
-model = pq.read_table(f"{out}/model/data").sort_by("component")
-weights = model.column("weight").to_numpy()
-means = np.array(model.column("mean").to_pylist())
+from spark_gmm.persistence import read_arrays
+
+saved = read_arrays(f"{out}/model")  # the model's files, read with pyarrow alone (no Spark)
+trained = saved.metadata["summary"]
+weights, means, covariances = saved.weights, saved.means, saved.covariances
 k, d = means.shape
-covariances = np.array(model.column("covariance").to_pylist()).reshape(k, d, d)
 true_weights, true_means = np.array(truth["weights"]), np.array(truth["means"])
 true_covariances = np.array(truth["covariances"]).reshape(-1, d, d)
 

@@ -114,11 +114,15 @@ class _Candidate:
     stats: ComponentStatistics | None = None
     revert: bool = False  # the last pass failed the decrease test: evaluate `previous` and stop
     challengers: list = field(default_factory=list)  # (mixture, replaced, donor) beside the converged one
+    refined: list = field(default_factory=list)  # the challengers one EM step further, to compare
 
     def to_evaluate(self) -> list[Mixture]:
         """The mixtures the next pass evaluates: the current one and, once EM has converged,
-        challengers (the lightest component moved onto a split of a heavy one) while restarts last."""
+        challengers (the lightest component moved onto a split of a heavy one) while restarts
+        last; after that pass, the challengers one EM step further, alone."""
         s, settings = self.state, self.settings
+        if self.refined:
+            return [c[0] for c in self.refined]
         self.challengers = []
         if s.finishing and settings.reseed and len(s.reseeded) < settings.k:
             self.challengers = challengers(s.mixture, settings.covariance_type, settings.reg_covar, CHALLENGERS)
@@ -134,18 +138,21 @@ class _Candidate:
                     f"{self.label}log-likelihood became {each.log_likelihood} at iteration {iteration}; "
                     "check the input for extreme values or raise regCovar"
                 )
-        if self.challengers:
-            best = max(range(len(self.challengers)), key=lambda i: evaluated[1 + i].log_likelihood)
-            gain = evaluated[1 + best].log_likelihood - stats.log_likelihood
-            if gain > ROUNDOFF[settings.dtype] * abs(stats.log_likelihood):
-                mixture, replaced, donor = self.challengers[best]
-                log.info(
-                    "%sconverged at iteration %d; moving component %d onto a split of component %d "
-                    "gains %.3g per row: EM goes on", self.label, iteration, replaced, donor, gain / total_weight,
-                )
-                s.mixture, stats, s.finishing = mixture, evaluated[1 + best], False
-                s.reseeded.append((iteration, replaced, donor))
-                s.empty = [j for j in s.empty if j != replaced]
+        if self.refined:  # the challengers after one EM step: go on from the best if it is better
+            refined, self.refined = self.refined, []
+            best = max(range(len(refined)), key=lambda i: evaluated[i].log_likelihood)
+            gain = evaluated[best].log_likelihood - s.history[-1]
+            if not gain > ROUNDOFF[settings.dtype] * abs(s.history[-1]):
+                self.done, self.stop_reason = True, "converged"
+                return
+            mixture, replaced, donor = refined[best]
+            log.info(
+                "%sconverged at iteration %d; moving component %d onto a split of component %d "
+                "gains %.3g per row: EM goes on", self.label, iteration, replaced, donor, gain / total_weight,
+            )
+            s.mixture, stats, s.finishing = mixture, evaluated[best], False
+            s.reseeded.append((iteration, replaced, donor))
+            s.empty = [j for j in s.empty if j != replaced]
         mean_ll = stats.log_likelihood / total_weight
         change = mean_ll - s.history[-1] / total_weight if s.history else None
         reseeded_here = bool(s.reseeded) and s.reseeded[-1][0] == iteration  # not an EM step
@@ -164,7 +171,13 @@ class _Candidate:
         s.history.append(stats.log_likelihood)
         s.seconds.append(seconds)
         _log_iteration(self.label, iteration, stats.log_likelihood, mean_ll, change, seconds)
-        if s.finishing:  # the pass evaluated the M-step taken after convergence
+        if s.finishing and self.challengers:  # one EM step for each; the next pass compares them
+            self.refined = [
+                (m_step(each, mixture, settings.reg_covar, settings.covariance_type)[0], replaced, donor)
+                for each, (mixture, replaced, donor) in zip(evaluated[1:], self.challengers)
+            ]
+            self.challengers = []
+        elif s.finishing:  # the pass evaluated the M-step taken after convergence
             self.done, self.stop_reason = True, "converged"
         elif change is not None and not reseeded_here and abs(change) < settings.tol:
             # Like scikit-learn and MLlib, take the M-step of this pass's statistics; unlike them,
