@@ -124,7 +124,7 @@ class _Candidate:
         if self.refined:
             return [c[0] for c in self.refined]
         self.challengers = []
-        if s.finishing and settings.reseed and len(s.reseeded) < settings.k:
+        if s.finishing and settings.reseed and settings.reg_covar > 0 and len(s.reseeded) < settings.k:
             self.challengers = challengers(s.mixture, settings.covariance_type, settings.reg_covar, CHALLENGERS)
         return [s.mixture] + [c[0] for c in self.challengers]
 
@@ -132,16 +132,10 @@ class _Candidate:
         """Take the pass's statistics of `to_evaluate()`'s mixtures: record them, then stop or step."""
         s, iteration, settings = self.state, self.state.iteration, self.settings
         stats = evaluated[0]
-        for each in evaluated:
-            if not np.isfinite(each.log_likelihood):
-                raise FloatingPointError(
-                    f"{self.label}log-likelihood became {each.log_likelihood} at iteration {iteration}; "
-                    "check the input for extreme values or raise regCovar"
-                )
         if self.refined:  # the challengers after one EM step: go on from the best if it is better
             refined, self.refined = self.refined, []
             best = max(range(len(refined)), key=lambda i: evaluated[i].log_likelihood)
-            gain = evaluated[best].log_likelihood - s.history[-1]
+            gain = evaluated[best].log_likelihood - s.history[-1]  # NaN: not taken
             if not gain > ROUNDOFF[settings.dtype] * abs(s.history[-1]):
                 self.done, self.stop_reason = True, "converged"
                 return
@@ -153,6 +147,11 @@ class _Candidate:
             s.mixture, stats, s.finishing = mixture, evaluated[best], False
             s.reseeded.append((iteration, replaced, donor))
             s.empty = [j for j in s.empty if j != replaced]
+        if not np.isfinite(stats.log_likelihood):
+            raise FloatingPointError(
+                f"{self.label}log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
+                "check the input for extreme values or raise regCovar"
+            )
         mean_ll = stats.log_likelihood / total_weight
         change = mean_ll - s.history[-1] / total_weight if s.history else None
         reseeded_here = bool(s.reseeded) and s.reseeded[-1][0] == iteration  # not an EM step
@@ -175,8 +174,11 @@ class _Candidate:
             self.refined = [
                 (m_step(each, mixture, settings.reg_covar, settings.covariance_type)[0], replaced, donor)
                 for each, (mixture, replaced, donor) in zip(evaluated[1:], self.challengers)
+                if np.isfinite(each.log_likelihood)
             ]
             self.challengers = []
+            if not self.refined:
+                self.done, self.stop_reason = True, "converged"
         elif s.finishing:  # the pass evaluated the M-step taken after convergence
             self.done, self.stop_reason = True, "converged"
         elif change is not None and not reseeded_here and abs(change) < settings.tol:
