@@ -17,7 +17,7 @@ from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
 from .inputs import feature_count, named_column
 from .kernels import log_sum_exp, normalize_log, weighted_log_joint
-from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion
+from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
 from .params import GaussianMixtureParams
 from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
 
@@ -34,7 +34,8 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             means,
             np.asarray(covariances, dtype=np.float64).reshape(k, d, d),
         )
-        self._mixture = Mixture.from_covariances(weights, means, covariances)
+        # checked_mixture has proven every covariance positive definite: no repair to attempt.
+        self._mixture = Mixture(weights / weights.sum(), means, covariances, precision_cholesky(covariances))
         # Scoring works around the means' centre, as fitting works around the data's.
         self._center = (means.min(axis=0) + means.max(axis=0)) / 2
         self._centred = self._mixture.shifted(-self._center)

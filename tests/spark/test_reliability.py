@@ -7,7 +7,6 @@ import time
 import warnings
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from pyspark.ml.linalg import Vectors, VectorUDT
 from pyspark.sql.types import StructField, StructType
