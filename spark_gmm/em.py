@@ -38,8 +38,12 @@ ROUNDOFF = {"float64": 1e-10, "float32": 1e-5}
 #: A component that explains less than this many (average-weight) rows is dead: empty, or
 #: collapsed onto a single row. With `reseed`, it is restarted by splitting another component.
 DEAD_ROWS = 2.0
-#: Splits of the heaviest components tried, in the same pass, where EM converges.
-CHALLENGERS = 3
+#: Where EM converges, the lightest component is tried on splits of this many heaviest ones, and
+#: this many closest pairs of components are tried re-split (see `mixture.challengers`).
+DONORS, PAIRS = 3, 2
+#: EM steps a challenger may take to overtake the converged mixture; after the first, only the
+#: `KEPT` best go on.
+CHALLENGE_STEPS, KEPT = 3, 2
 
 
 
@@ -113,40 +117,63 @@ class _Candidate:
     stop_reason: str = "max-iter"
     stats: ComponentStatistics | None = None
     revert: bool = False  # the last pass failed the decrease test: evaluate `previous` and stop
-    challengers: list = field(default_factory=list)  # (mixture, replaced, donor) beside the converged one
-    refined: list = field(default_factory=list)  # the challengers one EM step further, to compare
+    challengers: list = field(default_factory=list)  # (mixture, (a, b), what) beside the converged one
+    refined: list = field(default_factory=list)  # the challengers EM steps further, to compare
+    challenge_step: int = 0  # EM steps the refined challengers have taken
 
     def to_evaluate(self) -> list[Mixture]:
         """The mixtures the next pass evaluates: the current one and, once EM has converged,
-        challengers (the lightest component moved onto a split of a heavy one) while restarts
-        last; after that pass, the challengers one EM step further, alone."""
+        challengers (see `mixture.challengers`) while the budget of k restarts lasts; after that
+        pass, the challengers EM steps further, alone."""
         s, settings = self.state, self.settings
         if self.refined:
             return [c[0] for c in self.refined]
         self.challengers = []
         if s.finishing and settings.reseed and settings.reg_covar > 0 and len(s.reseeded) < settings.k:
-            self.challengers = challengers(s.mixture, settings.covariance_type, settings.reg_covar, CHALLENGERS)
+            self.challengers = challengers(s.mixture, settings.covariance_type, settings.reg_covar, DONORS, PAIRS)
         return [s.mixture] + [c[0] for c in self.challengers]
+
+    def _challenge(self, evaluated: list[ComponentStatistics], total_weight: float) -> ComponentStatistics | None:
+        """Take the pass's statistics of the refined challengers: if the best beats the converged
+        mixture by more than `tol` per row (less is what the stop rule calls converged) it becomes
+        the current one (its statistics are returned); else the `KEPT` best go one more EM step, up
+        to `CHALLENGE_STEPS`, after which the fit has converged."""
+        s, settings = self.state, self.settings
+        refined, self.refined = self.refined, []
+        order = sorted(
+            (i for i in range(len(refined)) if np.isfinite(evaluated[i].log_likelihood)),
+            key=lambda i: -evaluated[i].log_likelihood,
+        )
+        gain = evaluated[order[0]].log_likelihood - s.history[-1] if order else 0.0
+        if gain > max(settings.tol * total_weight, ROUNDOFF[settings.dtype] * abs(s.history[-1])):
+            mixture, (a, b), change = refined[order[0]]
+            log.info(
+                "%sconverged at iteration %d; %s gains %.3g per row after %d EM step(s): EM goes on",
+                self.label, s.iteration, change, gain / total_weight, self.challenge_step,
+            )
+            s.mixture, s.finishing = mixture, False
+            s.reseeded.append((s.iteration, a, b))
+            s.empty = [j for j in s.empty if j not in (a, b)]
+            return evaluated[order[0]]
+        if self.challenge_step >= CHALLENGE_STEPS or not order:
+            self.done, self.stop_reason = True, "converged"
+            return None
+        self.challenge_step += 1
+        self.refined = [self._stepped(evaluated[i], refined[i]) for i in order[:KEPT]]
+        return None
+
+    def _stepped(self, stats: ComponentStatistics, challenger: tuple) -> tuple:
+        """`challenger` one EM step further, from its statistics."""
+        mixture, changed, change = challenger
+        return m_step(stats, mixture, self.settings.reg_covar, self.settings.covariance_type)[0], changed, change
 
     def observe(self, evaluated: list[ComponentStatistics], total_weight: float, seconds: float) -> None:
         """Take the pass's statistics of `to_evaluate()`'s mixtures: record them, then stop or step."""
         s, iteration, settings = self.state, self.state.iteration, self.settings
-        stats = evaluated[0]
-        if self.refined:  # the challengers after one EM step: go on from the best if it is better
-            refined, self.refined = self.refined, []
-            best = max(range(len(refined)), key=lambda i: evaluated[i].log_likelihood)
-            gain = evaluated[best].log_likelihood - s.history[-1]  # NaN: not taken
-            if not gain > ROUNDOFF[settings.dtype] * abs(s.history[-1]):
-                self.done, self.stop_reason = True, "converged"
-                return
-            mixture, replaced, donor = refined[best]
-            log.info(
-                "%sconverged at iteration %d; moving component %d onto a split of component %d "
-                "gains %.3g per row: EM goes on", self.label, iteration, replaced, donor, gain / total_weight,
-            )
-            s.mixture, stats, s.finishing = mixture, evaluated[best], False
-            s.reseeded.append((iteration, replaced, donor))
-            s.empty = [j for j in s.empty if j != replaced]
+        if not self.refined:
+            stats = evaluated[0]
+        elif (stats := self._challenge(evaluated, total_weight)) is None:
+            return
         if not np.isfinite(stats.log_likelihood):
             raise FloatingPointError(
                 f"{self.label}log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
@@ -172,11 +199,11 @@ class _Candidate:
         _log_iteration(self.label, iteration, stats.log_likelihood, mean_ll, change, seconds)
         if s.finishing and self.challengers:  # one EM step for each; the next pass compares them
             self.refined = [
-                (m_step(each, mixture, settings.reg_covar, settings.covariance_type)[0], replaced, donor)
-                for each, (mixture, replaced, donor) in zip(evaluated[1:], self.challengers)
+                self._stepped(each, challenger)
+                for each, challenger in zip(evaluated[1:], self.challengers)
                 if np.isfinite(each.log_likelihood)
             ]
-            self.challengers = []
+            self.challengers, self.challenge_step = [], 1
             if not self.refined:
                 self.done, self.stop_reason = True, "converged"
         elif s.finishing:  # the pass evaluated the M-step taken after convergence

@@ -90,14 +90,21 @@ def regularisation_allowance(previous: "Mixture | None", current: "Mixture", reg
 
 
 def split_component(
-    mixture: "Mixture", scatter: np.ndarray, donor: int, target: int, covariance_type: str, reg_covar: float
+    mixture: "Mixture",
+    scatter: np.ndarray,
+    donor: int,
+    target: int,
+    covariance_type: str,
+    reg_covar: float,
+    rank: int = 0,
 ) -> "Mixture":
-    """`mixture` with component `target` restarted as one half of `donor`, split across the widest
-    direction of the donor's scatter (d×d): the halves of a Gaussian cut through its mean sit
-    ±σ·√(2/π) from it and keep (1 − 2/π)σ² of that variance, so the pair keeps the donor's
-    mean and covariance. Restricted covariance types keep the donor's covariance for both."""
+    """`mixture` with component `target` restarted as one half of `donor`, split across the
+    `rank`-th widest direction (0: the widest) of the donor's scatter (d, d): the halves of a
+    Gaussian cut through its mean sit ±σ·√(2/π) from it and keep (1 − 2/π)σ² of that variance, so
+    the pair keeps the donor's mean and covariance. Restricted covariance types keep the donor's
+    covariance for both."""
     values, vectors = np.linalg.eigh(scatter)
-    variance, direction = max(values[-1], 0.0), vectors[:, -1]
+    variance, direction = max(values[-1 - rank], 0.0), vectors[:, -1 - rank]
     offset = np.sqrt(2.0 * variance / np.pi) * direction
     weights, means = mixture.weights.copy(), mixture.means.copy()
     covariances = mixture.covariances.copy()
@@ -109,26 +116,75 @@ def split_component(
     return Mixture.from_covariances(weights, means, covariances, reg_covar)
 
 
+def resplit_pair(
+    mixture: "Mixture", first: int, second: int, covariance_type: str, reg_covar: float, rank: int
+) -> "Mixture":
+    """`mixture` with components `first` and `second` replaced by the halves of their union (the
+    one Gaussian with both components' mass, mean and covariance), split across the union's
+    `rank`-th widest direction. Two components sharing two clusters may have cut them the wrong
+    way (k-means cuts elongated clusters across); a split along another direction hands EM the
+    other cut."""
+    pair = [first, second]
+    mass = mixture.weights[pair]
+    union_mean = mass @ mixture.means[pair] / mass.sum()
+    gaps = mixture.means[pair] - union_mean
+    own = mixture.covariances[pair] - reg_covar * np.eye(mixture.d)
+    scatter = (np.tensordot(mass, own, axes=1) + np.einsum("a,ai,aj->ij", mass, gaps, gaps)) / mass.sum()
+    weights, means = mixture.weights.copy(), mixture.means.copy()
+    covariances = mixture.covariances.copy()
+    weights[second], weights[first] = mass.sum(), 0.0  # the split shares it out again
+    means[second] = union_mean
+    if covariance_type != "tied":  # a tied covariance stays the shared one
+        covariances[second] = CONSTRAINTS[covariance_type](scatter[None], mass.sum()[None])[0]
+        covariances[second] += reg_covar * np.eye(mixture.d)
+    union = Mixture(weights, means, covariances, mixture.precisions_cholesky)  # split only reads these
+    return split_component(union, scatter, second, first, covariance_type, reg_covar, rank)
+
+
 def free_parameters(k: int, d: int, covariance_type: str = "full") -> int:
     """Free parameters of a k-component mixture (for BIC and AIC), counted as scikit-learn does."""
     covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
     return covariance[covariance_type] + k * d + k - 1
 
 
-def challengers(mixture: "Mixture", covariance_type: str, reg_covar: float, count: int) -> list[tuple]:
-    """[(mixture, replaced, donor)]: `mixture` with its lightest component replaced by one half of
-    one of its `count` heaviest components (see `split_component`); none for k < 2. EM evaluates
-    them where it converges: a mixture may hold a component on a few outliers while another covers
-    two clusters, and one pass tells which change, if any, raises the likelihood."""
-    if mixture.k < 2:
+def challengers(mixture: "Mixture", covariance_type: str, reg_covar: float, donors: int, pairs: int) -> list[tuple]:
+    """[(mixture, (a, b), what)]: alternatives to a converged `mixture` that one pass can rank, each
+    with the two components it changes and a phrase for the log. They escape two local optima:
+    - a component spent on a few far rows while another covers two clusters: the lightest
+      component moved onto a split of each of the `donors` heaviest (`split_component`);
+    - two components sharing two clusters cut the wrong way (k-means cuts elongated clusters
+      across): each of the `pairs` closest pairs (symmetrised Mahalanobis distance of their means)
+      re-split across the second-widest direction of its union (`resplit_pair`; d ≥ 2).
+    None for k < 2."""
+    k, d = mixture.k, mixture.d
+    if k < 2:
         return []
-    replaced = int(np.argmin(mixture.weights))
-    own = mixture.covariances - reg_covar * np.eye(mixture.d)  # the scatter behind each covariance
-    donors = [int(j) for j in np.argsort(-mixture.weights, kind="stable") if j != replaced][:count]
-    return [
-        (split_component(mixture, own[donor], donor, replaced, covariance_type, reg_covar), replaced, donor)
-        for donor in donors
+    lightest = int(np.argmin(mixture.weights))
+    own = mixture.covariances - reg_covar * np.eye(d)  # the scatter behind each covariance
+    heaviest = [int(j) for j in np.argsort(-mixture.weights, kind="stable") if j != lightest][:donors]
+    found = [
+        (
+            split_component(mixture, own[donor], donor, lightest, covariance_type, reg_covar),
+            (lightest, donor),
+            f"moving component {lightest} onto a split of component {donor}",
+        )
+        for donor in heaviest
     ]
+    if d < 2:
+        return found
+    gaps = mixture.means[:, None, :] - mixture.means[None, :, :]  # (k, k, d): μ_k − μ_j
+    whitened = np.einsum("kab,kja->kjb", mixture.precisions_cholesky, gaps)  # P_kᵀ(μ_k − μ_j)
+    distance = (whitened**2).sum(axis=-1)
+    distance = distance + distance.T
+    first, second = np.triu_indices(k, 1)
+    for pair in np.argsort(distance[first, second], kind="stable")[:pairs]:
+        a, b = int(first[pair]), int(second[pair])
+        found.append((
+            resplit_pair(mixture, a, b, covariance_type, reg_covar, rank=1),
+            (a, b),
+            f"re-splitting components {a} and {b} across the second direction of their union",
+        ))
+    return found
 
 
 def information_criterion(criterion: str, log_likelihood: float, parameters: int, n: float) -> float:
