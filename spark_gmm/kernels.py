@@ -5,13 +5,30 @@ each cached block (raw float64 rows, the same rows minus the data shift, and the
 to a flat float64 partial, and combines partials in a fixed order — blocks in storage order, then
 partitions by index — so a result never depends on scheduling, and a retried task changes nothing.
 Passes are pickled into the Spark closure, so they hold only numpy arrays and plain values.
+
+The E-step and scoring run the compiled, fused kernel (`fused`, numba) by default; the numpy
+functions here are the reference it is tested against, and the fallback, with a warning, in an
+interpreter without numba (e.g. executors whose Python lacks it).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .mixture import ComponentStatistics, Mixture, packed_size
+
+try:
+    from . import fused
+except ImportError as missing:  # numba is a dependency: only a broken environment lands here
+    fused = None
+    warnings.warn(
+        f"numba cannot be imported ({missing}): spark_gmm runs its slower numpy kernels in this "
+        "Python; install numba in it (pip install numba)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -88,9 +105,12 @@ def normalize_log(a: np.ndarray):
     return (top + np.log(total))[:, 0], e
 
 
-def log_sum_exp(a: np.ndarray) -> np.ndarray:
-    """Row-wise log Σ exp, stable for any magnitude."""
-    return normalize_log(a)[0]
+def posterior(x: np.ndarray, mixture: Mixture) -> tuple[np.ndarray, np.ndarray]:
+    """(log p(x_i) (n,), responsibilities (n, k)) of the rows x (n, d) in the mixture's coordinates:
+    what scoring reports."""
+    if fused is None:
+        return normalize_log(weighted_log_joint(x, mixture))
+    return fused.posterior(x, mixture)
 
 
 def weighted_log_joint(x: np.ndarray, mixture: Mixture) -> np.ndarray:
@@ -191,6 +211,12 @@ class EStepPass(SumPass):
         self.partial_bytes = 8 * sum(ComponentStatistics.size(m.k, m.d) for m in mixtures)
 
     def map_block(self, raw, x, w):
+        if fused is None:
+            return self.reference_statistics(x, w)
+        return np.concatenate([fused.statistics(x, w, mixture) for mixture in self.mixtures])
+
+    def reference_statistics(self, x, w):
+        """The same statistics from the numpy kernels (the reference of `fused`)."""
         parts = []
         limit = CANCELLATION_LIMIT if x.dtype == np.float64 else FLOAT32_CANCELLATION_LIMIT
         for mixture, offset in zip(self.mixtures, self.offsets):

@@ -16,7 +16,7 @@ from . import codec, em, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
 from .inputs import feature_count, named_column
-from .kernels import log_sum_exp, normalize_log, weighted_log_joint
+from .kernels import posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
 from .params import GaussianMixtureParams
 from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
@@ -177,8 +177,8 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             raise RuntimeError("no training summary: this model was not fitted in this session")
         return self._summary
 
-    def _log_joint(self, x: np.ndarray) -> np.ndarray:
-        return weighted_log_joint(np.asarray(x, dtype=np.float64) - self._center, self._centred)
+    def _posterior(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return posterior(np.asarray(x, dtype=np.float64) - self._center, self._centred)
 
     def _as_row(self, vector) -> np.ndarray:
         x = np.asarray(vector.toArray() if isinstance(vector, Vector) else vector, dtype=np.float64)
@@ -188,12 +188,11 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
 
     def predict(self, value) -> int:
         """Most probable component of one feature vector."""
-        return int(self._log_joint(self._as_row(value)).argmax())
+        return int(self._posterior(self._as_row(value))[1].argmax())
 
     def predictProbability(self, value) -> DenseVector:
         """Posterior probability of each component for one feature vector."""
-        log_joint = self._log_joint(self._as_row(value))
-        return Vectors.dense(np.exp(log_joint - log_sum_exp(log_joint)[:, None])[0])
+        return Vectors.dense(self._posterior(self._as_row(value))[1][0])
 
     def scoreArray(self, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prediction (n,), probability (n, k), log density (n,)) of the rows of the n×d array `x`,
@@ -201,7 +200,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.numFeatures:
             raise ValueError(f"expected an array of shape (n, {self.numFeatures}), got {x.shape}")
-        log_density, probability = normalize_log(self._log_joint(x))
+        log_density, probability = self._posterior(x)
         return probability.argmax(axis=1), probability, log_density
 
     def _transform(self, dataset: DataFrame) -> DataFrame:

@@ -9,7 +9,7 @@ import pyarrow as pa
 from pyspark.sql import Column, functions as F
 from pyspark.sql.functions import pandas_udf
 
-from .kernels import normalize_log, row_uniforms, weighted_log_joint
+from .kernels import posterior, row_uniforms
 from .mixture import Mixture
 from .rows import feature_rows
 
@@ -29,7 +29,7 @@ def scoring_udf(mixture: Mixture, center: np.ndarray):
     def score(features: pd.Series) -> pd.DataFrame:
         x, missing, nonfinite = feature_rows(pa.array(features, type=pa.list_(pa.float64())), mixture.d)
         usable = ~(missing | nonfinite)
-        log_norm, probability = normalize_log(weighted_log_joint(x - center, mixture))
+        log_norm, probability = posterior(x - center, mixture)
         return pd.DataFrame(
             {
                 "prediction": pd.Series(probability.argmax(axis=1), dtype="Int32").where(usable),

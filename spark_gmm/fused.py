@@ -1,0 +1,272 @@
+"""The E-step fused into one compiled pass over a block (numba): Mahalanobis terms through the
+precision Cholesky factors, log-sum-exp, responsibilities and the float64 statistics, tile by tile,
+without the n×k and n×d(d+1)/2 temporaries of the numpy kernels (`kernels`, the reference this is
+tested against).
+
+Rows are taken in tiles of a few hundred, transposed so that every inner loop runs along the rows of
+the tile (SIMD across rows); each tile's sums are added to the block's in tile order. Everything is
+single-threaded and the order of every sum is fixed by the compiled code, so the same block gives
+bit-identical statistics on the same machine, whatever the scheduling. Float32 blocks are widened to
+float64 as they are read: all arithmetic is float64.
+
+Compiled on first use in each process and cached on disk where numba can write its cache (see
+`disk_cache_usable` and docs/performance.md); otherwise compiled again in each process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import numpy as np
+from numba import config, njit
+from numba.misc.appdirs import AppDirs
+
+from .mixture import ComponentStatistics
+
+#: Reassociation (vectorised sums) and fused multiply-add; no assumption about NaN or infinities.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+#: Doubles of one transposed tile (d × rows): three such arrays stay in the L1/L2 caches.
+TILE_DOUBLES = 4096
+#: Below this, exp(x) is a subnormal or zero: returned as 0 (an absolute error under 3e-308).
+EXP_FLOOR = -708.0
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238  # ln 2 split in two: n·_LN2_HI is exact for every n used here
+_LN2_LO = 1.9082149292705877e-10
+LOG_2PI = float(np.log(2.0 * np.pi))
+_NO_WEIGHTS = np.empty(0)
+
+
+def _writable(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+        return True
+    except OSError:
+        return False
+
+
+def disk_cache_usable() -> bool:
+    """Whether numba's cache for this module can be written: NUMBA_CACHE_DIR if set, else next to
+    this file or in the user's cache directory, and only the latter when the package is imported
+    from a zip (`--py-files`), where numba 0.68 fails on the first call instead of falling back."""
+    if config.CACHE_DIR:
+        return _writable(config.CACHE_DIR)
+    user_cache = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    if ".zip" in __file__:
+        return _writable(user_cache)
+    return _writable(os.path.join(os.path.dirname(__file__), "__pycache__")) or _writable(user_cache)
+
+
+CACHE = disk_cache_usable()
+
+
+def tile_rows(d: int) -> int:
+    """Rows per tile for d features: a multiple of 16 between 16 and 1024."""
+    return int(min(1024, max(16, (TILE_DOUBLES // max(d, 1)) // 16 * 16)))
+
+
+@njit(cache=CACHE, fastmath={"contract"})  # no reassociation: it would undo the split of ln 2
+def _exp_nonpositive(values, m, scale, scale_bits):
+    """values[:m] ← exp(values[:m]) for values ≤ 0, in loops the compiler vectorises (a polynomial
+    on [-ln2/2, ln2/2] times 2ⁿ built from its bits); within 2 ulp of libm."""
+    for t in range(m):
+        v = max(values[t], EXP_FLOOR)
+        n = math.floor(v * _LOG2E + 0.5)
+        r = (v - n * _LN2_HI) - n * _LN2_LO
+        p = 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        scale_bits[t] = (np.int64(n) + 1023) << 52
+        values[t] = (p * r + 1.0) if values[t] >= EXP_FLOOR else 0.0
+    for t in range(m):
+        values[t] *= scale[t]
+
+
+@njit(cache=CACHE, fastmath=FAST)
+def _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale):
+    """Rows start..start+m of `x` into the tile: xt (d, m) float64, then joint (k, m) ← their
+    responsibilities, total[:m] ← log p(x) per row."""
+    d = x.shape[1]
+    k = means.shape[0]
+    for t in range(m):
+        for a in range(d):
+            xt[a, t] = x[start + t, a]
+    for j in range(k):
+        for a in range(d):
+            mu = means[j, a]
+            for t in range(m):
+                diff[a, t] = xt[a, t] - mu
+        for t in range(m):
+            maha[t] = 0.0
+        for e in range(d):
+            if diagonal:  # the same sums as below, without the zero terms
+                p = prec[j, e, e]
+                for t in range(m):
+                    y[t] = diff[e, t] * p
+            else:
+                for t in range(m):
+                    y[t] = 0.0
+                a = 0
+                while a + 3 <= e:  # four terms per sweep of y: fewer loads and stores per product
+                    p0, p1, p2, p3 = prec[j, a, e], prec[j, a + 1, e], prec[j, a + 2, e], prec[j, a + 3, e]
+                    for t in range(m):
+                        y[t] += diff[a, t] * p0 + diff[a + 1, t] * p1 + diff[a + 2, t] * p2 + diff[a + 3, t] * p3
+                    a += 4
+                for a in range(a, e + 1):
+                    p = prec[j, a, e]
+                    for t in range(m):
+                        y[t] += diff[a, t] * p
+            for t in range(m):
+                maha[t] += y[t] * y[t]
+        c = consts[j]
+        for t in range(m):
+            joint[j, t] = c - 0.5 * maha[t]
+    for t in range(m):
+        top[t] = joint[0, t]
+    for j in range(1, k):
+        for t in range(m):
+            top[t] = max(top[t], joint[j, t])
+    for t in range(m):
+        total[t] = 0.0
+    for j in range(k):
+        for t in range(m):
+            joint[j, t] -= top[t]
+        _exp_nonpositive(joint[j], m, scale, scale.view(np.int64))
+        for t in range(m):
+            total[t] += joint[j, t]
+    for j in range(k):
+        for t in range(m):
+            joint[j, t] /= total[t]
+    for t in range(m):
+        total[t] = top[t] + math.log(total[t])
+
+
+@njit(cache=CACHE, fastmath=FAST)
+def _estep(x, w, consts, means, prec, diagonal, tile, out):
+    """Adds the block's `ComponentStatistics` (flat, second moments around `means`) to `out`;
+    `w` is the row weights, or empty for unit weights."""
+    n, d = x.shape
+    k = means.shape[0]
+    p = d * (d + 1) // 2
+    xt, diff, y, maha, top, total, joint, scale = (
+        np.empty((d, tile)), np.empty((d, tile)), np.empty(tile), np.empty(tile), np.empty(tile),
+        np.empty(tile), np.empty((k, tile)), np.empty(tile),
+    )
+    gd = np.empty((d, tile))
+    best = np.empty(tile, np.int64)
+    weighted = w.shape[0] > 0
+    for start in range(0, n, tile):
+        m = min(tile, n - start)
+        _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale)
+        ll = 0.0
+        for t in range(m):
+            ll += (w[start + t] * total[t]) if weighted else total[t]
+        out[0] += ll
+        for t in range(m):  # the first most probable component, as numpy's argmax
+            best[t] = 0
+            top[t] = joint[0, t]
+        for j in range(1, k):
+            for t in range(m):
+                if joint[j, t] > top[t]:
+                    top[t] = joint[j, t]
+                    best[t] = j
+        for t in range(m):
+            out[1 + k + best[t]] += 1.0
+        for j in range(k):
+            if weighted:
+                for t in range(m):
+                    y[t] = joint[j, t] * w[start + t]
+            else:
+                for t in range(m):
+                    y[t] = joint[j, t]
+            mass = 0.0
+            for t in range(m):
+                mass += y[t]
+            out[1 + j] += mass
+            first = 1 + 2 * k + j * d
+            second = 1 + 2 * k + k * d + j * p
+            for a in range(d):
+                mu = means[j, a]
+                s = 0.0
+                for t in range(m):
+                    diff[a, t] = xt[a, t] - mu
+                    gd[a, t] = y[t] * diff[a, t]
+                    s += gd[a, t]
+                out[first + a] += s
+            for a in range(d):
+                b = a
+                while b + 4 <= d:  # four sums per sweep of gd[a]
+                    s0 = s1 = s2 = s3 = 0.0
+                    for t in range(m):
+                        g = gd[a, t]
+                        s0 += g * diff[b, t]
+                        s1 += g * diff[b + 1, t]
+                        s2 += g * diff[b + 2, t]
+                        s3 += g * diff[b + 3, t]
+                    out[second] += s0
+                    out[second + 1] += s1
+                    out[second + 2] += s2
+                    out[second + 3] += s3
+                    second += 4
+                    b += 4
+                for b in range(b, d):
+                    s = 0.0
+                    for t in range(m):
+                        s += gd[a, t] * diff[b, t]
+                    out[second] += s
+                    second += 1
+
+
+@njit(cache=CACHE, fastmath=FAST)
+def _posterior(x, consts, means, prec, diagonal, tile, log_density, resp):
+    """log_density (n,) ← log p(x) per row, resp (n, k) ← the responsibilities."""
+    n, d = x.shape
+    k = means.shape[0]
+    xt, diff, y, maha, top, total, joint, scale = (
+        np.empty((d, tile)), np.empty((d, tile)), np.empty(tile), np.empty(tile), np.empty(tile),
+        np.empty(tile), np.empty((k, tile)), np.empty(tile),
+    )
+    for start in range(0, n, tile):
+        m = min(tile, n - start)
+        _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale)
+        for t in range(m):
+            log_density[start + t] = total[t]
+            for j in range(k):
+                resp[start + t, j] = joint[j, t]
+
+
+def _parameters(mixture):
+    """(constants log π_j + log|P_j| − d/2·log 2π, means, precision factors, whether all factors
+    are diagonal) of a `Mixture`, as the compiled loops take them."""
+    prec = np.ascontiguousarray(mixture.precisions_cholesky, dtype=np.float64)
+    log_det = np.log(np.diagonal(prec, axis1=1, axis2=2)).sum(axis=1)
+    consts = np.log(mixture.weights) + log_det - 0.5 * mixture.d * LOG_2PI
+    diagonal = not np.triu(prec, 1).any()
+    return consts, np.ascontiguousarray(mixture.means, dtype=np.float64), prec, diagonal
+
+
+def statistics(x: np.ndarray, w, mixture) -> np.ndarray:
+    """Flat `ComponentStatistics` of the rows x (n, d) float32 or float64 with weights w (or None),
+    second moments around the mixture's means."""
+    out = np.zeros(ComponentStatistics.size(mixture.k, mixture.d))
+    weights = _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64)
+    _estep(np.ascontiguousarray(x), weights, *_parameters(mixture), tile_rows(mixture.d), out)
+    return out
+
+
+def posterior(x: np.ndarray, mixture) -> tuple[np.ndarray, np.ndarray]:
+    """(log p(x) (n,), responsibilities (n, k)) of the rows x (n, d)."""
+    log_density, resp = np.empty(x.shape[0]), np.empty((x.shape[0], mixture.k))
+    _posterior(np.ascontiguousarray(x), *_parameters(mixture), tile_rows(mixture.d), log_density, resp)
+    return log_density, resp

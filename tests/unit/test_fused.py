@@ -1,0 +1,196 @@
+"""The compiled, fused E-step (`spark_gmm.fused`) against the numpy kernels it replaces (the
+reference in `spark_gmm.kernels`), and the switch between them."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spark_gmm import fused, kernels
+from spark_gmm.mixture import ComponentStatistics, Mixture
+
+COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")
+
+
+def random_mixture(rng, k, d, covariance_type, spread=3.0):
+    """k components in d dimensions whose covariances have the structure of `covariance_type`."""
+    a = rng.normal(size=(k, d, d))
+    full = a @ np.swapaxes(a, 1, 2) / d + 0.3 * np.eye(d)
+    covariances = {
+        "full": full,
+        "diag": full * np.eye(d),
+        "spherical": rng.uniform(0.5, 2.0, size=(k, 1, 1)) * np.eye(d),
+        "tied": np.broadcast_to(full[0], (k, d, d)),
+    }[covariance_type]
+    return Mixture.from_covariances(rng.uniform(0.2, 1.0, size=k), rng.normal(0, spread, (k, d)), covariances)
+
+
+def rows_of(rng, mixture, n):
+    pick = rng.integers(0, mixture.k, size=n)
+    return mixture.means[pick] + rng.normal(size=(n, mixture.d)) * 1.5
+
+
+def reference(x, w, mixture):
+    """The numpy kernels' statistics, second moments formed around the centres (no cancellation)."""
+    log_norm, resp = kernels.normalize_log(kernels.weighted_log_joint(x, mixture))
+    ll = float(log_norm.sum() if w is None else w @ log_norm)
+    return kernels.moment_statistics(x, w, resp, mixture.means, ll, around_centers=True)
+
+
+def assert_statistics_close(ours, theirs, k, d, rtol, total_weight):
+    """Each statistic within `rtol` of its own scale: Σγ of the total weight, first moments of
+    √(Σγ·Σγ(x−μ)²), second moments of √(S_aa·S_bb); hard counts exactly."""
+    a, b = ComponentStatistics.unpack(ours, k, d), ComponentStatistics.unpack(theirs, k, d)
+    np.testing.assert_allclose(a.log_likelihood, b.log_likelihood, rtol=rtol, atol=rtol * total_weight)
+    np.testing.assert_allclose(a.resp, b.resp, rtol=0, atol=rtol * total_weight)
+    np.testing.assert_array_equal(a.hard_counts, b.hard_counts)
+    rows, cols = np.triu_indices(d)
+    diagonal = b.second[:, rows == cols]
+    first_scale = np.sqrt(b.resp[:, None] * diagonal) + 1e-300
+    np.testing.assert_array_less(np.abs(a.first - b.first), rtol * first_scale + 1e-300)
+    second_scale = np.sqrt(diagonal[:, rows] * diagonal[:, cols]) + 1e-300
+    np.testing.assert_array_less(np.abs(a.second - b.second), rtol * second_scale + 1e-300)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("k, d", [(1, 1), (1, 5), (3, 1), (4, 2), (5, 7), (3, 30)])
+def test_float64_statistics_match_the_numpy_kernels(rng, covariance_type, weighted, k, d):
+    mixture = random_mixture(rng, k, d, covariance_type)
+    n = 1000 + int(rng.integers(0, 300))  # several tiles and a partial one
+    x = rows_of(rng, mixture, n)
+    w = rng.uniform(0, 3, size=n) if weighted else None
+    ours = fused.statistics(x, w, mixture)
+    total = float(n if w is None else w.sum())
+    assert_statistics_close(ours, reference(x, w, mixture), k, d, 1e-12, total)
+
+
+@pytest.mark.parametrize("covariance_type", COVARIANCE_TYPES)
+def test_float32_blocks_are_widened_before_any_arithmetic(rng, covariance_type):
+    mixture = random_mixture(rng, 4, 6, covariance_type)
+    x = rows_of(rng, mixture, 700).astype(np.float32)
+    w = rng.uniform(0, 2, size=700)
+    narrow = fused.statistics(x, w, mixture)
+    np.testing.assert_array_equal(narrow, fused.statistics(x.astype(np.float64), w, mixture))
+    # The numpy kernel forms the Mahalanobis terms in float32: agreement to float32's round-off.
+    assert_statistics_close(narrow, reference(x, w, mixture), 4, 6, 1e-5, w.sum())
+
+
+def test_an_empty_block_adds_nothing(rng):
+    mixture = random_mixture(rng, 3, 4, "full")
+    for x in (np.empty((0, 4)), np.empty((0, 4), dtype=np.float32)):
+        out = fused.statistics(x, None, mixture)
+        assert out.shape == (ComponentStatistics.size(3, 4),)
+        assert not out.any()
+        log_density, resp = fused.posterior(x, mixture)
+        assert log_density.shape == (0,) and resp.shape == (0, 3)
+
+
+def test_rows_whose_densities_all_underflow(rng):
+    """Rows hundreds of standard deviations from every component: each density underflows, the
+    log-likelihood and the responsibilities do not."""
+    mixture = random_mixture(rng, 3, 4, "full", spread=1.0)
+    x = np.concatenate([rows_of(rng, mixture, 200), rng.normal(0, 1, (50, 4)) + 400.0, [[-900.0, 0, 0, 0]]])
+    assert (np.exp(kernels.weighted_log_joint(x[200:], mixture)) == 0).all()
+    ours = fused.statistics(x, None, mixture)
+    assert np.isfinite(ours).all()
+    assert_statistics_close(ours, reference(x, None, mixture), 3, 4, 1e-12, len(x))
+    log_density, resp = fused.posterior(x, mixture)
+    np.testing.assert_allclose(resp.sum(axis=1), 1.0, rtol=1e-15)
+    np.testing.assert_allclose(log_density, kernels.normalize_log(kernels.weighted_log_joint(x, mixture))[0], rtol=1e-13)
+
+
+def test_a_component_far_below_the_others_gets_exactly_zero(rng):
+    """exp(x) below the floor (x < -708) is 0: a negligible component gets no mass, as in numpy."""
+    mixture = Mixture.from_covariances([0.5, 0.5], [[0.0], [60.0]], np.ones((2, 1, 1)) * 0.5)
+    x = rng.normal(0, 0.5, size=(300, 1))  # (60/√0.5)² / 2 = 3600 nats below the first component
+    stats = ComponentStatistics.unpack(fused.statistics(x, None, mixture), 2, 1)
+    assert stats.resp[1] == 0.0 and stats.hard_counts[1] == 0
+    assert_statistics_close(fused.statistics(x, None, mixture), reference(x, None, mixture), 2, 1, 1e-12, 300)
+
+
+@pytest.mark.parametrize("k, d", [(1, 1), (5, 3), (8, 16)])
+def test_posterior_matches_the_numpy_kernels(rng, k, d):
+    mixture = random_mixture(rng, k, d, "full")
+    x = rows_of(rng, mixture, 900)
+    log_density, resp = fused.posterior(x, mixture)
+    expected_density, expected_resp = kernels.normalize_log(kernels.weighted_log_joint(x, mixture))
+    np.testing.assert_allclose(log_density, expected_density, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(resp, expected_resp, rtol=1e-11, atol=1e-14)
+
+
+def test_exp_agrees_with_libm_and_flushes_below_the_floor():
+    values = np.concatenate([-np.logspace(-12, np.log10(745.0), 5000), [0.0, -0.0, -708.0, -708.5, -1e300]])
+    out = values.copy()
+    scale = np.empty(len(out))
+    fused._exp_nonpositive(out, len(out), scale, scale.view(np.int64))
+    expected = np.where(values >= fused.EXP_FLOOR, np.exp(values), 0.0)
+    assert (np.abs(out - expected) <= 2 * np.spacing(expected)).all()
+    assert out[values < fused.EXP_FLOOR].max() == 0.0
+
+
+def test_same_block_same_bits_and_diagonal_shortcut_is_exact(rng):
+    mixture = random_mixture(rng, 4, 9, "diag")
+    x = rows_of(rng, mixture, 2000)
+    w = rng.uniform(0, 2, size=2000)
+    first = fused.statistics(x, w, mixture)
+    np.testing.assert_array_equal(first, fused.statistics(x.copy(), w.copy(), mixture))
+    consts, means, prec, diagonal = fused._parameters(mixture)
+    assert diagonal
+    general = np.zeros_like(first)
+    fused._estep(x, w, consts, means, prec, False, fused.tile_rows(9), general)
+    np.testing.assert_array_equal(first, general)
+
+
+def test_estep_pass_runs_the_compiled_kernel_and_numpy_without_numba(rng, monkeypatch):
+    mixtures = [random_mixture(rng, 3, 4, "full"), random_mixture(rng, 2, 4, "tied")]
+    x = rows_of(rng, mixtures[0], 500)
+    estep = kernels.EStepPass(mixtures)
+    compiled = estep.map_block(x, x, None)
+    np.testing.assert_array_equal(compiled, np.concatenate([fused.statistics(x, None, m) for m in mixtures]))
+    monkeypatch.setattr(kernels, "fused", None)
+    np.testing.assert_array_equal(estep.map_block(x, x, None), estep.reference_statistics(x, None))
+    log_density, resp = kernels.posterior(x, mixtures[0])
+    expected = kernels.normalize_log(kernels.weighted_log_joint(x, mixtures[0]))
+    np.testing.assert_array_equal(log_density, expected[0])
+    np.testing.assert_array_equal(resp, expected[1])
+
+
+def test_without_numba_the_import_warns_and_scores_with_numpy():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['numba'] = None\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from spark_gmm import kernels\n"
+        "assert kernels.fused is None\n"
+        "print([str(w.message).splitlines()[0] for w in caught if w.category is RuntimeWarning])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "numba cannot be imported" in result.stdout
+
+
+def test_shipped_as_a_zip_without_a_writable_cache_it_compiles_in_memory(tmp_path):
+    """`--py-files spark_gmm.zip` on an executor whose cache directory cannot be written: numba's
+    zip cache would fail on the first call; the kernel is compiled without the disk cache instead."""
+    import shutil
+    from pathlib import Path
+
+    package = Path(fused.__file__).parent
+    archive = shutil.make_archive(str(tmp_path / "spark_gmm"), "zip", package.parent, package.name)
+    code = (
+        "import numpy as np\n"
+        "from spark_gmm import fused\n"
+        "values, scale = np.array([0.0, -1.0]), np.empty(2)\n"  # the smallest kernel: quick to compile
+        "fused._exp_nonpositive(values, 2, scale, scale.view(np.int64))\n"
+        "print(fused.__file__, fused.CACHE, values.round(6).tolist())\n"
+    )
+    unusable = "/dev/null/cache"  # a path under a file: no directory can be made there
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": archive, "HOME": unusable, "XDG_CACHE_HOME": unusable}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+    )
+    location, cache, values = result.stdout.split(" ", 2)
+    assert location.startswith(archive) and cache == "False"
+    assert values.strip() == "[1.0, 0.367879]"
