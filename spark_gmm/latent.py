@@ -1,0 +1,278 @@
+"""The latent class model over mixed features: parameters, statistics layout, M-step, start.
+
+k classes; given its class, a row's feature blocks are independent: one multivariate Gaussian
+over the numeric columns (any covariance type of `mixture`, kept through precision Cholesky
+factors in a `mixture.Mixture`), one Bernoulli per binary column, one categorical distribution per
+categorical column. Driver-side numpy, no Spark: a block's E-step (`latent_estep`) returns ONE
+flat float64 vector, and the vectors of all blocks add up, so the pass machinery that reduces
+Gaussian statistics by summing reduces these unchanged.
+
+Smoothing: the Bernoulli and categorical M-steps are the maximum a posteriori estimates under a
+symmetric Beta/Dirichlet prior that adds `smoothing` pseudo-rows (in units of row weight) to
+every outcome of every column in every class: p = (Σwγ·[x = level] + α) / (Σwγ·[x observed] + Lα)
+with L = 2 for a Bernoulli. With α > 0 no probability is exactly 0 or 1, even for a level a class
+never shows; EM then increases log-likelihood + `log_prior` monotonically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .kernels import row_uniforms
+from .latent_estep import MixedBlock, bernoulli_values, block_statistics, check_levels, discrete_counts
+from .mixture import (
+    CONSTRAINTS,
+    EMPTY_SHARE,
+    WEIGHT_FLOOR,
+    ComponentStatistics,
+    Mixture,
+    m_step as gaussian_m_step,
+    packed_size,
+)
+
+#: Default `smoothing`: a hundredth of a row per outcome, negligible beside any class worth
+#: keeping, yet enough to keep every log-probability finite.
+SMOOTHING = 0.01
+
+
+@dataclass(frozen=True)
+class LatentClassModel:
+    """Class weights and each class's per-block parameters."""
+
+    weights: np.ndarray  # (k,)
+    gaussian: Mixture | None  # (k, d) means in shifted coordinates; its weights are `weights`
+    covariance_type: str
+    bernoulli: np.ndarray  # (k, m) P(x = 1 | class)
+    categorical: tuple[np.ndarray, ...]  # per categorical column, (k, levels) P(level | class)
+
+    @classmethod
+    def create(cls, weights, means=None, covariances=None, covariance_type="full", bernoulli=None,
+               categorical=(), reg_covar: float = 0.0) -> "LatentClassModel":
+        """A validated model. `covariances` are full (k, d, d) matrices for every covariance type
+        (as in `mixture`), repaired or refused by `mixture.positive_definite`."""
+        weights = np.asarray(weights, dtype=np.float64)
+        k = len(weights)
+        if covariance_type not in CONSTRAINTS:
+            raise ValueError(f"covariance type {covariance_type!r}: expected one of {tuple(CONSTRAINTS)}")
+        gaussian = None
+        if means is not None and np.shape(means)[1]:
+            gaussian = Mixture.from_covariances(weights, means, covariances, reg_covar)
+        bernoulli = np.zeros((k, 0)) if bernoulli is None else np.asarray(bernoulli, dtype=np.float64)
+        tables = tuple(np.asarray(t, dtype=np.float64) for t in categorical)
+        for name, p in [("bernoulli", bernoulli)] + [(f"categorical column {c}", t) for c, t in enumerate(tables)]:
+            if p.shape[0] != k or not ((p >= 0) & (p <= 1)).all():
+                raise ValueError(f"{name}: expected {k} rows of probabilities in [0, 1], got shape {p.shape}")
+        for c, t in enumerate(tables):
+            if not np.allclose(t.sum(axis=1), 1.0):
+                raise ValueError(f"categorical column {c}: each class's probabilities must sum to 1")
+        return cls(weights / weights.sum(), gaussian, covariance_type, bernoulli, tables)
+
+    @property
+    def k(self) -> int:
+        return len(self.weights)
+
+    @property
+    def d(self) -> int:
+        return 0 if self.gaussian is None else self.gaussian.d
+
+    @property
+    def m(self) -> int:
+        return self.bernoulli.shape[1]
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return tuple(t.shape[1] for t in self.categorical)
+
+    def free_parameters(self) -> int:
+        """Free parameters (for BIC and AIC): weights, Gaussian block (counted as scikit-learn
+        does), one per Bernoulli column and class, levels − 1 per categorical column and class."""
+        k, d = self.k, self.d
+        covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
+        gaussian = covariance[self.covariance_type] + k * d if d else 0
+        return k - 1 + gaussian + k * self.m + k * sum(n - 1 for n in self.levels)
+
+
+@dataclass
+class LatentStatistics:
+    """One E-step's reduced statistics (see `Layout.unpack`)."""
+
+    log_likelihood: float  # Σ w·log p(observed part of the row)
+    skipped_rows: int  # rows with no feature observed: not in any statistic
+    mass: np.ndarray  # (k,) Σwγ
+    hard_counts: np.ndarray  # (k,) rows whose most probable class is j (unweighted)
+    gaussian: ComponentStatistics | None  # over rows with a Gaussian coordinate observed
+    bernoulli_observed: np.ndarray  # (k, m) Σwγ where the column is observed
+    bernoulli_ones: np.ndarray  # (k, m) Σwγ where it is 1
+    categorical_counts: list[np.ndarray]  # per column (k, levels) Σwγ per level
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape of the flat statistics vector of a model with k classes, d Gaussian coordinates,
+    m Bernoulli columns and the given categorical level counts:
+    [log-likelihood, skipped rows, mass (k), hard counts (k),
+     if d: Gaussian mass (k), first moments (k·d), packed second moments (k·d(d+1)/2),
+     Bernoulli observed mass (k·m), Bernoulli ones (k·m), each categorical table (k·levels)]."""
+
+    k: int
+    d: int
+    m: int
+    levels: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: LatentClassModel) -> "Layout":
+        return cls(model.k, model.d, model.m, model.levels)
+
+    def _discrete_sizes(self) -> list[int]:
+        return [self.k * self.m, self.k * self.m] + [self.k * n for n in self.levels]
+
+    def _sizes(self) -> list[int]:
+        k, d = self.k, self.d
+        gaussian = [k, k * d, k * packed_size(d)] if d else []
+        return [1, 1, k, k] + gaussian + self._discrete_sizes()
+
+    @property
+    def size(self) -> int:
+        return sum(self._sizes())
+
+    def _discrete(self, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        observed, ones, *tables = parts
+        k = self.k
+        return observed.reshape(k, self.m), ones.reshape(k, self.m), [t.reshape(k, -1) for t in tables]
+
+    def unpack(self, flat: np.ndarray) -> LatentStatistics:
+        if flat.shape != (self.size,):
+            raise ValueError(f"statistics of length {flat.shape} do not fit {self}")
+        ll, skipped, mass, hard, *rest = np.split(flat, np.cumsum(self._sizes())[:-1])
+        gaussian = None
+        if self.d:
+            g_mass, first, second, *rest = rest
+            gaussian = ComponentStatistics(
+                float(ll[0]), g_mass, hard, first.reshape(self.k, self.d), second.reshape(self.k, -1)
+            )
+        return LatentStatistics(float(ll[0]), int(skipped[0]), mass, hard, gaussian, *self._discrete(rest))
+
+
+def smoothed(counts: np.ndarray, observed: np.ndarray, outcomes: int, smoothing: float, previous: np.ndarray):
+    """(counts + α) / (observed + outcomes·α), keeping `previous` where nothing was observed."""
+    denominator = observed + outcomes * smoothing
+    defined = denominator > 0
+    safe = np.where(defined, denominator, 1.0)
+    return np.where(defined, (counts + smoothing) / safe, previous)
+
+
+def m_step(stats: LatentStatistics, current: LatentClassModel, reg_covar: float, smoothing: float = SMOOTHING):
+    """New model from the statistics gathered under `current`; returns (model, empty classes).
+
+    A class with less than `mixture.EMPTY_SHARE` of the total mass keeps its parameters (with a
+    floored weight); the Gaussian block is `mixture.m_step` on its own statistics.
+    """
+    total = stats.mass.sum()
+    if not total > 0:
+        raise ValueError("no row has an observed feature: nothing to fit")
+    empty = stats.mass <= EMPTY_SHARE * total
+    weights = np.maximum(stats.mass / total, WEIGHT_FLOOR)
+    weights /= weights.sum()
+    gaussian = current.gaussian
+    if gaussian is not None and stats.gaussian.resp.sum() > 0:
+        gaussian = gaussian_m_step(stats.gaussian, gaussian, reg_covar, current.covariance_type)[0]
+    if gaussian is not None:
+        gaussian = replace(gaussian, weights=weights)
+    keep = empty[:, None]
+    bernoulli = smoothed(stats.bernoulli_ones, stats.bernoulli_observed, 2, smoothing, current.bernoulli)
+    bernoulli = np.where(keep, current.bernoulli, bernoulli)
+    tables = tuple(
+        np.where(keep, old, smoothed(counts, counts.sum(axis=1, keepdims=True), old.shape[1], smoothing, old))
+        for counts, old in zip(stats.categorical_counts, current.categorical)
+    )
+    return LatentClassModel(weights, gaussian, current.covariance_type, bernoulli, tables), np.flatnonzero(empty)
+
+
+def log_prior(model: LatentClassModel, smoothing: float) -> float:
+    """log of the Beta/Dirichlet prior density behind `smoothing` (up to a constant):
+    α Σ log p over every outcome of every column and class. log-likelihood + this never
+    decreases in exact-arithmetic EM without regCovar."""
+    if smoothing == 0:
+        return 0.0
+    terms = [np.log(model.bernoulli).sum() + np.log1p(-model.bernoulli).sum()]
+    terms += [np.log(t).sum() for t in model.categorical]
+    return smoothing * float(sum(terms))
+
+
+# -- start: random responsibilities from each row's content, then one statistics pass -----------
+
+
+def random_responsibilities(block: MixedBlock, k: int, seed: int) -> np.ndarray:
+    """(n, k) responsibilities uniform on the simplex (normalised exponentials of k hashed
+    uniforms per row). They are a pure function of (seed, row values), so the start does not
+    depend on partitioning or row order; copies of a row start alike, which EM never separates
+    anyway."""
+    content = block.content()
+    draws = np.column_stack([-np.log1p(-row_uniforms(content, seed, stream)) for stream in range(k)])
+    return draws / draws.sum(axis=1, keepdims=True)
+
+
+def initial_statistics(block: MixedBlock, resp: np.ndarray, levels: tuple[int, ...]) -> np.ndarray:
+    """Flat statistics for the start from given (n, k) responsibilities (random ones, or a hard
+    assignment): [mass (k), per class and Gaussian coordinate observed mass, Σwγx, Σwγx² (3·k·d),
+    then the discrete counts as in `Layout`]. Gaussian moments are over observed values only
+    (available cases): there is no model yet to impute the missing ones from."""
+    check_levels(block.categorical, levels)
+    bernoulli_values(block.bernoulli)
+    w = np.ones(block.n) if block.weights is None else block.weights
+    weighted = resp * w[:, None]
+    x = block.gaussian
+    seen = ~np.isnan(x)
+    filled = np.where(seen, x, 0.0)
+    gaussian = [weighted.T @ seen, weighted.T @ filled, weighted.T @ filled**2]
+    parts = [weighted.sum(axis=0)] + gaussian + discrete_counts(block, weighted, levels)
+    return np.concatenate([np.ravel(p) for p in parts]).astype(np.float64)
+
+
+def initial_model(flat: np.ndarray, layout: Layout, covariance_type: str, reg_covar: float,
+                  smoothing: float = SMOOTHING) -> LatentClassModel:
+    """The starting model from summed `initial_statistics`: Gaussian blocks start with diagonal
+    covariances (per coordinate over its observed values), constrained to `covariance_type`."""
+    k, d = layout.k, layout.d
+    sizes = [k, k * d, k * d, k * d] + layout._discrete_sizes()
+    mass, observed, sums, squares, *rest = np.split(flat, np.cumsum(sizes)[:-1])
+    observed, sums, squares = (a.reshape(k, d) for a in (observed, sums, squares))
+    bernoulli_observed, ones, counts = layout._discrete(rest)
+    if (observed <= 0).any():
+        j, f = np.argwhere(observed <= 0)[0]
+        raise ValueError(f"Gaussian coordinate {f} has no observed value in start class {j}")
+    means = sums / observed
+    variances = np.maximum(squares / observed - means**2, 0.0)
+    covariances = variances[:, :, None] * np.eye(d)
+    covariances = CONSTRAINTS[covariance_type](covariances, mass) + reg_covar * np.eye(d)
+    bernoulli = smoothed(ones, bernoulli_observed, 2, smoothing, np.full((k, layout.m), 0.5))
+    tables = [smoothed(c, c.sum(axis=1, keepdims=True), c.shape[1], smoothing, np.full(c.shape, 1 / c.shape[1]))
+              for c in counts]
+    return LatentClassModel.create(mass, means, covariances, covariance_type, bernoulli, tables, reg_covar)
+
+
+# -- EM over in-memory blocks (until `em.fit` takes a model family) ---------------------------------
+
+
+@dataclass
+class InMemoryFit:
+    model: LatentClassModel
+    history: list[float]  # log-likelihood + log_prior of the model evaluated at each iteration
+    statistics: LatentStatistics  # of the returned model
+    iterations: int  # M-steps taken
+
+
+def fit_in_memory(blocks: list[MixedBlock], start: LatentClassModel, reg_covar: float,
+                  smoothing: float = SMOOTHING, max_iter: int = 100, tol: float = 1e-8) -> InMemoryFit:
+    """EM over `blocks` from `start`, stopping when the objective per unit of row weight changes
+    by less than `tol`; the returned model is the last one evaluated (its statistics included)."""
+    layout, model, history = Layout.of(start), start, []
+    for iteration in range(max_iter + 1):
+        stats = layout.unpack(sum(block_statistics(model, b) for b in blocks))
+        history.append(stats.log_likelihood + log_prior(model, smoothing))
+        converged = len(history) > 1 and abs(history[-1] - history[-2]) < tol * stats.mass.sum()
+        if converged or iteration == max_iter:
+            return InMemoryFit(model, history, stats, iteration)
+        model = m_step(stats, model, reg_covar, smoothing)[0]

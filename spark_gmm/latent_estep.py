@@ -1,0 +1,232 @@
+"""E-step of the latent class model over one block of rows, in plain numpy (no Spark).
+
+A row's likelihood is Σ_j π_j · N(x_o | μ_j, Σ_j) · Π Bernoulli · Π categorical over its
+*observed* features only: a missing Bernoulli or categorical value drops its factor, and the
+Gaussian block is the exact marginal over the observed coordinates. Rows are grouped by their
+pattern of observed Gaussian coordinates, so each pattern costs one sub-covariance factorisation
+per class and one matrix product, like complete data, when few patterns occur.
+
+The Gaussian statistics are those of the exact EM with the missing coordinates as latent data:
+each row contributes its conditional mean E[x | x_o, j] to the first moments and, on top of its
+outer product, the conditional covariance of the missing coordinates to the second moments. They
+are centred on each class's current mean (shifted coordinates: see `mixture`), so the M-step adds
+the mean update without cancellation. A row with no Gaussian coordinate observed drops out of the
+Gaussian statistics (its whole Gaussian factor is marginalised); a row with no feature observed at
+all drops out of everything and is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .kernels import log_gaussian_density, normalize_log
+from .mixture import Mixture, packed_size, precision_cholesky
+
+#: Probabilities enter logarithms clipped at the smallest normal double, so a probability of
+#: exactly 0 (possible only with smoothing=0) gives a very unlikely row, never NaN.
+LOG_FLOOR = float(np.log(np.finfo(np.float64).tiny))
+
+
+@dataclass(frozen=True)
+class MixedBlock:
+    """One block of rows. Missing values: NaN in `gaussian`, NaN or -1 in `bernoulli`, -1 in
+    `categorical`. Absent feature types are (n, 0) arrays."""
+
+    gaussian: np.ndarray  # (n, d) float, shifted coordinates
+    bernoulli: np.ndarray  # (n, m) float in {0, 1, -1, NaN}
+    categorical: np.ndarray  # (n, c) integer level codes, -1 missing
+    weights: np.ndarray | None = None  # (n,) row weights, None for 1
+
+    @classmethod
+    def of(cls, gaussian=None, bernoulli=None, categorical=None, weights=None) -> "MixedBlock":
+        """A block from whichever arrays are given (at least one)."""
+        given = [a for a in (gaussian, bernoulli, categorical) if a is not None]
+        n = len(given[0])
+        empty = np.zeros((n, 0))
+        return cls(
+            np.asarray(empty if gaussian is None else gaussian, dtype=np.float64),
+            np.asarray(empty if bernoulli is None else bernoulli, dtype=np.float64),
+            np.asarray(empty if categorical is None else categorical, dtype=np.int64),
+            None if weights is None else np.asarray(weights, dtype=np.float64),
+        )
+
+    @property
+    def n(self) -> int:
+        return self.gaussian.shape[0]
+
+    def content(self) -> np.ndarray:
+        """(n, d + m + c) float64: every value of each row, missing ones as NaN (one NaN bit
+        pattern), so the row hashes the same wherever it is stored."""
+        codes = np.where(self.categorical < 0, np.nan, self.categorical.astype(np.float64))
+        binary = np.where(self.bernoulli == 1, 1.0, np.where(self.bernoulli == 0, 0.0, np.nan))
+        values = np.hstack([self.gaussian, binary, codes])
+        return np.where(np.isnan(values), np.nan, values)
+
+
+@dataclass(frozen=True)
+class _Pattern:
+    """Rows sharing one set of observed Gaussian coordinates, and what the E-step needs of it."""
+
+    rows: np.ndarray  # (n_p,) indices into the block
+    observed: np.ndarray  # (|o|,) coordinate indices
+    missing: np.ndarray  # (|m|,)
+    regression: np.ndarray  # (k, |o|, |m|) Σ_oo⁻¹ Σ_om: E[x_m − μ_m | x_o] = (x_o − μ_o) · this
+    conditional: np.ndarray  # (k, |m|, |m|) Σ_mm − Σ_mo Σ_oo⁻¹ Σ_om
+
+
+def bernoulli_values(x: np.ndarray):
+    """(observed, ones) boolean (n, m) masks; a value other than 0, 1, -1 or NaN is refused."""
+    ones, zeros = x == 1, x == 0
+    bad = ~(ones | zeros | (x == -1) | np.isnan(x))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"bernoulli column {col} holds {float(x[row, col])} ({int(bad[:, col].sum())} such values); "
+            "expected 0, 1, or missing (NaN or -1)"
+        )
+    return ones | zeros, ones
+
+
+def check_levels(codes: np.ndarray, levels: tuple[int, ...]) -> None:
+    """Refuse level codes outside [-1, levels) with a message naming the column."""
+    for col, count in enumerate(levels):
+        bad = (codes[:, col] < -1) | (codes[:, col] >= count)
+        if bad.any():
+            raise ValueError(
+                f"categorical column {col} holds level code {codes[bad, col][0]} ({int(bad.sum())} "
+                f"such values); expected 0..{count - 1}, or -1 for missing"
+            )
+
+
+def _gaussian_terms(x: np.ndarray, gaussian: Mixture):
+    """((n, k) log N(x_o | μ_jo, Σ_joo), 0 for rows with nothing observed; their patterns)."""
+    n, k = x.shape[0], gaussian.k
+    log_density = np.zeros((n, k))
+    observed = ~np.isnan(x)
+    masks, inverse = np.unique(observed, axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    order = np.argsort(inverse, kind="stable")
+    groups = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(masks)))[:-1])
+    patterns = []
+    for mask, rows in zip(masks, groups):
+        o, m = np.flatnonzero(mask), np.flatnonzero(~mask)
+        if not o.size:
+            continue
+        if m.size:
+            cov_oo = gaussian.covariances[:, o][:, :, o]
+            sub = Mixture(gaussian.weights, gaussian.means[:, o], cov_oo, precision_cholesky(cov_oo))
+        else:
+            sub = gaussian
+        log_density[rows] = log_gaussian_density(x[np.ix_(rows, o)], sub)
+        cov_om = gaussian.covariances[:, o][:, :, m]
+        p = sub.precisions_cholesky  # P Pᵀ = Σ_oo⁻¹
+        regression = p @ (np.swapaxes(p, 1, 2) @ cov_om)
+        conditional = gaussian.covariances[:, m][:, :, m] - np.swapaxes(cov_om, 1, 2) @ regression
+        patterns.append(_Pattern(rows, o, m, regression, conditional))
+    return log_density, patterns
+
+
+def _bernoulli_terms(x: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """(n, k) Σ over observed columns of log P(x | class)."""
+    observed, ones = bernoulli_values(x)
+    with np.errstate(divide="ignore"):
+        log_one = np.maximum(np.log(probabilities), LOG_FLOOR)
+        log_zero = np.maximum(np.log1p(-probabilities), LOG_FLOOR)
+    return ones.astype(np.float64) @ log_one.T + (observed & ~ones).astype(np.float64) @ log_zero.T
+
+
+def _categorical_terms(codes: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
+    """(n, k) Σ over observed columns of log P(level | class)."""
+    out = np.zeros((codes.shape[0], tables[0].shape[0] if tables else 0))
+    for col, table in enumerate(tables):
+        seen = codes[:, col] >= 0
+        with np.errstate(divide="ignore"):
+            out[seen] += np.maximum(np.log(table), LOG_FLOOR).T[codes[seen, col]]
+    return out
+
+
+@dataclass
+class Posterior:
+    """What the E-step knows of each row of a block under one model."""
+
+    log_density: np.ndarray  # (n,) log p(observed part of the row); NaN where nothing is observed
+    responsibilities: np.ndarray  # (n, k) P(class | observed part); 0 where nothing is observed
+    patterns: list  # the Gaussian block's missingness patterns (for the statistics)
+
+
+def posterior(model, block: MixedBlock) -> Posterior:
+    """Log density and class responsibilities of every row of `block` under `model` (a
+    `latent.LatentClassModel`): the E-step, and scoring."""
+    check_levels(block.categorical, model.levels)
+    joint = np.broadcast_to(np.log(model.weights), (block.n, model.k)).copy()
+    seen = np.zeros(block.n, dtype=bool)
+    patterns = []
+    if model.d:
+        terms, patterns = _gaussian_terms(block.gaussian, model.gaussian)
+        joint += terms
+        seen |= ~np.isnan(block.gaussian).all(axis=1)
+    if model.m:
+        joint += _bernoulli_terms(block.bernoulli, model.bernoulli)
+        seen |= bernoulli_values(block.bernoulli)[0].any(axis=1)
+    if model.levels:
+        joint += _categorical_terms(block.categorical, model.categorical)
+        seen |= (block.categorical >= 0).any(axis=1)
+    log_density = np.full(block.n, np.nan)
+    resp = np.zeros((block.n, model.k))
+    if seen.any():
+        log_density[seen], resp[seen] = normalize_log(joint[seen])
+    return Posterior(log_density, resp, patterns)
+
+
+def gaussian_moments(x: np.ndarray, gaussian: Mixture, patterns: list, weighted: np.ndarray):
+    """(mass (k,), first (k, d), second (k, d(d+1)/2)): Σwγ, Σwγ(x̂ − μ_j) and
+    Σwγ[(x̂ − μ_j)(x̂ − μ_j)ᵀ + Cov(x_m | x_o, j)] over rows with a Gaussian coordinate observed,
+    where x̂ is the row with its missing coordinates replaced by E[x_m | x_o, j]. `weighted` is
+    (n, k) row weight × responsibility."""
+    k, d = gaussian.k, gaussian.d
+    mass, first, second = np.zeros(k), np.zeros((k, d)), np.zeros((k, d, d))
+    for p in patterns:
+        x_o = x[np.ix_(p.rows, p.observed)]
+        g = weighted[p.rows]
+        for j in range(k):
+            dev = np.empty((len(p.rows), d))
+            dev[:, p.observed] = x_o - gaussian.means[j, p.observed]
+            dev[:, p.missing] = dev[:, p.observed] @ p.regression[j]
+            share = g[:, j].sum()
+            mass[j] += share
+            first[j] += g[:, j] @ dev
+            dev *= np.sqrt(g[:, j])[:, None]
+            second[j] += dev.T @ dev
+            second[j][np.ix_(p.missing, p.missing)] += share * p.conditional[j]
+    rows, cols = np.triu_indices(d)
+    return mass, first, second[:, rows, cols].reshape(k, packed_size(d))
+
+
+def discrete_counts(block: MixedBlock, weighted: np.ndarray, levels: tuple[int, ...]) -> list[np.ndarray]:
+    """[Bernoulli observed mass (k, m), Bernoulli ones (k, m), then per categorical column its
+    (k, levels) weighted counts]: Σwγ over the rows where each value is observed."""
+    observed, ones = bernoulli_values(block.bernoulli)
+    out = [weighted.T @ observed, weighted.T @ ones]
+    for col, count in enumerate(levels):
+        codes = block.categorical[:, col]
+        seen = codes >= 0
+        out.append(np.array([np.bincount(codes[seen], g[seen], minlength=count) for g in weighted.T]))
+    return out
+
+
+def block_statistics(model, block: MixedBlock) -> np.ndarray:
+    """The flat float64 E-step statistics of `block` under `model`, laid out as
+    `latent.Layout.unpack` reads them; partials of several blocks add up."""
+    post = posterior(model, block)
+    seen = ~np.isnan(post.log_density)
+    w = np.ones(block.n) if block.weights is None else block.weights
+    weighted = post.responsibilities * w[:, None]
+    log_likelihood = float(w[seen] @ post.log_density[seen])
+    hard = np.bincount(post.responsibilities[seen].argmax(axis=1), minlength=model.k)
+    parts = [[log_likelihood, float((~seen).sum())], weighted.sum(axis=0), hard]
+    if model.d:
+        parts.extend(gaussian_moments(block.gaussian, model.gaussian, post.patterns, weighted))
+    parts.extend(discrete_counts(block, weighted, model.levels))
+    return np.concatenate([np.ravel(p) for p in parts]).astype(np.float64)

@@ -1,0 +1,358 @@
+"""The latent class model's numpy core (`latent`, `latent_estep`) against independent references:
+StepMix (its own E- and M-steps, run from the same start), brute-force marginal likelihoods and
+EM updates of a full-covariance Gaussian mixture with missing coordinates, and generated classes."""
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+from sklearn.metrics import adjusted_rand_score
+from stepmix.stepmix import StepMix
+
+from spark_gmm.latent import (
+    LatentClassModel,
+    Layout,
+    fit_in_memory,
+    initial_model,
+    initial_statistics,
+    m_step,
+    random_responsibilities,
+)
+from spark_gmm.latent_estep import MixedBlock, block_statistics, posterior
+
+LEVELS = (3, 4, 5)
+MAX_LEVELS = max(LEVELS)
+
+
+# -- data and helpers ------------------------------------------------------------------------------
+
+
+def generated(rng, n, k=3, d=2, m=6, levels=LEVELS, spread=3.0, sharp=0.8):
+    """(labels, gaussian (n, d), bernoulli (n, m), codes (n, c)) from a latent class model whose
+    classes differ in every block: Gaussian means `spread` apart, Bernoulli probabilities near
+    `sharp` or 1 − `sharp`, categorical tables peaked on a class-specific level."""
+    labels = rng.choice(k, size=n, p=np.linspace(1, 2, k) / np.linspace(1, 2, k).sum())
+    means = rng.normal(scale=spread, size=(k, d))
+    gaussian = means[labels] + rng.normal(size=(n, d)) * rng.uniform(0.5, 1.5, size=(k, d))[labels]
+    p = np.where(rng.random((k, m)) < 0.5, sharp, 1 - sharp)
+    bernoulli = (rng.random((n, m)) < p[labels]).astype(float)
+    codes = np.empty((n, len(levels)), dtype=np.int64)
+    for c, count in enumerate(levels):
+        tables = np.full((k, count), 0.3 / (count - 1))
+        tables[np.arange(k), np.arange(k) % count] = 0.7
+        codes[:, c] = [rng.choice(count, p=tables[j]) for j in labels]
+    return labels, gaussian, bernoulli, codes
+
+
+def with_missing(rng, a, share, missing):
+    a = a.copy()
+    a[rng.random(a.shape) < share] = missing
+    return a
+
+
+def random_start(rng, k, d=0, m=0, levels=(), diagonal=True):
+    """A random model: weights, means, diagonal or full covariances, probabilities, tables."""
+    means = rng.normal(size=(k, d))
+    if diagonal:
+        covariances = rng.uniform(0.5, 2.0, size=(k, d))[:, :, None] * np.eye(d)
+    else:
+        a = rng.normal(scale=0.5, size=(k, d, d))
+        covariances = a @ np.swapaxes(a, 1, 2) + 0.5 * np.eye(d)
+    return LatentClassModel.create(
+        rng.uniform(1, 2, size=k), means, covariances, "diag" if diagonal else "full",
+        rng.uniform(0.2, 0.8, size=(k, m)), [rng.dirichlet(np.ones(n) * 3, size=k) for n in levels],
+    )
+
+
+def em_steps(model, blocks, steps, reg_covar, smoothing=0.0):
+    """`steps` M-steps; returns the model and the mean log-likelihood before each step."""
+    layout, lls = Layout.of(model), []
+    for _ in range(steps):
+        stats = layout.unpack(sum(block_statistics(model, b) for b in blocks))
+        lls.append(stats.log_likelihood / stats.mass.sum())
+        model = m_step(stats, model, reg_covar, smoothing)[0]
+    return model, lls
+
+
+def stepmix_for(model, measurement, gaussian_key="g", categorical_key="c"):
+    """A StepMix estimator holding the parameters of `model` (diagonal Gaussian block)."""
+    sm = StepMix(n_components=model.k, measurement=measurement, verbose=0, progress_bar=0, random_state=0)
+    params = {}
+    if model.d:
+        params[gaussian_key] = {
+            "means": model.gaussian.means.copy(),
+            "covariances": np.diagonal(model.gaussian.covariances, axis1=1, axis2=2).copy(),
+        }
+    if model.m:
+        params["b"] = {"pis": model.bernoulli.copy()}
+    if model.levels:
+        pis = np.zeros((model.k, len(model.levels) * MAX_LEVELS))
+        for c, table in enumerate(model.categorical):
+            pis[:, c * MAX_LEVELS : c * MAX_LEVELS + table.shape[1]] = table
+        params[categorical_key] = {"pis": pis, "max_n_outcomes": MAX_LEVELS, "total_outcomes": sum(model.levels)}
+    measurement_in = model.d + model.m + len(model.levels)
+    if isinstance(measurement, str):
+        (params,) = params.values()
+    sm.set_parameters({"weights": model.weights.copy(), "measurement": params, "measurement_in": measurement_in})
+    return sm
+
+
+def stepmix_steps(sm, x, steps):
+    """StepMix's own E- and M-steps; returns the mean log-likelihood before each step."""
+    lls = []
+    for _ in range(steps):
+        ll, log_resp = sm._e_step(x)
+        lls.append(ll)
+        sm._m_step(x, np.exp(log_resp))
+    return lls
+
+
+def stepmix_parameters(sm, model):
+    """(weights, means, diagonal variances, bernoulli, tables) of `sm`, in `model`'s shapes."""
+    mm = sm._mm
+    models = mm.models if hasattr(mm, "models") else {"only": mm}
+    out = {"weights": sm.weights_}
+    for emission in models.values():
+        p = emission.parameters
+        if "means" in p:
+            out["means"], out["variances"] = p["means"], p["covariances"]
+        elif p.get("max_n_outcomes"):
+            out["tables"] = [p["pis"][:, c * MAX_LEVELS : c * MAX_LEVELS + n] for c, n in enumerate(model.levels)]
+        else:
+            out["bernoulli"] = p["pis"]
+    return out
+
+
+def assert_same_parameters(model, sm, atol=1e-6):
+    theirs = stepmix_parameters(sm, model)
+    np.testing.assert_allclose(model.weights, theirs["weights"], atol=atol)
+    if model.d:
+        np.testing.assert_allclose(model.gaussian.means, theirs["means"], atol=atol)
+        ours = np.diagonal(model.gaussian.covariances, axis1=1, axis2=2)
+        np.testing.assert_allclose(ours, theirs["variances"], atol=atol)
+    if model.m:
+        np.testing.assert_allclose(model.bernoulli, theirs["bernoulli"], atol=atol)
+    for ours, table in zip(model.categorical, theirs.get("tables", [])):
+        np.testing.assert_allclose(ours, table, atol=atol)
+
+
+def blocks_of(gaussian=None, bernoulli=None, codes=None, size=97):
+    n = len(next(a for a in (gaussian, bernoulli, codes) if a is not None))
+    cut = lambda a, s: None if a is None else a[s : s + size]  # noqa: E731
+    return [MixedBlock.of(cut(gaussian, s), cut(bernoulli, s), cut(codes, s)) for s in range(0, n, size)]
+
+
+# -- equal to StepMix from an identical start ------------------------------------------------------
+
+
+def test_bernoulli_em_equals_stepmix(rng):
+    _, _, bernoulli, _ = generated(rng, 800, m=8)
+    start = random_start(rng, 3, m=8)
+    ours, our_lls = em_steps(start, blocks_of(bernoulli=bernoulli), 40, reg_covar=0.0)
+    sm = stepmix_for(start, "bernoulli")
+    their_lls = stepmix_steps(sm, bernoulli, 40)
+    np.testing.assert_allclose(our_lls, their_lls, rtol=0, atol=1e-6)
+    assert our_lls[-1] - our_lls[0] > 0.01  # EM moved: the comparison is not of a fixed point
+    assert_same_parameters(ours, sm)
+
+
+def test_categorical_em_equals_stepmix(rng):
+    _, _, _, codes = generated(rng, 800)
+    start = random_start(rng, 3, levels=LEVELS)
+    ours, our_lls = em_steps(start, blocks_of(codes=codes), 40, reg_covar=0.0)
+    sm = stepmix_for(start, "categorical")
+    their_lls = stepmix_steps(sm, codes.astype(float), 40)
+    np.testing.assert_allclose(our_lls, their_lls, rtol=0, atol=1e-6)
+    assert our_lls[-1] - our_lls[0] > 0.01
+    assert_same_parameters(ours, sm)
+
+
+def test_mixed_em_equals_stepmix(rng):
+    _, gaussian, bernoulli, codes = generated(rng, 800, d=3)
+    start = random_start(rng, 3, d=3, m=6, levels=LEVELS)
+    ours, our_lls = em_steps(start, blocks_of(gaussian, bernoulli, codes), 40, reg_covar=1e-6)
+    descriptor = {
+        "g": {"model": "gaussian_diag", "n_columns": 3},
+        "b": {"model": "bernoulli", "n_columns": 6},
+        "c": {"model": "categorical", "n_columns": len(LEVELS)},
+    }
+    sm = stepmix_for(start, descriptor)
+    their_lls = stepmix_steps(sm, np.hstack([gaussian, bernoulli, codes]), 40)
+    np.testing.assert_allclose(our_lls, their_lls, rtol=0, atol=1e-6)
+    assert our_lls[-1] - our_lls[0] > 0.1
+    assert_same_parameters(ours, sm)
+
+
+def test_missing_discrete_em_equals_stepmix_nan_models(rng):
+    """Bernoulli and categorical factors of missing values are skipped: the same update as
+    StepMix's `*_nan` models, step by step; NaN and -1 both mean missing."""
+    _, _, bernoulli, codes = generated(rng, 800)
+    bernoulli = with_missing(rng, bernoulli, 0.2, np.nan)
+    codes_missing = with_missing(rng, codes, 0.2, -1)
+    ours_input = np.where(rng.random(bernoulli.shape) < 0.5, np.nan_to_num(bernoulli, nan=-1), bernoulli)
+    start = random_start(rng, 3, m=6, levels=LEVELS)
+    ours, our_lls = em_steps(start, blocks_of(bernoulli=ours_input, codes=codes_missing), 40, reg_covar=0.0)
+    descriptor = {
+        "b": {"model": "bernoulli_nan", "n_columns": 6},
+        "c": {"model": "categorical_nan", "n_columns": len(LEVELS)},
+    }
+    sm = stepmix_for(start, descriptor)
+    their_codes = np.where(codes_missing < 0, np.nan, codes_missing)
+    their_lls = stepmix_steps(sm, np.hstack([bernoulli, their_codes]), 40)
+    np.testing.assert_allclose(our_lls, their_lls, rtol=0, atol=1e-6)
+    assert_same_parameters(ours, sm)
+
+
+def test_missing_diag_gaussian_fit_equals_stepmix_nan_model(rng):
+    """Same likelihood at every parameter value, and the same maximum: StepMix's diagonal
+    `gaussian_diag_nan` drops missing coordinates from the update, the exact EM imputes them
+    (another EM for the same likelihood), so the two agree where both have converged. They start
+    from the generating classes' hard assignment, in the basin of one maximum."""
+    labels, gaussian, bernoulli, _ = generated(rng, 600, d=3, spread=4.0)
+    gaussian = with_missing(rng, gaussian, 0.25, np.nan)
+    gaussian[:5] = np.nan  # rows whose whole Gaussian block is missing
+    bernoulli = with_missing(rng, bernoulli, 0.15, np.nan)
+    blocks = blocks_of(gaussian, bernoulli, size=600)
+    truth = np.eye(3)[labels]
+    start = initial_model(initial_statistics(blocks[0], truth, ()), Layout(3, 3, 6, ()), "diag", 0.0, smoothing=1.0)
+    descriptor = {"g": {"model": "gaussian_diag_nan", "n_columns": 3}, "b": {"model": "bernoulli_nan", "n_columns": 6}}
+    sm = stepmix_for(start, descriptor)
+    x = np.hstack([gaussian, bernoulli])
+    _, first_lls = em_steps(start, blocks, 1, reg_covar=0.0)
+    assert first_lls[0] == pytest.approx(sm._e_step(x)[0], abs=1e-10)
+    ours = fit_in_memory(blocks, start, reg_covar=0.0, smoothing=0.0, max_iter=300, tol=1e-15)
+    their_lls = stepmix_steps(sm, x, 300)
+    assert ours.iterations < 300
+    assert ours.history[-1] / ours.statistics.mass.sum() == pytest.approx(their_lls[-1], abs=1e-9)
+    assert_same_parameters(ours.model, sm)
+
+
+# -- full covariance with missing coordinates: brute-force references ------------------------------
+
+
+def full_covariance_case(rng, n=300, d=4, k=2, share=0.3):
+    start = random_start(rng, k, d=d, diagonal=False)
+    x = rng.normal(size=(n, d)) * 2 + rng.choice([-2.0, 2.0], size=(n, 1))
+    x = with_missing(rng, x, share, np.nan)
+    x[:3] = np.nan
+    return start, x
+
+
+def test_full_covariance_marginal_likelihood_is_exact(rng):
+    start, x = full_covariance_case(rng)
+    post = posterior(start, MixedBlock.of(x))
+    g = start.gaussian
+    for i, row in enumerate(x):
+        o = ~np.isnan(row)
+        if not o.any():
+            assert np.isnan(post.log_density[i]) and not post.responsibilities[i].any()
+            continue
+        joint = [
+            np.log(start.weights[j]) + multivariate_normal.logpdf(row[o], g.means[j, o], g.covariances[j][np.ix_(o, o)])
+            for j in range(start.k)
+        ]
+        assert post.log_density[i] == pytest.approx(logsumexp(joint), abs=1e-10)
+        np.testing.assert_allclose(post.responsibilities[i], np.exp(np.array(joint) - logsumexp(joint)), atol=1e-12)
+
+
+def test_full_covariance_em_step_is_the_exact_conditional_expectation_update(rng):
+    start, x = full_covariance_case(rng)
+    reg = 1e-3
+    stats = Layout.of(start).unpack(block_statistics(start, MixedBlock.of(x)))
+    assert stats.skipped_rows == np.isnan(x).all(axis=1).sum() >= 3
+    model = m_step(stats, start, reg, smoothing=0.0)[0]
+    resp = posterior(start, MixedBlock.of(x)).responsibilities
+    g = start.gaussian
+    for j in range(start.k):
+        filled, extra = [], np.zeros((x.shape[1], x.shape[1]))
+        for i, row in enumerate(x):
+            o, m = ~np.isnan(row), np.isnan(row)
+            if not o.any():
+                filled.append(np.zeros(x.shape[1]))
+                continue
+            s = g.covariances[j]
+            gain = s[np.ix_(m, o)] @ np.linalg.inv(s[np.ix_(o, o)])
+            row = row.copy()
+            row[m] = g.means[j, m] + gain @ (row[o] - g.means[j, o])
+            filled.append(row)
+            extra[np.ix_(m, m)] += resp[i, j] * (s[np.ix_(m, m)] - gain @ s[np.ix_(o, m)])
+        filled = np.array(filled)
+        mass = resp[:, j].sum()
+        mean = resp[:, j] @ filled / mass
+        dev = filled - mean
+        cov = (dev.T * resp[:, j]) @ dev / mass + extra / mass + reg * np.eye(x.shape[1])
+        np.testing.assert_allclose(model.gaussian.means[j], mean, atol=1e-10)
+        np.testing.assert_allclose(model.gaussian.covariances[j], cov, atol=1e-10)
+    np.testing.assert_allclose(model.weights, resp.sum(axis=0) / resp.sum(), atol=1e-12)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3])
+def test_em_objective_never_decreases_with_missing_values(rng, share):
+    _, gaussian, bernoulli, codes = generated(rng, 500, d=3, spread=1.5)
+    gaussian = with_missing(rng, gaussian, share, np.nan)
+    bernoulli = with_missing(rng, bernoulli, share, np.nan)
+    codes = with_missing(rng, codes, share, -1)
+    start = random_start(rng, 3, d=3, m=6, levels=LEVELS, diagonal=False)
+    fit = fit_in_memory(blocks_of(gaussian, bernoulli, codes), start, reg_covar=0.0, smoothing=0.5, max_iter=150, tol=0)
+    steps = np.diff(fit.history)
+    assert (steps >= -1e-10 * np.abs(fit.history[1:])).all(), steps.min()
+    assert fit.history[-1] - fit.history[0] > 1.0
+
+
+# -- start, blocks, recovery -----------------------------------------------------------------------
+
+
+def test_start_and_statistics_do_not_depend_on_blocks_or_row_order(rng):
+    _, gaussian, bernoulli, codes = generated(rng, 400, d=2)
+    gaussian = with_missing(rng, gaussian, 0.1, np.nan)
+    order = rng.permutation(400)
+
+    def start_from(blocks):
+        flat = sum(initial_statistics(b, random_responsibilities(b, 3, seed=7), LEVELS) for b in blocks)
+        return initial_model(flat, Layout(3, 2, 6, LEVELS), "full", 1e-6)
+
+    a = start_from(blocks_of(gaussian, bernoulli, codes, size=50))
+    b = start_from(blocks_of(gaussian[order], bernoulli[order], codes[order], size=133))
+    np.testing.assert_allclose(a.gaussian.means, b.gaussian.means, rtol=1e-12)
+    np.testing.assert_allclose(a.bernoulli, b.bernoulli, rtol=1e-12)
+    sa = sum(block_statistics(a, blk) for blk in blocks_of(gaussian, bernoulli, codes, size=50))
+    sb = sum(block_statistics(a, blk) for blk in blocks_of(gaussian[order], bernoulli[order], codes[order], size=133))
+    np.testing.assert_allclose(sa, sb, rtol=1e-10)
+    c = start_from(blocks_of(gaussian, bernoulli, codes, size=50)[:1])
+    assert not np.allclose(a.bernoulli, c.bernoulli)  # the start does depend on the data
+
+
+def test_rows_with_nothing_observed_are_counted_and_skipped(rng):
+    _, gaussian, bernoulli, codes = generated(rng, 200, d=2)
+    start = random_start(rng, 3, d=2, m=6, levels=LEVELS, diagonal=False)
+    empty_rows = (np.full((4, 2), np.nan), np.full((4, 6), -1.0), np.full((4, 3), -1))
+    plain = block_statistics(start, MixedBlock.of(gaussian, bernoulli, codes))
+    padded = block_statistics(start, MixedBlock.of(*(np.vstack([a, e]) for a, e in zip((gaussian, bernoulli, codes), empty_rows))))
+    assert Layout.of(start).unpack(padded).skipped_rows == 4
+    padded[1] = 0.0
+    np.testing.assert_allclose(padded, plain, rtol=1e-12)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.15])
+def test_latent_classes_are_recovered(rng, share):
+    labels, gaussian, bernoulli, codes = generated(rng, 1500, d=2, spread=4.0, sharp=0.85)
+    gaussian = with_missing(rng, gaussian, share, np.nan)
+    bernoulli = with_missing(rng, bernoulli, share, np.nan)
+    codes = with_missing(rng, codes, share, -1)
+    blocks = blocks_of(gaussian, bernoulli, codes, size=256)
+    layout = Layout(3, 2, 6, LEVELS)
+    best = None
+    for seed in range(3):
+        flat = sum(initial_statistics(b, random_responsibilities(b, 3, seed), LEVELS) for b in blocks)
+        fit = fit_in_memory(blocks, initial_model(flat, layout, "full", 1e-6), reg_covar=1e-6, max_iter=300)
+        best = fit if best is None or fit.history[-1] > best.history[-1] else best
+    predicted = np.concatenate([posterior(best.model, b).responsibilities.argmax(axis=1) for b in blocks])
+    assert adjusted_rand_score(labels, predicted) >= 0.9
+
+
+def test_bad_values_are_refused_with_the_column_named(rng):
+    start = random_start(rng, 2, m=2, levels=(3,))
+    with pytest.raises(ValueError, match=r"^bernoulli column 1 holds 2\.0 \(1 such values\)"):
+        block_statistics(start, MixedBlock.of(bernoulli=[[0, 1], [1, 2]], categorical=[[0], [1]]))
+    with pytest.raises(ValueError, match=r"^categorical column 0 holds level code 3"):
+        block_statistics(start, MixedBlock.of(bernoulli=[[0, 1], [1, 0]], categorical=[[0], [3]]))
