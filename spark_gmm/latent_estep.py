@@ -26,7 +26,11 @@ from .mixture import Mixture, packed_size, precision_cholesky
 
 #: Probabilities enter logarithms clipped at the smallest normal double, so a probability of
 #: exactly 0 (possible only with smoothing=0) gives a very unlikely row, never NaN.
-LOG_FLOOR = float(np.log(np.finfo(np.float64).tiny))
+TINY = np.finfo(np.float64).tiny
+
+
+def log_probability(p: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(p, TINY))
 
 
 @dataclass(frozen=True)
@@ -100,18 +104,24 @@ def check_levels(codes: np.ndarray, levels: tuple[int, ...]) -> None:
             )
 
 
+def _pattern_groups(observed: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each distinct row of the (n, d) boolean `observed`, in block order: rows
+    packed into bytes and sorted (stable) by them, a few cheap integer keys whatever d is."""
+    packed = np.packbits(observed, axis=1)
+    order = np.lexsort(packed.T[::-1])
+    ordered = packed[order]
+    starts = np.flatnonzero((ordered[1:] != ordered[:-1]).any(axis=1)) + 1
+    return np.split(order, starts) if len(order) else []
+
+
 def _gaussian_terms(x: np.ndarray, gaussian: Mixture):
     """((n, k) log N(x_o | μ_jo, Σ_joo), 0 for rows with nothing observed; their patterns)."""
     n, k = x.shape[0], gaussian.k
     log_density = np.zeros((n, k))
     observed = ~np.isnan(x)
-    masks, inverse = np.unique(observed, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    order = np.argsort(inverse, kind="stable")
-    groups = np.split(order, np.cumsum(np.bincount(inverse, minlength=len(masks)))[:-1])
     patterns = []
-    for mask, rows in zip(masks, groups):
-        o, m = np.flatnonzero(mask), np.flatnonzero(~mask)
+    for rows in _pattern_groups(observed):
+        o, m = np.flatnonzero(observed[rows[0]]), np.flatnonzero(~observed[rows[0]])
         if not o.size:
             continue
         if m.size:
@@ -131,19 +141,17 @@ def _gaussian_terms(x: np.ndarray, gaussian: Mixture):
 def _bernoulli_terms(x: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
     """(n, k) Σ over observed columns of log P(x | class)."""
     observed, ones = bernoulli_values(x)
-    with np.errstate(divide="ignore"):
-        log_one = np.maximum(np.log(probabilities), LOG_FLOOR)
-        log_zero = np.maximum(np.log1p(-probabilities), LOG_FLOOR)
+    log_one, log_zero = log_probability(probabilities), log_probability(1.0 - probabilities)
     return ones.astype(np.float64) @ log_one.T + (observed & ~ones).astype(np.float64) @ log_zero.T
 
 
 def _categorical_terms(codes: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
-    """(n, k) Σ over observed columns of log P(level | class)."""
-    out = np.zeros((codes.shape[0], tables[0].shape[0] if tables else 0))
+    """(n, k) Σ over observed columns of log P(level | class): a row gather from each column's
+    (levels + 1, k) log table, whose last row (code -1: missing) is 0."""
+    out = np.zeros((codes.shape[0], tables[0].shape[0]))
     for col, table in enumerate(tables):
-        seen = codes[:, col] >= 0
-        with np.errstate(divide="ignore"):
-            out[seen] += np.maximum(np.log(table), LOG_FLOOR).T[codes[seen, col]]
+        padded = np.vstack([log_probability(table).T, np.zeros(table.shape[0])])
+        out += padded[codes[:, col]]
     return out
 
 
@@ -184,24 +192,22 @@ def gaussian_moments(x: np.ndarray, gaussian: Mixture, patterns: list, weighted:
     """(mass (k,), first (k, d), second (k, d(d+1)/2)): Σwγ, Σwγ(x̂ − μ_j) and
     Σwγ[(x̂ − μ_j)(x̂ − μ_j)ᵀ + Cov(x_m | x_o, j)] over rows with a Gaussian coordinate observed,
     where x̂ is the row with its missing coordinates replaced by E[x_m | x_o, j]. `weighted` is
-    (n, k) row weight × responsibility."""
+    (n, k) row weight × responsibility. All classes of a pattern in a few batched products."""
     k, d = gaussian.k, gaussian.d
     mass, first, second = np.zeros(k), np.zeros((k, d)), np.zeros((k, d, d))
     for p in patterns:
-        x_o = x[np.ix_(p.rows, p.observed)]
-        g = weighted[p.rows]
-        for j in range(k):
-            dev = np.empty((len(p.rows), d))
-            dev[:, p.observed] = x_o - gaussian.means[j, p.observed]
-            dev[:, p.missing] = dev[:, p.observed] @ p.regression[j]
-            share = g[:, j].sum()
-            mass[j] += share
-            first[j] += g[:, j] @ dev
-            dev *= np.sqrt(g[:, j])[:, None]
-            second[j] += dev.T @ dev
-            second[j][np.ix_(p.missing, p.missing)] += share * p.conditional[j]
+        g = weighted[p.rows].T  # (k, n_p)
+        dev = np.empty((k, len(p.rows), d))
+        dev[:, :, p.observed] = x[np.ix_(p.rows, p.observed)] - gaussian.means[:, None, p.observed]
+        dev[:, :, p.missing] = dev[:, :, p.observed] @ p.regression
+        share = g.sum(axis=1)
+        mass += share
+        first += np.einsum("kn,knd->kd", g, dev)
+        dev *= np.sqrt(g)[:, :, None]
+        second += np.swapaxes(dev, 1, 2) @ dev
+        second[np.ix_(np.arange(k), p.missing, p.missing)] += share[:, None, None] * p.conditional
     rows, cols = np.triu_indices(d)
-    return mass, first, second[:, rows, cols].reshape(k, packed_size(d))
+    return mass, first, second[:, rows, cols]
 
 
 def discrete_counts(block: MixedBlock, weighted: np.ndarray, levels: tuple[int, ...]) -> list[np.ndarray]:
@@ -209,10 +215,12 @@ def discrete_counts(block: MixedBlock, weighted: np.ndarray, levels: tuple[int, 
     (k, levels) weighted counts]: Σwγ over the rows where each value is observed."""
     observed, ones = bernoulli_values(block.bernoulli)
     out = [weighted.T @ observed, weighted.T @ ones]
+    k = weighted.shape[1]
     for col, count in enumerate(levels):
         codes = block.categorical[:, col]
         seen = codes >= 0
-        out.append(np.array([np.bincount(codes[seen], g[seen], minlength=count) for g in weighted.T]))
+        cells = codes[seen, None] * k + np.arange(k)  # (level, class) cell of each (row, class)
+        out.append(np.bincount(cells.ravel(), weighted[seen].ravel(), minlength=count * k).reshape(count, k).T)
     return out
 
 
