@@ -3,15 +3,17 @@
 k classes; given its class, a row's feature blocks are independent: one multivariate Gaussian
 over the numeric columns (any covariance type of `mixture`, kept through precision Cholesky
 factors in a `mixture.Mixture`), one Bernoulli per binary column, one categorical distribution per
-categorical column. Driver-side numpy, no Spark: a block's E-step (`latent_estep`) returns ONE
+categorical column, one Poisson per count column. Driver-side numpy, no Spark: a block's E-step (`latent_estep`) returns ONE
 flat float64 vector, and the vectors of all blocks add up, so the pass machinery that reduces
 Gaussian statistics by summing reduces these unchanged.
 
 Smoothing: the Bernoulli and categorical M-steps are the maximum a posteriori estimates under a
 symmetric Beta/Dirichlet prior that adds `smoothing` pseudo-rows (in units of row weight) to
 every outcome of every column in every class: p = (Σwγ·[x = level] + α) / (Σwγ·[x observed] + Lα)
-with L = 2 for a Bernoulli. With α > 0 no probability is exactly 0 or 1, even for a level a class
-never shows; EM then increases log-likelihood + `log_prior` monotonically.
+with L = 2 for a Bernoulli; a Poisson rate gets α pseudo-rows of count 1 (a Gamma(1 + α, α)
+prior): λ = (Σwγx + α) / (Σwγ·[x observed] + α). With α > 0 no probability is exactly 0 or 1 and
+no rate is 0, even for a level a class never shows; EM then increases log-likelihood +
+`log_prior` monotonically.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .kernels import row_uniforms
-from .latent_estep import MixedBlock, bernoulli_values, block_statistics, check_levels, discrete_counts
+from .latent_estep import (
+    MixedBlock,
+    bernoulli_values,
+    block_statistics,
+    check_levels,
+    discrete_counts,
+    poisson_values,
+)
 from .mixture import (
     CONSTRAINTS,
     EMPTY_SHARE,
@@ -46,10 +55,11 @@ class LatentClassModel:
     covariance_type: str
     bernoulli: np.ndarray  # (k, m) P(x = 1 | class)
     categorical: tuple[np.ndarray, ...]  # per categorical column, (k, levels) P(level | class)
+    poisson: np.ndarray  # (k, q) rate of each count column per class
 
     @classmethod
     def create(cls, weights, means=None, covariances=None, covariance_type="full", bernoulli=None,
-               categorical=(), reg_covar: float = 0.0) -> "LatentClassModel":
+               categorical=(), poisson=None, reg_covar: float = 0.0) -> "LatentClassModel":
         """A validated model. `covariances` are full (k, d, d) matrices for every covariance type
         (as in `mixture`), repaired or refused by `mixture.positive_definite`."""
         weights = np.asarray(weights, dtype=np.float64)
@@ -67,7 +77,10 @@ class LatentClassModel:
         for c, t in enumerate(tables):
             if not np.allclose(t.sum(axis=1), 1.0):
                 raise ValueError(f"categorical column {c}: each class's probabilities must sum to 1")
-        return cls(weights / weights.sum(), gaussian, covariance_type, bernoulli, tables)
+        rates = np.zeros((k, 0)) if poisson is None else np.asarray(poisson, dtype=np.float64)
+        if rates.shape[0] != k or not (rates >= 0).all():
+            raise ValueError(f"poisson: expected {k} rows of rates ≥ 0, got shape {rates.shape}")
+        return cls(weights / weights.sum(), gaussian, covariance_type, bernoulli, tables, rates)
 
     @property
     def k(self) -> int:
@@ -85,13 +98,19 @@ class LatentClassModel:
     def levels(self) -> tuple[int, ...]:
         return tuple(t.shape[1] for t in self.categorical)
 
+    @property
+    def q(self) -> int:
+        """Number of count (Poisson) columns."""
+        return self.poisson.shape[1]
+
     def free_parameters(self) -> int:
         """Free parameters (for BIC and AIC): weights, Gaussian block (counted as scikit-learn
-        does), one per Bernoulli column and class, levels − 1 per categorical column and class."""
+        does), one per Bernoulli or count column and class, levels − 1 per categorical column and
+        class."""
         k, d = self.k, self.d
         covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
         gaussian = covariance[self.covariance_type] + k * d if d else 0
-        return k - 1 + gaussian + k * self.m + k * sum(n - 1 for n in self.levels)
+        return k - 1 + gaussian + k * (self.m + self.q) + k * sum(n - 1 for n in self.levels)
 
 
 @dataclass
@@ -105,28 +124,33 @@ class LatentStatistics:
     gaussian: ComponentStatistics | None  # over rows with a Gaussian coordinate observed
     bernoulli_observed: np.ndarray  # (k, m) Σwγ where the column is observed
     bernoulli_ones: np.ndarray  # (k, m) Σwγ where it is 1
+    poisson_observed: np.ndarray  # (k, q) Σwγ where the count is observed
+    poisson_sums: np.ndarray  # (k, q) Σwγx
     categorical_counts: list[np.ndarray]  # per column (k, levels) Σwγ per level
 
 
 @dataclass(frozen=True)
 class Layout:
     """Shape of the flat statistics vector of a model with k classes, d Gaussian coordinates,
-    m Bernoulli columns and the given categorical level counts:
+    m Bernoulli columns, the given categorical level counts and q count columns:
     [log-likelihood, skipped rows, mass (k), hard counts (k),
      if d: Gaussian mass (k), first moments (k·d), packed second moments (k·d(d+1)/2),
-     Bernoulli observed mass (k·m), Bernoulli ones (k·m), each categorical table (k·levels)]."""
+     Bernoulli observed mass (k·m), Bernoulli ones (k·m), Poisson observed mass (k·q),
+     Poisson sums (k·q), each categorical table (k·levels)]."""
 
     k: int
     d: int
     m: int
     levels: tuple[int, ...]
+    q: int = 0
 
     @classmethod
     def of(cls, model: LatentClassModel) -> "Layout":
-        return cls(model.k, model.d, model.m, model.levels)
+        return cls(model.k, model.d, model.m, model.levels, model.q)
 
     def _discrete_sizes(self) -> list[int]:
-        return [self.k * self.m, self.k * self.m] + [self.k * n for n in self.levels]
+        k = self.k
+        return [k * self.m, k * self.m, k * self.q, k * self.q] + [k * n for n in self.levels]
 
     def _sizes(self) -> list[int]:
         k, d = self.k, self.d
@@ -137,10 +161,10 @@ class Layout:
     def size(self) -> int:
         return sum(self._sizes())
 
-    def _discrete(self, parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        observed, ones, *tables = parts
-        k = self.k
-        return observed.reshape(k, self.m), ones.reshape(k, self.m), [t.reshape(k, -1) for t in tables]
+    def _discrete(self, parts: list[np.ndarray]) -> tuple:
+        """(Bernoulli observed, ones, Poisson observed, sums, [categorical tables]), each (k, ·)."""
+        observed, ones, counted, sums, *tables = (p.reshape(self.k, -1) for p in parts)
+        return observed, ones, counted, sums, tables
 
     def unpack(self, flat: np.ndarray) -> LatentStatistics:
         if flat.shape != (self.size,):
@@ -187,17 +211,21 @@ def m_step(stats: LatentStatistics, current: LatentClassModel, reg_covar: float,
         np.where(keep, old, smoothed(counts, counts.sum(axis=1, keepdims=True), old.shape[1], smoothing, old))
         for counts, old in zip(stats.categorical_counts, current.categorical)
     )
-    return LatentClassModel(weights, gaussian, current.covariance_type, bernoulli, tables), np.flatnonzero(empty)
+    rates = smoothed(stats.poisson_sums, stats.poisson_observed, 1, smoothing, current.poisson)
+    rates = np.where(keep, current.poisson, rates)
+    model = LatentClassModel(weights, gaussian, current.covariance_type, bernoulli, tables, rates)
+    return model, np.flatnonzero(empty)
 
 
 def log_prior(model: LatentClassModel, smoothing: float) -> float:
-    """log of the Beta/Dirichlet prior density behind `smoothing` (up to a constant):
-    α Σ log p over every outcome of every column and class. log-likelihood + this never
-    decreases in exact-arithmetic EM without regCovar."""
+    """log of the Beta/Dirichlet/Gamma prior density behind `smoothing` (up to a constant):
+    α Σ log p over every outcome of every column and class, and α Σ (log λ − λ) over the rates.
+    log-likelihood + this never decreases in exact-arithmetic EM without regCovar."""
     if smoothing == 0:
         return 0.0
     terms = [np.log(model.bernoulli).sum() + np.log1p(-model.bernoulli).sum()]
     terms += [np.log(t).sum() for t in model.categorical]
+    terms += [(np.log(model.poisson) - model.poisson).sum()]
     return smoothing * float(sum(terms))
 
 
@@ -221,6 +249,7 @@ def initial_statistics(block: MixedBlock, resp: np.ndarray, levels: tuple[int, .
     (available cases): there is no model yet to impute the missing ones from."""
     check_levels(block.categorical, levels)
     bernoulli_values(block.bernoulli)
+    poisson_values(block.poisson)
     w = np.ones(block.n) if block.weights is None else block.weights
     weighted = resp * w[:, None]
     x = block.gaussian
@@ -239,7 +268,7 @@ def initial_model(flat: np.ndarray, layout: Layout, covariance_type: str, reg_co
     sizes = [k, k * d, k * d, k * d] + layout._discrete_sizes()
     mass, observed, sums, squares, *rest = np.split(flat, np.cumsum(sizes)[:-1])
     observed, sums, squares = (a.reshape(k, d) for a in (observed, sums, squares))
-    bernoulli_observed, ones, counts = layout._discrete(rest)
+    bernoulli_observed, ones, counted, count_sums, counts = layout._discrete(rest)
     if (observed <= 0).any():
         j, f = np.argwhere(observed <= 0)[0]
         raise ValueError(f"Gaussian coordinate {f} has no observed value in start class {j}")
@@ -250,7 +279,10 @@ def initial_model(flat: np.ndarray, layout: Layout, covariance_type: str, reg_co
     bernoulli = smoothed(ones, bernoulli_observed, 2, smoothing, np.full((k, layout.m), 0.5))
     tables = [smoothed(c, c.sum(axis=1, keepdims=True), c.shape[1], smoothing, np.full(c.shape, 1 / c.shape[1]))
               for c in counts]
-    return LatentClassModel.create(mass, means, covariances, covariance_type, bernoulli, tables, reg_covar)
+    rates = smoothed(count_sums, counted, 1, smoothing, np.ones((k, layout.q)))
+    return LatentClassModel.create(
+        mass, means, covariances, covariance_type, bernoulli, tables, rates, reg_covar=reg_covar
+    )
 
 
 # -- EM over in-memory blocks (until `em.fit` takes a model family) ---------------------------------

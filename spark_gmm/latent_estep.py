@@ -1,7 +1,7 @@
 """E-step of the latent class model over one block of rows, in plain numpy (no Spark).
 
-A row's likelihood is Σ_j π_j · N(x_o | μ_j, Σ_j) · Π Bernoulli · Π categorical over its
-*observed* features only: a missing Bernoulli or categorical value drops its factor, and the
+A row's likelihood is Σ_j π_j · N(x_o | μ_j, Σ_j) · Π Bernoulli · Π categorical · Π Poisson over
+its *observed* features only: a missing Bernoulli, categorical or count value drops its factor, and the
 Gaussian block is the exact marginal over the observed coordinates. Rows are grouped by their
 pattern of observed Gaussian coordinates, so each pattern costs one sub-covariance factorisation
 per class and one matrix product, like complete data, when few patterns occur.
@@ -17,6 +17,7 @@ all drops out of everything and is counted.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,23 +37,24 @@ def log_probability(p: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class MixedBlock:
     """One block of rows. Missing values: NaN in `gaussian`, NaN or -1 in `bernoulli`, -1 in
-    `categorical`. Absent feature types are (n, 0) arrays."""
+    `categorical`, NaN in `poisson`. Absent feature types are (n, 0) arrays."""
 
     gaussian: np.ndarray  # (n, d) float, shifted coordinates
     bernoulli: np.ndarray  # (n, m) float in {0, 1, -1, NaN}
     categorical: np.ndarray  # (n, c) integer level codes, -1 missing
+    poisson: np.ndarray  # (n, q) float counts (whole numbers ≥ 0), NaN missing
     weights: np.ndarray | None = None  # (n,) row weights, None for 1
 
     @classmethod
-    def of(cls, gaussian=None, bernoulli=None, categorical=None, weights=None) -> "MixedBlock":
+    def of(cls, gaussian=None, bernoulli=None, categorical=None, poisson=None, weights=None) -> "MixedBlock":
         """A block from whichever arrays are given (at least one)."""
-        given = [a for a in (gaussian, bernoulli, categorical) if a is not None]
-        n = len(given[0])
+        n = len(next(a for a in (gaussian, bernoulli, categorical, poisson) if a is not None))
         empty = np.zeros((n, 0))
         return cls(
             np.asarray(empty if gaussian is None else gaussian, dtype=np.float64),
             np.asarray(empty if bernoulli is None else bernoulli, dtype=np.float64),
             np.asarray(empty if categorical is None else categorical, dtype=np.int64),
+            np.asarray(empty if poisson is None else poisson, dtype=np.float64),
             None if weights is None else np.asarray(weights, dtype=np.float64),
         )
 
@@ -61,11 +63,11 @@ class MixedBlock:
         return self.gaussian.shape[0]
 
     def content(self) -> np.ndarray:
-        """(n, d + m + c) float64: every value of each row, missing ones as NaN (one NaN bit
+        """(n, d + m + c + q) float64: every value of each row, missing ones as NaN (one NaN bit
         pattern), so the row hashes the same wherever it is stored."""
         codes = np.where(self.categorical < 0, np.nan, self.categorical.astype(np.float64))
         binary = np.where(self.bernoulli == 1, 1.0, np.where(self.bernoulli == 0, 0.0, np.nan))
-        values = np.hstack([self.gaussian, binary, codes])
+        values = np.hstack([self.gaussian, binary, codes, self.poisson])
         return np.where(np.isnan(values), np.nan, values)
 
 
@@ -91,6 +93,27 @@ def bernoulli_values(x: np.ndarray):
             "expected 0, 1, or missing (NaN or -1)"
         )
     return ones | zeros, ones
+
+
+def poisson_values(x: np.ndarray):
+    """(observed mask, counts with missing as 0), both (n, q); a negative or fractional count is
+    refused."""
+    observed = ~np.isnan(x)
+    counts = np.where(observed, x, 0.0)
+    bad = (counts < 0) | (counts != np.floor(counts))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"poisson column {col} holds {float(x[row, col])} ({int(bad[:, col].sum())} such values); "
+            "expected a whole number ≥ 0, or missing (NaN)"
+        )
+    return observed, counts
+
+
+def _log_factorial(counts: np.ndarray) -> np.ndarray:
+    """log(x!) elementwise, from lgamma over the distinct values."""
+    distinct, inverse = np.unique(counts, return_inverse=True)
+    return np.array([math.lgamma(v + 1.0) for v in distinct])[inverse].reshape(counts.shape)
 
 
 def check_levels(codes: np.ndarray, levels: tuple[int, ...]) -> None:
@@ -155,6 +178,13 @@ def _categorical_terms(codes: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.
     return out
 
 
+def _poisson_terms(x: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """(n, k) Σ over observed columns of log Poisson(x | class rate)."""
+    observed, counts = poisson_values(x)
+    constant = _log_factorial(counts).sum(axis=1)  # a missing count is 0 here: log 0! = 0
+    return counts @ log_probability(rates).T - observed.astype(np.float64) @ rates.T - constant[:, None]
+
+
 @dataclass
 class Posterior:
     """What the E-step knows of each row of a block under one model."""
@@ -181,6 +211,9 @@ def posterior(model, block: MixedBlock) -> Posterior:
     if model.levels:
         joint += _categorical_terms(block.categorical, model.categorical)
         seen |= (block.categorical >= 0).any(axis=1)
+    if model.q:
+        joint += _poisson_terms(block.poisson, model.poisson)
+        seen |= ~np.isnan(block.poisson).all(axis=1)
     log_density = np.full(block.n, np.nan)
     resp = np.zeros((block.n, model.k))
     if seen.any():
@@ -211,10 +244,12 @@ def gaussian_moments(x: np.ndarray, gaussian: Mixture, patterns: list, weighted:
 
 
 def discrete_counts(block: MixedBlock, weighted: np.ndarray, levels: tuple[int, ...]) -> list[np.ndarray]:
-    """[Bernoulli observed mass (k, m), Bernoulli ones (k, m), then per categorical column its
-    (k, levels) weighted counts]: Σwγ over the rows where each value is observed."""
+    """[Bernoulli observed mass (k, m), Bernoulli ones (k, m), Poisson observed mass (k, q),
+    Poisson count sums (k, q), then per categorical column its (k, levels) weighted counts]:
+    sums of wγ (times the count, for Poisson) over the rows where each value is observed."""
     observed, ones = bernoulli_values(block.bernoulli)
-    out = [weighted.T @ observed, weighted.T @ ones]
+    counted, counts = poisson_values(block.poisson)
+    out = [weighted.T @ observed, weighted.T @ ones, weighted.T @ counted, weighted.T @ counts]
     k = weighted.shape[1]
     for col, count in enumerate(levels):
         codes = block.categorical[:, col]

@@ -5,7 +5,7 @@ EM updates of a full-covariance Gaussian mixture with missing coordinates, and g
 import numpy as np
 import pytest
 from scipy.special import logsumexp
-from scipy.stats import multivariate_normal
+from scipy.stats import multivariate_normal, poisson
 from sklearn.metrics import adjusted_rand_score
 from stepmix.stepmix import StepMix
 
@@ -27,10 +27,11 @@ MAX_LEVELS = max(LEVELS)
 # -- data and helpers ------------------------------------------------------------------------------
 
 
-def generated(rng, n, k=3, d=2, m=6, levels=LEVELS, spread=3.0, sharp=0.8):
-    """(labels, gaussian (n, d), bernoulli (n, m), codes (n, c)) from a latent class model whose
-    classes differ in every block: Gaussian means `spread` apart, Bernoulli probabilities near
-    `sharp` or 1 − `sharp`, categorical tables peaked on a class-specific level."""
+def generated(rng, n, k=3, d=2, m=6, levels=LEVELS, spread=3.0, sharp=0.8, q=2):
+    """(labels, gaussian (n, d), bernoulli (n, m), codes (n, c), counts (n, q)) from a latent
+    class model whose classes differ in every block: Gaussian means `spread` apart, Bernoulli
+    probabilities near `sharp` or 1 − `sharp`, categorical tables peaked on a class-specific
+    level, Poisson rates between 0.5 and 8."""
     labels = rng.choice(k, size=n, p=np.linspace(1, 2, k) / np.linspace(1, 2, k).sum())
     means = rng.normal(scale=spread, size=(k, d))
     gaussian = means[labels] + rng.normal(size=(n, d)) * rng.uniform(0.5, 1.5, size=(k, d))[labels]
@@ -41,7 +42,8 @@ def generated(rng, n, k=3, d=2, m=6, levels=LEVELS, spread=3.0, sharp=0.8):
         tables = np.full((k, count), 0.3 / (count - 1))
         tables[np.arange(k), np.arange(k) % count] = 0.7
         codes[:, c] = [rng.choice(count, p=tables[j]) for j in labels]
-    return labels, gaussian, bernoulli, codes
+    counts = rng.poisson(rng.uniform(0.5, 8.0, size=(k, q))[labels]).astype(float)
+    return labels, gaussian, bernoulli, codes, counts
 
 
 def with_missing(rng, a, share, missing):
@@ -50,8 +52,8 @@ def with_missing(rng, a, share, missing):
     return a
 
 
-def random_start(rng, k, d=0, m=0, levels=(), diagonal=True):
-    """A random model: weights, means, diagonal or full covariances, probabilities, tables."""
+def random_start(rng, k, d=0, m=0, levels=(), diagonal=True, q=0):
+    """A random model: weights, means, diagonal or full covariances, probabilities, tables, rates."""
     means = rng.normal(size=(k, d))
     if diagonal:
         covariances = rng.uniform(0.5, 2.0, size=(k, d))[:, :, None] * np.eye(d)
@@ -61,6 +63,7 @@ def random_start(rng, k, d=0, m=0, levels=(), diagonal=True):
     return LatentClassModel.create(
         rng.uniform(1, 2, size=k), means, covariances, "diag" if diagonal else "full",
         rng.uniform(0.2, 0.8, size=(k, m)), [rng.dirichlet(np.ones(n) * 3, size=k) for n in levels],
+        rng.uniform(1.0, 5.0, size=(k, q)),
     )
 
 
@@ -136,17 +139,17 @@ def assert_same_parameters(model, sm, atol=1e-6):
         np.testing.assert_allclose(ours, table, atol=atol)
 
 
-def blocks_of(gaussian=None, bernoulli=None, codes=None, size=97):
-    n = len(next(a for a in (gaussian, bernoulli, codes) if a is not None))
+def blocks_of(gaussian=None, bernoulli=None, codes=None, counts=None, size=97):
+    n = len(next(a for a in (gaussian, bernoulli, codes, counts) if a is not None))
     cut = lambda a, s: None if a is None else a[s : s + size]  # noqa: E731
-    return [MixedBlock.of(cut(gaussian, s), cut(bernoulli, s), cut(codes, s)) for s in range(0, n, size)]
+    return [MixedBlock.of(cut(gaussian, s), cut(bernoulli, s), cut(codes, s), cut(counts, s)) for s in range(0, n, size)]
 
 
 # -- equal to StepMix from an identical start ------------------------------------------------------
 
 
 def test_bernoulli_em_equals_stepmix(rng):
-    _, _, bernoulli, _ = generated(rng, 800, m=8)
+    _, _, bernoulli, _, _ = generated(rng, 800, m=8)
     start = random_start(rng, 3, m=8)
     ours, our_lls = em_steps(start, blocks_of(bernoulli=bernoulli), 40, reg_covar=0.0)
     sm = stepmix_for(start, "bernoulli")
@@ -157,7 +160,7 @@ def test_bernoulli_em_equals_stepmix(rng):
 
 
 def test_categorical_em_equals_stepmix(rng):
-    _, _, _, codes = generated(rng, 800)
+    _, _, _, codes, _ = generated(rng, 800)
     start = random_start(rng, 3, levels=LEVELS)
     ours, our_lls = em_steps(start, blocks_of(codes=codes), 40, reg_covar=0.0)
     sm = stepmix_for(start, "categorical")
@@ -168,7 +171,7 @@ def test_categorical_em_equals_stepmix(rng):
 
 
 def test_mixed_em_equals_stepmix(rng):
-    _, gaussian, bernoulli, codes = generated(rng, 800, d=3)
+    _, gaussian, bernoulli, codes, _ = generated(rng, 800, d=3)
     start = random_start(rng, 3, d=3, m=6, levels=LEVELS)
     ours, our_lls = em_steps(start, blocks_of(gaussian, bernoulli, codes), 40, reg_covar=1e-6)
     descriptor = {
@@ -186,7 +189,7 @@ def test_mixed_em_equals_stepmix(rng):
 def test_missing_discrete_em_equals_stepmix_nan_models(rng):
     """Bernoulli and categorical factors of missing values are skipped: the same update as
     StepMix's `*_nan` models, step by step; NaN and -1 both mean missing."""
-    _, _, bernoulli, codes = generated(rng, 800)
+    _, _, bernoulli, codes, _ = generated(rng, 800)
     bernoulli = with_missing(rng, bernoulli, 0.2, np.nan)
     codes_missing = with_missing(rng, codes, 0.2, -1)
     ours_input = np.where(rng.random(bernoulli.shape) < 0.5, np.nan_to_num(bernoulli, nan=-1), bernoulli)
@@ -208,7 +211,7 @@ def test_missing_diag_gaussian_fit_equals_stepmix_nan_model(rng):
     `gaussian_diag_nan` drops missing coordinates from the update, the exact EM imputes them
     (another EM for the same likelihood), so the two agree where both have converged. They start
     from the generating classes' hard assignment, in the basin of one maximum."""
-    labels, gaussian, bernoulli, _ = generated(rng, 600, d=3, spread=4.0)
+    labels, gaussian, bernoulli, _, _ = generated(rng, 600, d=3, spread=4.0)
     gaussian = with_missing(rng, gaussian, 0.25, np.nan)
     gaussian[:5] = np.nan  # rows whose whole Gaussian block is missing
     bernoulli = with_missing(rng, bernoulli, 0.15, np.nan)
@@ -238,21 +241,61 @@ def full_covariance_case(rng, n=300, d=4, k=2, share=0.3):
     return start, x
 
 
-def test_full_covariance_marginal_likelihood_is_exact(rng):
-    start, x = full_covariance_case(rng)
-    post = posterior(start, MixedBlock.of(x))
+def mixed_case(rng, n=300, share=0.3):
+    """A random full-covariance model with every block, and data with `share` missing values."""
+    start = random_start(rng, 3, d=4, m=3, levels=(3, 4), diagonal=False, q=2)
+    _, gaussian, bernoulli, codes, counts = generated(rng, n, d=4, m=3, levels=(3, 4))
+    gaussian[:3], bernoulli[:3], codes[:3], counts[:3] = np.nan, -1, -1, np.nan  # nothing observed
+    missing = [with_missing(rng, a, share, v) for a, v in [(gaussian, np.nan), (bernoulli, np.nan), (codes, -1), (counts, np.nan)]]
+    return start, MixedBlock.of(*missing)
+
+
+def test_row_likelihood_is_the_exact_marginal_over_observed_values(rng):
+    """Brute force, row by row: the Gaussian marginal over the observed coordinates (scipy), times
+    the observed Bernoulli, categorical and Poisson factors, summed over classes."""
+    start, block = mixed_case(rng)
+    post = posterior(start, block)
     g = start.gaussian
-    for i, row in enumerate(x):
-        o = ~np.isnan(row)
-        if not o.any():
-            assert np.isnan(post.log_density[i]) and not post.responsibilities[i].any()
-            continue
-        joint = [
-            np.log(start.weights[j]) + multivariate_normal.logpdf(row[o], g.means[j, o], g.covariances[j][np.ix_(o, o)])
-            for j in range(start.k)
-        ]
+    assert np.isnan(post.log_density[:3]).all() and not post.responsibilities[:3].any()
+    for i in range(3, block.n):
+        o = ~np.isnan(block.gaussian[i])
+        joint = np.log(start.weights).copy()
+        for j in range(start.k):
+            if o.any():
+                joint[j] += multivariate_normal.logpdf(block.gaussian[i, o], g.means[j, o], g.covariances[j][np.ix_(o, o)])
+            for c, value in enumerate(block.bernoulli[i]):
+                if value in (0, 1):
+                    joint[j] += np.log(start.bernoulli[j, c] if value else 1 - start.bernoulli[j, c])
+            for c, level in enumerate(block.categorical[i]):
+                joint[j] += np.log(start.categorical[c][j, level]) if level >= 0 else 0.0
+            for c, count in enumerate(block.poisson[i]):
+                joint[j] += 0.0 if np.isnan(count) else poisson.logpmf(count, start.poisson[j, c])
         assert post.log_density[i] == pytest.approx(logsumexp(joint), abs=1e-10)
-        np.testing.assert_allclose(post.responsibilities[i], np.exp(np.array(joint) - logsumexp(joint)), atol=1e-12)
+        np.testing.assert_allclose(post.responsibilities[i], np.exp(joint - logsumexp(joint)), atol=1e-12)
+
+
+def test_smoothed_discrete_m_step(rng):
+    """With smoothing α: p = (Σγ·[x=1] + α) / (Σγ·[observed] + 2α), per level likewise with L·α,
+    Poisson λ = (Σγx + α) / (Σγ·[observed] + α), from the E-step's responsibilities."""
+    start, block = mixed_case(rng)
+    alpha = 0.5
+    model = m_step(Layout.of(start).unpack(block_statistics(start, block)), start, 0.1, smoothing=alpha)[0]
+    resp = posterior(start, block).responsibilities
+    for j in range(start.k):
+        r = resp[:, j]
+        for c in range(start.m):
+            x = block.bernoulli[:, c]
+            expected = (r @ (x == 1) + alpha) / (r @ ((x == 0) | (x == 1)) + 2 * alpha)
+            assert model.bernoulli[j, c] == pytest.approx(expected, rel=1e-12)
+        for c, table in enumerate(model.categorical):
+            x = block.categorical[:, c]
+            counts = np.array([r @ (x == level) for level in range(table.shape[1])])
+            np.testing.assert_allclose(table[j], (counts + alpha) / (counts.sum() + table.shape[1] * alpha), rtol=1e-12)
+        for c in range(start.q):
+            x = block.poisson[:, c]
+            seen = ~np.isnan(x)
+            assert model.poisson[j, c] == pytest.approx((r[seen] @ x[seen] + alpha) / (r[seen].sum() + alpha), rel=1e-12)
+    assert 0 < model.bernoulli.min() and model.bernoulli.max() < 1
 
 
 def test_full_covariance_em_step_is_the_exact_conditional_expectation_update(rng):
@@ -288,12 +331,14 @@ def test_full_covariance_em_step_is_the_exact_conditional_expectation_update(rng
 
 @pytest.mark.parametrize("share", [0.1, 0.3])
 def test_em_objective_never_decreases_with_missing_values(rng, share):
-    _, gaussian, bernoulli, codes = generated(rng, 500, d=3, spread=1.5)
+    _, gaussian, bernoulli, codes, counts = generated(rng, 500, d=3, spread=1.5)
     gaussian = with_missing(rng, gaussian, share, np.nan)
     bernoulli = with_missing(rng, bernoulli, share, np.nan)
     codes = with_missing(rng, codes, share, -1)
-    start = random_start(rng, 3, d=3, m=6, levels=LEVELS, diagonal=False)
-    fit = fit_in_memory(blocks_of(gaussian, bernoulli, codes), start, reg_covar=0.0, smoothing=0.5, max_iter=150, tol=0)
+    counts = with_missing(rng, counts, share, np.nan)
+    start = random_start(rng, 3, d=3, m=6, levels=LEVELS, diagonal=False, q=2)
+    blocks = blocks_of(gaussian, bernoulli, codes, counts)
+    fit = fit_in_memory(blocks, start, reg_covar=0.0, smoothing=0.5, max_iter=150, tol=0)
     steps = np.diff(fit.history)
     assert (steps >= -1e-10 * np.abs(fit.history[1:])).all(), steps.min()
     assert fit.history[-1] - fit.history[0] > 1.0
@@ -303,31 +348,34 @@ def test_em_objective_never_decreases_with_missing_values(rng, share):
 
 
 def test_start_and_statistics_do_not_depend_on_blocks_or_row_order(rng):
-    _, gaussian, bernoulli, codes = generated(rng, 400, d=2)
+    _, gaussian, bernoulli, codes, counts = generated(rng, 400, d=2)
     gaussian = with_missing(rng, gaussian, 0.1, np.nan)
     order = rng.permutation(400)
 
     def start_from(blocks):
         flat = sum(initial_statistics(b, random_responsibilities(b, 3, seed=7), LEVELS) for b in blocks)
-        return initial_model(flat, Layout(3, 2, 6, LEVELS), "full", 1e-6)
+        return initial_model(flat, Layout(3, 2, 6, LEVELS, 2), "full", 1e-6)
 
-    a = start_from(blocks_of(gaussian, bernoulli, codes, size=50))
-    b = start_from(blocks_of(gaussian[order], bernoulli[order], codes[order], size=133))
+    columns = (gaussian, bernoulli, codes, counts)
+    a = start_from(blocks_of(*columns, size=50))
+    b = start_from(blocks_of(*(column[order] for column in columns), size=133))
     np.testing.assert_allclose(a.gaussian.means, b.gaussian.means, rtol=1e-12)
     np.testing.assert_allclose(a.bernoulli, b.bernoulli, rtol=1e-12)
-    sa = sum(block_statistics(a, blk) for blk in blocks_of(gaussian, bernoulli, codes, size=50))
-    sb = sum(block_statistics(a, blk) for blk in blocks_of(gaussian[order], bernoulli[order], codes[order], size=133))
+    np.testing.assert_allclose(a.poisson, b.poisson, rtol=1e-12)
+    sa = sum(block_statistics(a, blk) for blk in blocks_of(*columns, size=50))
+    sb = sum(block_statistics(a, blk) for blk in blocks_of(*(column[order] for column in columns), size=133))
     np.testing.assert_allclose(sa, sb, rtol=1e-10)
-    c = start_from(blocks_of(gaussian, bernoulli, codes, size=50)[:1])
+    c = start_from(blocks_of(*columns, size=50)[:1])
     assert not np.allclose(a.bernoulli, c.bernoulli)  # the start does depend on the data
 
 
 def test_rows_with_nothing_observed_are_counted_and_skipped(rng):
-    _, gaussian, bernoulli, codes = generated(rng, 200, d=2)
-    start = random_start(rng, 3, d=2, m=6, levels=LEVELS, diagonal=False)
-    empty_rows = (np.full((4, 2), np.nan), np.full((4, 6), -1.0), np.full((4, 3), -1))
-    plain = block_statistics(start, MixedBlock.of(gaussian, bernoulli, codes))
-    padded = block_statistics(start, MixedBlock.of(*(np.vstack([a, e]) for a, e in zip((gaussian, bernoulli, codes), empty_rows))))
+    _, gaussian, bernoulli, codes, counts = generated(rng, 200, d=2)
+    start = random_start(rng, 3, d=2, m=6, levels=LEVELS, diagonal=False, q=2)
+    columns = (gaussian, bernoulli, codes, counts)
+    empty_rows = (np.full((4, 2), np.nan), np.full((4, 6), -1.0), np.full((4, 3), -1), np.full((4, 2), np.nan))
+    plain = block_statistics(start, MixedBlock.of(*columns))
+    padded = block_statistics(start, MixedBlock.of(*(np.vstack([a, e]) for a, e in zip(columns, empty_rows))))
     assert Layout.of(start).unpack(padded).skipped_rows == 4
     padded[1] = 0.0
     np.testing.assert_allclose(padded, plain, rtol=1e-12)
@@ -335,12 +383,13 @@ def test_rows_with_nothing_observed_are_counted_and_skipped(rng):
 
 @pytest.mark.parametrize("share", [0.0, 0.15])
 def test_latent_classes_are_recovered(rng, share):
-    labels, gaussian, bernoulli, codes = generated(rng, 1500, d=2, spread=4.0, sharp=0.85)
+    labels, gaussian, bernoulli, codes, counts = generated(rng, 1500, d=2, spread=4.0, sharp=0.85)
     gaussian = with_missing(rng, gaussian, share, np.nan)
     bernoulli = with_missing(rng, bernoulli, share, np.nan)
     codes = with_missing(rng, codes, share, -1)
-    blocks = blocks_of(gaussian, bernoulli, codes, size=256)
-    layout = Layout(3, 2, 6, LEVELS)
+    counts = with_missing(rng, counts, share, np.nan)
+    blocks = blocks_of(gaussian, bernoulli, codes, counts, size=256)
+    layout = Layout(3, 2, 6, LEVELS, 2)
     best = None
     for seed in range(3):
         flat = sum(initial_statistics(b, random_responsibilities(b, 3, seed), LEVELS) for b in blocks)
@@ -356,3 +405,8 @@ def test_bad_values_are_refused_with_the_column_named(rng):
         block_statistics(start, MixedBlock.of(bernoulli=[[0, 1], [1, 2]], categorical=[[0], [1]]))
     with pytest.raises(ValueError, match=r"^categorical column 0 holds level code 3"):
         block_statistics(start, MixedBlock.of(bernoulli=[[0, 1], [1, 0]], categorical=[[0], [3]]))
+    counting = random_start(rng, 2, q=2)
+    with pytest.raises(ValueError, match=r"^poisson column 0 holds 1\.5 \(1 such values\)"):
+        block_statistics(counting, MixedBlock.of(poisson=[[1.5, 2.0], [0.0, np.nan]]))
+    with pytest.raises(ValueError, match=r"^poisson column 1 holds -1\.0"):
+        block_statistics(counting, MixedBlock.of(poisson=[[1.0, -1.0], [0.0, np.nan]]))
