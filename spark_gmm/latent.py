@@ -22,11 +22,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .kernels import row_uniforms
+from .kernels import SumPass, row_uniforms
 from .latent_estep import (
+    Columns,
+    Layout,
+    LatentStatistics,
     MixedBlock,
+    MixedEStepPass,
     bernoulli_values,
-    block_statistics,
     check_levels,
     discrete_counts,
     poisson_values,
@@ -35,7 +38,6 @@ from .mixture import (
     CONSTRAINTS,
     EMPTY_SHARE,
     WEIGHT_FLOOR,
-    ComponentStatistics,
     Mixture,
     m_step as gaussian_m_step,
     packed_size,
@@ -113,72 +115,6 @@ class LatentClassModel:
         return k - 1 + gaussian + k * (self.m + self.q) + k * sum(n - 1 for n in self.levels)
 
 
-@dataclass
-class LatentStatistics:
-    """One E-step's reduced statistics (see `Layout.unpack`)."""
-
-    log_likelihood: float  # Σ w·log p(observed part of the row)
-    skipped_rows: int  # rows with no feature observed: not in any statistic
-    mass: np.ndarray  # (k,) Σwγ
-    hard_counts: np.ndarray  # (k,) rows whose most probable class is j (unweighted)
-    gaussian: ComponentStatistics | None  # over rows with a Gaussian coordinate observed
-    bernoulli_observed: np.ndarray  # (k, m) Σwγ where the column is observed
-    bernoulli_ones: np.ndarray  # (k, m) Σwγ where it is 1
-    poisson_observed: np.ndarray  # (k, q) Σwγ where the count is observed
-    poisson_sums: np.ndarray  # (k, q) Σwγx
-    categorical_counts: list[np.ndarray]  # per column (k, levels) Σwγ per level
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Shape of the flat statistics vector of a model with k classes, d Gaussian coordinates,
-    m Bernoulli columns, the given categorical level counts and q count columns:
-    [log-likelihood, skipped rows, mass (k), hard counts (k),
-     if d: Gaussian mass (k), first moments (k·d), packed second moments (k·d(d+1)/2),
-     Bernoulli observed mass (k·m), Bernoulli ones (k·m), Poisson observed mass (k·q),
-     Poisson sums (k·q), each categorical table (k·levels)]."""
-
-    k: int
-    d: int
-    m: int
-    levels: tuple[int, ...]
-    q: int = 0
-
-    @classmethod
-    def of(cls, model: LatentClassModel) -> "Layout":
-        return cls(model.k, model.d, model.m, model.levels, model.q)
-
-    def _discrete_sizes(self) -> list[int]:
-        k = self.k
-        return [k * self.m, k * self.m, k * self.q, k * self.q] + [k * n for n in self.levels]
-
-    def _sizes(self) -> list[int]:
-        k, d = self.k, self.d
-        gaussian = [k, k * d, k * packed_size(d)] if d else []
-        return [1, 1, k, k] + gaussian + self._discrete_sizes()
-
-    @property
-    def size(self) -> int:
-        return sum(self._sizes())
-
-    def _discrete(self, parts: list[np.ndarray]) -> tuple:
-        """(Bernoulli observed, ones, Poisson observed, sums, [categorical tables]), each (k, ·)."""
-        observed, ones, counted, sums, *tables = (p.reshape(self.k, -1) for p in parts)
-        return observed, ones, counted, sums, tables
-
-    def unpack(self, flat: np.ndarray) -> LatentStatistics:
-        if flat.shape != (self.size,):
-            raise ValueError(f"statistics of length {flat.shape} do not fit {self}")
-        ll, skipped, mass, hard, *rest = np.split(flat, np.cumsum(self._sizes())[:-1])
-        gaussian = None
-        if self.d:
-            g_mass, first, second, *rest = rest
-            gaussian = ComponentStatistics(
-                float(ll[0]), g_mass, hard, first.reshape(self.k, self.d), second.reshape(self.k, -1)
-            )
-        return LatentStatistics(float(ll[0]), int(skipped[0]), mass, hard, gaussian, *self._discrete(rest))
-
-
 def smoothed(counts: np.ndarray, observed: np.ndarray, outcomes: int, smoothing: float, previous: np.ndarray):
     """(counts + α) / (observed + outcomes·α), keeping `previous` where nothing was observed."""
     denominator = observed + outcomes * smoothing
@@ -232,13 +168,13 @@ def log_prior(model: LatentClassModel, smoothing: float) -> float:
 # -- start: random responsibilities from each row's content, then one statistics pass -----------
 
 
-def random_responsibilities(block: MixedBlock, k: int, seed: int) -> np.ndarray:
+def random_responsibilities(raw: np.ndarray, k: int, seed: int) -> np.ndarray:
     """(n, k) responsibilities uniform on the simplex (normalised exponentials of k hashed
-    uniforms per row). They are a pure function of (seed, row values), so the start does not
-    depend on partitioning or row order; copies of a row start alike, which EM never separates
-    anyway."""
-    content = block.content()
-    draws = np.column_stack([-np.log1p(-row_uniforms(content, seed, stream)) for stream in range(k)])
+    uniforms per row) for the (n, width) packed rows `raw` (see `Columns`). They are a pure
+    function of (seed, row values), so the start depends neither on partitioning nor on row
+    order; copies of a row start alike, which EM never separates anyway."""
+    canonical = np.where(np.isnan(raw), np.nan, raw)  # one NaN bit pattern
+    draws = np.column_stack([-np.log1p(-row_uniforms(canonical, seed, stream)) for stream in range(k)])
     return draws / draws.sum(axis=1, keepdims=True)
 
 
@@ -285,7 +221,26 @@ def initial_model(flat: np.ndarray, layout: Layout, covariance_type: str, reg_co
     )
 
 
-# -- EM over in-memory blocks (until `em.fit` takes a model family) ---------------------------------
+class MixedStartPass(SumPass):
+    """`initial_statistics` of hashed random responsibilities, for several seeds in one pass."""
+
+    label = "random start"
+
+    def __init__(self, k: int, seeds: list[int], levels: tuple[int, ...], columns: Columns):
+        self.k, self.seeds, self.levels, self.columns = k, seeds, levels, columns
+
+    def map_block(self, raw, x, w):
+        block = self.columns.block(raw, x, w)
+        return np.concatenate([
+            initial_statistics(block, random_responsibilities(raw, self.k, seed), self.levels)
+            for seed in self.seeds
+        ])
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        return np.split(flat, len(self.seeds))
+
+
+# -- EM through an engine's `reduce` (until `em.fit` takes a model family) --------------------------
 
 
 @dataclass
@@ -296,13 +251,15 @@ class InMemoryFit:
     iterations: int  # M-steps taken
 
 
-def fit_in_memory(blocks: list[MixedBlock], start: LatentClassModel, reg_covar: float,
+def fit_in_memory(reduce, columns: Columns, start: LatentClassModel, reg_covar: float,
                   smoothing: float = SMOOTHING, max_iter: int = 100, tol: float = 1e-8) -> InMemoryFit:
-    """EM over `blocks` from `start`, stopping when the objective per unit of row weight changes
-    by less than `tol`; the returned model is the last one evaluated (its statistics included)."""
-    layout, model, history = Layout.of(start), start, []
+    """EM from `start` over the rows behind `reduce` (an engine's `reduce(pass)`, e.g.
+    `local.local_reduce` of `columns.pack(...)` rows), stopping when the objective per unit of
+    row weight changes by less than `tol`; the returned model is the last one evaluated."""
+    model, history = start, []
     for iteration in range(max_iter + 1):
-        stats = layout.unpack(sum(block_statistics(model, b) for b in blocks))
+        estep = MixedEStepPass([model], columns)
+        (stats,) = estep.split(reduce(estep))
         history.append(stats.log_likelihood + log_prior(model, smoothing))
         converged = len(history) > 1 and abs(history[-1] - history[-2]) < tol * stats.mass.sum()
         if converged or iteration == max_iter:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import log_gaussian_density, normalize_log
-from .mixture import Mixture, packed_size, precision_cholesky
+from .kernels import SumPass, log_gaussian_density, normalize_log
+from .mixture import ComponentStatistics, Mixture, packed_size, precision_cholesky
 
 #: Probabilities enter logarithms clipped at the smallest normal double, so a probability of
 #: exactly 0 (possible only with smoothing=0) gives a very unlikely row, never NaN.
@@ -62,13 +62,44 @@ class MixedBlock:
     def n(self) -> int:
         return self.gaussian.shape[0]
 
-    def content(self) -> np.ndarray:
-        """(n, d + m + c + q) float64: every value of each row, missing ones as NaN (one NaN bit
-        pattern), so the row hashes the same wherever it is stored."""
-        codes = np.where(self.categorical < 0, np.nan, self.categorical.astype(np.float64))
-        binary = np.where(self.bernoulli == 1, 1.0, np.where(self.bernoulli == 0, 0.0, np.nan))
-        values = np.hstack([self.gaussian, binary, codes, self.poisson])
-        return np.where(np.isnan(values), np.nan, values)
+
+@dataclass(frozen=True)
+class Columns:
+    """How a mixed row sits in one float64 row of a cached block: d Gaussian, m Bernoulli,
+    c categorical (level codes), q count columns, in that order, every missing value NaN. One
+    float64 matrix per block is what the engines cache and hand to a pass as (raw, x = raw −
+    shift, w); level codes are exact in float64 up to 2⁵³."""
+
+    d: int
+    m: int
+    c: int
+    q: int
+
+    def pack(self, gaussian=None, bernoulli=None, categorical=None, poisson=None) -> np.ndarray:
+        """(n, d + m + c + q) float64 rows from the typed arrays of `MixedBlock.of` (-1 → NaN)."""
+        b = MixedBlock.of(gaussian, bernoulli, categorical, poisson)
+        widths = tuple(a.shape[1] for a in (b.gaussian, b.bernoulli, b.categorical, b.poisson))
+        if widths != (self.d, self.m, self.c, self.q):
+            raise ValueError(f"arrays of widths {widths} do not fit {self}")
+        codes = np.where(b.categorical < 0, np.nan, b.categorical.astype(np.float64))
+        return np.hstack([b.gaussian, np.where(b.bernoulli == -1, np.nan, b.bernoulli), codes, b.poisson])
+
+    def shift(self, rows: np.ndarray) -> np.ndarray:
+        """Per column of `rows`: the midpoint of each Gaussian column's observed values (0 if it
+        has none), 0 for the others, whose values are used unshifted."""
+        shift = np.zeros(rows.shape[1])
+        gaussian = rows[:, : self.d]
+        seen = ~np.isnan(gaussian).all(axis=0)
+        shift[: self.d][seen] = np.nanmin(gaussian[:, seen], axis=0) / 2 + np.nanmax(gaussian[:, seen], axis=0) / 2
+        return shift
+
+    def block(self, raw: np.ndarray, x: np.ndarray, w: np.ndarray | None) -> MixedBlock:
+        """The `MixedBlock` of a cached block: Gaussian columns shifted (`x`), the rest as stored."""
+        d, m, c = self.d, self.m, self.c
+        codes = raw[:, d + m : d + m + c]
+        return MixedBlock(
+            x[:, :d], raw[:, d : d + m], np.where(np.isnan(codes), -1, codes).astype(np.int64), raw[:, d + m + c :], w
+        )
 
 
 @dataclass(frozen=True)
@@ -273,3 +304,91 @@ def block_statistics(model, block: MixedBlock) -> np.ndarray:
         parts.extend(gaussian_moments(block.gaussian, model.gaussian, post.patterns, weighted))
     parts.extend(discrete_counts(block, weighted, model.levels))
     return np.concatenate([np.ravel(p) for p in parts]).astype(np.float64)
+
+
+@dataclass
+class LatentStatistics:
+    """One E-step's reduced statistics (see `Layout.unpack`)."""
+
+    log_likelihood: float  # Σ w·log p(observed part of the row)
+    skipped_rows: int  # rows with no feature observed: not in any statistic
+    mass: np.ndarray  # (k,) Σwγ
+    hard_counts: np.ndarray  # (k,) rows whose most probable class is j (unweighted)
+    gaussian: ComponentStatistics | None  # over rows with a Gaussian coordinate observed
+    bernoulli_observed: np.ndarray  # (k, m) Σwγ where the column is observed
+    bernoulli_ones: np.ndarray  # (k, m) Σwγ where it is 1
+    poisson_observed: np.ndarray  # (k, q) Σwγ where the count is observed
+    poisson_sums: np.ndarray  # (k, q) Σwγx
+    categorical_counts: list[np.ndarray]  # per column (k, levels) Σwγ per level
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shape of the flat statistics vector of a model with k classes, d Gaussian coordinates,
+    m Bernoulli columns, the given categorical level counts and q count columns:
+    [log-likelihood, skipped rows, mass (k), hard counts (k),
+     if d: Gaussian mass (k), first moments (k·d), packed second moments (k·d(d+1)/2),
+     Bernoulli observed mass (k·m), Bernoulli ones (k·m), Poisson observed mass (k·q),
+     Poisson sums (k·q), each categorical table (k·levels)]."""
+
+    k: int
+    d: int
+    m: int
+    levels: tuple[int, ...]
+    q: int = 0
+
+    @classmethod
+    def of(cls, model) -> "Layout":
+        return cls(model.k, model.d, model.m, model.levels, model.q)
+
+    def _discrete_sizes(self) -> list[int]:
+        k = self.k
+        return [k * self.m, k * self.m, k * self.q, k * self.q] + [k * n for n in self.levels]
+
+    def _sizes(self) -> list[int]:
+        k, d = self.k, self.d
+        gaussian = [k, k * d, k * packed_size(d)] if d else []
+        return [1, 1, k, k] + gaussian + self._discrete_sizes()
+
+    @property
+    def size(self) -> int:
+        return sum(self._sizes())
+
+    def _discrete(self, parts: list[np.ndarray]) -> tuple:
+        """(Bernoulli observed, ones, Poisson observed, sums, [categorical tables]), each (k, ·)."""
+        observed, ones, counted, sums, *tables = (p.reshape(self.k, -1) for p in parts)
+        return observed, ones, counted, sums, tables
+
+    def unpack(self, flat: np.ndarray) -> LatentStatistics:
+        if flat.shape != (self.size,):
+            raise ValueError(f"statistics of length {flat.shape} do not fit {self}")
+        ll, skipped, mass, hard, *rest = np.split(flat, np.cumsum(self._sizes())[:-1])
+        gaussian = None
+        if self.d:
+            g_mass, first, second, *rest = rest
+            gaussian = ComponentStatistics(
+                float(ll[0]), g_mass, hard, first.reshape(self.k, self.d), second.reshape(self.k, -1)
+            )
+        return LatentStatistics(float(ll[0]), int(skipped[0]), mass, hard, gaussian, *self._discrete(rest))
+
+
+
+class MixedEStepPass(SumPass):
+    """E-step statistics of several candidate models in one pass (concatenated, in order): the
+    `kernels` pass protocol, so any engine's `reduce` runs it."""
+
+    label = "E-step"
+
+    def __init__(self, models: list, columns: Columns):
+        self.models, self.columns = models, columns
+        self.layouts = [Layout.of(model) for model in models]
+        self.partial_bytes = 8 * sum(layout.size for layout in self.layouts)
+
+    def map_block(self, raw, x, w):
+        block = self.columns.block(raw, x, w)
+        return np.concatenate([block_statistics(model, block) for model in self.models])
+
+    def split(self, flat: np.ndarray) -> list:
+        """The `latent.LatentStatistics` of each model."""
+        cuts = np.cumsum([layout.size for layout in self.layouts])[:-1]
+        return [layout.unpack(part) for layout, part in zip(self.layouts, np.split(flat, cuts))]

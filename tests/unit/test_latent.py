@@ -11,14 +11,14 @@ from stepmix.stepmix import StepMix
 
 from spark_gmm.latent import (
     LatentClassModel,
-    Layout,
+    MixedStartPass,
     fit_in_memory,
     initial_model,
     initial_statistics,
     m_step,
-    random_responsibilities,
 )
-from spark_gmm.latent_estep import MixedBlock, block_statistics, posterior
+from spark_gmm.latent_estep import Columns, Layout, MixedBlock, MixedEStepPass, block_statistics, posterior
+from spark_gmm.local import local_reduce
 
 LEVELS = (3, 4, 5)
 MAX_LEVELS = max(LEVELS)
@@ -67,11 +67,13 @@ def random_start(rng, k, d=0, m=0, levels=(), diagonal=True, q=0):
     )
 
 
-def em_steps(model, blocks, steps, reg_covar, smoothing=0.0):
+def em_steps(model, engine, steps, reg_covar, smoothing=0.0):
     """`steps` M-steps; returns the model and the mean log-likelihood before each step."""
-    layout, lls = Layout.of(model), []
+    reduce, columns = engine
+    lls = []
     for _ in range(steps):
-        stats = layout.unpack(sum(block_statistics(model, b) for b in blocks))
+        estep = MixedEStepPass([model], columns)
+        (stats,) = estep.split(reduce(estep))
         lls.append(stats.log_likelihood / stats.mass.sum())
         model = m_step(stats, model, reg_covar, smoothing)[0]
     return model, lls
@@ -139,10 +141,15 @@ def assert_same_parameters(model, sm, atol=1e-6):
         np.testing.assert_allclose(ours, table, atol=atol)
 
 
-def blocks_of(gaussian=None, bernoulli=None, codes=None, counts=None, size=97):
-    n = len(next(a for a in (gaussian, bernoulli, codes, counts) if a is not None))
-    cut = lambda a, s: None if a is None else a[s : s + size]  # noqa: E731
-    return [MixedBlock.of(cut(gaussian, s), cut(bernoulli, s), cut(codes, s), cut(counts, s)) for s in range(0, n, size)]
+def engine(gaussian=None, bernoulli=None, codes=None, counts=None, size=97, shifted=False):
+    """(reduce, columns): the in-memory engine over the packed rows, in blocks of `size`; the
+    Gaussian columns shifted by their midpoints if `shifted`, else left as they are."""
+    block = MixedBlock.of(gaussian, bernoulli, codes, counts)
+    widths = [a.shape[1] for a in (block.gaussian, block.bernoulli, block.categorical, block.poisson)]
+    columns = Columns(*widths)
+    rows = columns.pack(gaussian, bernoulli, codes, counts)
+    shift = columns.shift(rows) if shifted else np.zeros(rows.shape[1])
+    return local_reduce(rows, None, size, shift), columns
 
 
 # -- equal to StepMix from an identical start ------------------------------------------------------
@@ -151,7 +158,7 @@ def blocks_of(gaussian=None, bernoulli=None, codes=None, counts=None, size=97):
 def test_bernoulli_em_equals_stepmix(rng):
     _, _, bernoulli, _, _ = generated(rng, 800, m=8)
     start = random_start(rng, 3, m=8)
-    ours, our_lls = em_steps(start, blocks_of(bernoulli=bernoulli), 40, reg_covar=0.0)
+    ours, our_lls = em_steps(start, engine(bernoulli=bernoulli), 40, reg_covar=0.0)
     sm = stepmix_for(start, "bernoulli")
     their_lls = stepmix_steps(sm, bernoulli, 40)
     np.testing.assert_allclose(our_lls, their_lls, rtol=0, atol=1e-6)
@@ -162,7 +169,7 @@ def test_bernoulli_em_equals_stepmix(rng):
 def test_categorical_em_equals_stepmix(rng):
     _, _, _, codes, _ = generated(rng, 800)
     start = random_start(rng, 3, levels=LEVELS)
-    ours, our_lls = em_steps(start, blocks_of(codes=codes), 40, reg_covar=0.0)
+    ours, our_lls = em_steps(start, engine(codes=codes), 40, reg_covar=0.0)
     sm = stepmix_for(start, "categorical")
     their_lls = stepmix_steps(sm, codes.astype(float), 40)
     np.testing.assert_allclose(our_lls, their_lls, rtol=0, atol=1e-6)
@@ -173,7 +180,7 @@ def test_categorical_em_equals_stepmix(rng):
 def test_mixed_em_equals_stepmix(rng):
     _, gaussian, bernoulli, codes, _ = generated(rng, 800, d=3)
     start = random_start(rng, 3, d=3, m=6, levels=LEVELS)
-    ours, our_lls = em_steps(start, blocks_of(gaussian, bernoulli, codes), 40, reg_covar=1e-6)
+    ours, our_lls = em_steps(start, engine(gaussian, bernoulli, codes), 40, reg_covar=1e-6)
     descriptor = {
         "g": {"model": "gaussian_diag", "n_columns": 3},
         "b": {"model": "bernoulli", "n_columns": 6},
@@ -194,7 +201,7 @@ def test_missing_discrete_em_equals_stepmix_nan_models(rng):
     codes_missing = with_missing(rng, codes, 0.2, -1)
     ours_input = np.where(rng.random(bernoulli.shape) < 0.5, np.nan_to_num(bernoulli, nan=-1), bernoulli)
     start = random_start(rng, 3, m=6, levels=LEVELS)
-    ours, our_lls = em_steps(start, blocks_of(bernoulli=ours_input, codes=codes_missing), 40, reg_covar=0.0)
+    ours, our_lls = em_steps(start, engine(bernoulli=ours_input, codes=codes_missing), 40, reg_covar=0.0)
     descriptor = {
         "b": {"model": "bernoulli_nan", "n_columns": 6},
         "c": {"model": "categorical_nan", "n_columns": len(LEVELS)},
@@ -215,15 +222,15 @@ def test_missing_diag_gaussian_fit_equals_stepmix_nan_model(rng):
     gaussian = with_missing(rng, gaussian, 0.25, np.nan)
     gaussian[:5] = np.nan  # rows whose whole Gaussian block is missing
     bernoulli = with_missing(rng, bernoulli, 0.15, np.nan)
-    blocks = blocks_of(gaussian, bernoulli, size=600)
-    truth = np.eye(3)[labels]
-    start = initial_model(initial_statistics(blocks[0], truth, ()), Layout(3, 3, 6, ()), "diag", 0.0, smoothing=1.0)
+    truth = initial_statistics(MixedBlock.of(gaussian, bernoulli), np.eye(3)[labels], ())
+    start = initial_model(truth, Layout(3, 3, 6, ()), "diag", 0.0, smoothing=1.0)
+    rows = engine(gaussian, bernoulli)
     descriptor = {"g": {"model": "gaussian_diag_nan", "n_columns": 3}, "b": {"model": "bernoulli_nan", "n_columns": 6}}
     sm = stepmix_for(start, descriptor)
     x = np.hstack([gaussian, bernoulli])
-    _, first_lls = em_steps(start, blocks, 1, reg_covar=0.0)
+    _, first_lls = em_steps(start, rows, 1, reg_covar=0.0)
     assert first_lls[0] == pytest.approx(sm._e_step(x)[0], abs=1e-10)
-    ours = fit_in_memory(blocks, start, reg_covar=0.0, smoothing=0.0, max_iter=300, tol=1e-15)
+    ours = fit_in_memory(*rows, start, reg_covar=0.0, smoothing=0.0, max_iter=300, tol=1e-15)
     their_lls = stepmix_steps(sm, x, 300)
     assert ours.iterations < 300
     assert ours.history[-1] / ours.statistics.mass.sum() == pytest.approx(their_lls[-1], abs=1e-9)
@@ -337,8 +344,7 @@ def test_em_objective_never_decreases_with_missing_values(rng, share):
     codes = with_missing(rng, codes, share, -1)
     counts = with_missing(rng, counts, share, np.nan)
     start = random_start(rng, 3, d=3, m=6, levels=LEVELS, diagonal=False, q=2)
-    blocks = blocks_of(gaussian, bernoulli, codes, counts)
-    fit = fit_in_memory(blocks, start, reg_covar=0.0, smoothing=0.5, max_iter=150, tol=0)
+    fit = fit_in_memory(*engine(gaussian, bernoulli, codes, counts), start, reg_covar=0.0, smoothing=0.5, max_iter=150, tol=0)
     steps = np.diff(fit.history)
     assert (steps >= -1e-10 * np.abs(fit.history[1:])).all(), steps.min()
     assert fit.history[-1] - fit.history[0] > 1.0
@@ -347,26 +353,44 @@ def test_em_objective_never_decreases_with_missing_values(rng, share):
 # -- start, blocks, recovery -----------------------------------------------------------------------
 
 
+def random_starts(engine_, seeds, covariance_type="full"):
+    reduce, columns = engine_
+    pass_ = MixedStartPass(3, seeds, LEVELS, columns)
+    layout = Layout(3, columns.d, columns.m, LEVELS, columns.q)
+    return [initial_model(flat, layout, covariance_type, 1e-6) for flat in pass_.split(reduce(pass_))]
+
+
 def test_start_and_statistics_do_not_depend_on_blocks_or_row_order(rng):
     _, gaussian, bernoulli, codes, counts = generated(rng, 400, d=2)
     gaussian = with_missing(rng, gaussian, 0.1, np.nan)
     order = rng.permutation(400)
-
-    def start_from(blocks):
-        flat = sum(initial_statistics(b, random_responsibilities(b, 3, seed=7), LEVELS) for b in blocks)
-        return initial_model(flat, Layout(3, 2, 6, LEVELS, 2), "full", 1e-6)
-
     columns = (gaussian, bernoulli, codes, counts)
-    a = start_from(blocks_of(*columns, size=50))
-    b = start_from(blocks_of(*(column[order] for column in columns), size=133))
+    one, other = engine(*columns, size=50), engine(*(column[order] for column in columns), size=133)
+    (a, a2), (b, _) = random_starts(one, [7, 8]), random_starts(other, [7, 8])
     np.testing.assert_allclose(a.gaussian.means, b.gaussian.means, rtol=1e-12)
     np.testing.assert_allclose(a.bernoulli, b.bernoulli, rtol=1e-12)
     np.testing.assert_allclose(a.poisson, b.poisson, rtol=1e-12)
-    sa = sum(block_statistics(a, blk) for blk in blocks_of(*columns, size=50))
-    sb = sum(block_statistics(a, blk) for blk in blocks_of(*(column[order] for column in columns), size=133))
-    np.testing.assert_allclose(sa, sb, rtol=1e-10)
-    c = start_from(blocks_of(*columns, size=50)[:1])
-    assert not np.allclose(a.bernoulli, c.bernoulli)  # the start does depend on the data
+    assert not np.allclose(a.bernoulli, a2.bernoulli)  # another seed, another start
+    estep = MixedEStepPass([a], one[1])
+    np.testing.assert_allclose(one[0](estep), other[0](estep), rtol=1e-10)
+
+
+def test_gaussian_statistics_are_taken_around_a_shift(rng):
+    """Shifting the Gaussian columns (as the engines do) moves the fitted means by the shift and
+    changes nothing else, even for data far from the origin."""
+    _, gaussian, bernoulli, codes, counts = generated(rng, 400, d=2)
+    gaussian = with_missing(rng, gaussian + 1e6, 0.2, np.nan)
+    plain, shifted = engine(gaussian, bernoulli, codes, counts), engine(gaussian, bernoulli, codes, counts, shifted=True)
+    shift = shifted[1].shift(shifted[1].pack(gaussian, bernoulli, codes, counts))[:2]
+    assert np.abs(shift).min() > 1e5
+    start = random_starts(plain, [0])[0]
+    moved = LatentClassModel.create(start.weights, start.gaussian.means - shift, start.gaussian.covariances, "full",
+                                    start.bernoulli, start.categorical, start.poisson)
+    a = fit_in_memory(*plain, start, reg_covar=1e-6, max_iter=20, tol=0).model
+    b = fit_in_memory(*shifted, moved, reg_covar=1e-6, max_iter=20, tol=0).model
+    np.testing.assert_allclose(b.gaussian.means + shift, a.gaussian.means, rtol=1e-12)
+    np.testing.assert_allclose(b.gaussian.covariances, a.gaussian.covariances, rtol=1e-8)
+    np.testing.assert_allclose(b.bernoulli, a.bernoulli, rtol=1e-8)
 
 
 def test_rows_with_nothing_observed_are_counted_and_skipped(rng):
@@ -388,14 +412,10 @@ def test_latent_classes_are_recovered(rng, share):
     bernoulli = with_missing(rng, bernoulli, share, np.nan)
     codes = with_missing(rng, codes, share, -1)
     counts = with_missing(rng, counts, share, np.nan)
-    blocks = blocks_of(gaussian, bernoulli, codes, counts, size=256)
-    layout = Layout(3, 2, 6, LEVELS, 2)
-    best = None
-    for seed in range(3):
-        flat = sum(initial_statistics(b, random_responsibilities(b, 3, seed), LEVELS) for b in blocks)
-        fit = fit_in_memory(blocks, initial_model(flat, layout, "full", 1e-6), reg_covar=1e-6, max_iter=300)
-        best = fit if best is None or fit.history[-1] > best.history[-1] else best
-    predicted = np.concatenate([posterior(best.model, b).responsibilities.argmax(axis=1) for b in blocks])
+    rows = engine(gaussian, bernoulli, codes, counts, size=256)
+    fits = [fit_in_memory(*rows, start, reg_covar=1e-6, max_iter=300) for start in random_starts(rows, [0, 1, 2])]
+    best = max(fits, key=lambda fit: fit.history[-1])
+    predicted = posterior(best.model, MixedBlock.of(gaussian, bernoulli, codes, counts)).responsibilities.argmax(axis=1)
     assert adjusted_rand_score(labels, predicted) >= 0.9
 
 
