@@ -1,11 +1,12 @@
-"""The latent class model over mixed features: parameters, statistics layout, M-step, start.
+"""The latent class model over mixed features: parameters, passes, M-step, start.
 
 k classes; given its class, a row's feature blocks are independent: one multivariate Gaussian
 over the numeric columns (any covariance type of `mixture`, kept through precision Cholesky
-factors in a `mixture.Mixture`), one Bernoulli per binary column, one categorical distribution per
-categorical column, one Poisson per count column. Driver-side numpy, no Spark: a block's E-step (`latent_estep`) returns ONE
-flat float64 vector, and the vectors of all blocks add up, so the pass machinery that reduces
-Gaussian statistics by summing reduces these unchanged.
+factors in a `mixture.Mixture`), one Bernoulli per binary column, one categorical distribution
+per categorical column, one Poisson per count column. Plain numpy, no Spark: a mixed row is
+packed into one float64 row (`Columns`), and a block's E-step (`latent_estep`) returns ONE flat
+float64 vector; the vectors of all blocks add up, so the engines that reduce Gaussian statistics
+by summing run these passes unchanged.
 
 Smoothing: the Bernoulli and categorical M-steps are the maximum a posteriori estimates under a
 symmetric Beta/Dirichlet prior that adds `smoothing` pseudo-rows (in units of row weight) to
@@ -24,11 +25,10 @@ import numpy as np
 
 from .kernels import SumPass, row_uniforms
 from .latent_estep import (
-    Columns,
     Layout,
     LatentStatistics,
     MixedBlock,
-    MixedEStepPass,
+    block_statistics,
     bernoulli_values,
     check_levels,
     discrete_counts,
@@ -113,6 +113,72 @@ class LatentClassModel:
         covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
         gaussian = covariance[self.covariance_type] + k * d if d else 0
         return k - 1 + gaussian + k * (self.m + self.q) + k * sum(n - 1 for n in self.levels)
+
+
+# -- rows in cached blocks, and the E-step pass ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Columns:
+    """How a mixed row sits in one float64 row of a cached block: d Gaussian, m Bernoulli,
+    c categorical (level codes), q count columns, in that order, every missing value NaN. One
+    float64 matrix per block is what the engines cache and hand to a pass as (raw, x = raw −
+    shift, w); level codes are exact in float64 up to 2⁵³."""
+
+    d: int
+    m: int
+    c: int
+    q: int
+
+    def pack(self, gaussian=None, bernoulli=None, categorical=None, poisson=None) -> np.ndarray:
+        """(n, d + m + c + q) float64 rows from the typed arrays of `MixedBlock.of` (-1 → NaN)."""
+        b = MixedBlock.of(gaussian, bernoulli, categorical, poisson)
+        widths = tuple(a.shape[1] for a in (b.gaussian, b.bernoulli, b.categorical, b.poisson))
+        if widths != (self.d, self.m, self.c, self.q):
+            raise ValueError(f"arrays of widths {widths} do not fit {self}")
+        codes = np.where(b.categorical < 0, np.nan, b.categorical.astype(np.float64))
+        return np.hstack([b.gaussian, np.where(b.bernoulli == -1, np.nan, b.bernoulli), codes, b.poisson])
+
+    def shift(self, rows: np.ndarray) -> np.ndarray:
+        """Per column of `rows`: the midpoint of each Gaussian column's observed values (0 if it
+        has none), 0 for the others, whose values are used unshifted."""
+        shift = np.zeros(rows.shape[1])
+        gaussian = rows[:, : self.d]
+        seen = ~np.isnan(gaussian).all(axis=0)
+        shift[: self.d][seen] = np.nanmin(gaussian[:, seen], axis=0) / 2 + np.nanmax(gaussian[:, seen], axis=0) / 2
+        return shift
+
+    def block(self, raw: np.ndarray, x: np.ndarray, w: np.ndarray | None) -> MixedBlock:
+        """The `MixedBlock` of a cached block: Gaussian columns shifted (`x`), the rest as stored."""
+        d, m, c = self.d, self.m, self.c
+        codes = raw[:, d + m : d + m + c]
+        return MixedBlock(
+            x[:, :d], raw[:, d : d + m], np.where(np.isnan(codes), -1, codes).astype(np.int64), raw[:, d + m + c :], w
+        )
+
+
+class MixedEStepPass(SumPass):
+    """E-step statistics of several candidate models in one pass (concatenated, in order): the
+    `kernels` pass protocol, so any engine's `reduce` runs it."""
+
+    label = "E-step"
+
+    def __init__(self, models: list, columns: Columns):
+        self.models, self.columns = models, columns
+        self.layouts = [Layout.of(model) for model in models]
+        self.partial_bytes = 8 * sum(layout.size for layout in self.layouts)
+
+    def map_block(self, raw, x, w):
+        block = self.columns.block(raw, x, w)
+        return np.concatenate([block_statistics(model, block) for model in self.models])
+
+    def split(self, flat: np.ndarray) -> list:
+        """The `latent.LatentStatistics` of each model."""
+        cuts = np.cumsum([layout.size for layout in self.layouts])[:-1]
+        return [layout.unpack(part) for layout, part in zip(self.layouts, np.split(flat, cuts))]
+
+
+# -- M-step ---------------------------------------------------------------------------------------
 
 
 def smoothed(counts: np.ndarray, observed: np.ndarray, outcomes: int, smoothing: float, previous: np.ndarray):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .kernels import SumPass, log_gaussian_density, normalize_log
+from .kernels import log_gaussian_density, normalize_log
 from .mixture import ComponentStatistics, Mixture, packed_size, precision_cholesky
 
 #: Probabilities enter logarithms clipped at the smallest normal double, so a probability of
@@ -61,45 +61,6 @@ class MixedBlock:
     @property
     def n(self) -> int:
         return self.gaussian.shape[0]
-
-
-@dataclass(frozen=True)
-class Columns:
-    """How a mixed row sits in one float64 row of a cached block: d Gaussian, m Bernoulli,
-    c categorical (level codes), q count columns, in that order, every missing value NaN. One
-    float64 matrix per block is what the engines cache and hand to a pass as (raw, x = raw −
-    shift, w); level codes are exact in float64 up to 2⁵³."""
-
-    d: int
-    m: int
-    c: int
-    q: int
-
-    def pack(self, gaussian=None, bernoulli=None, categorical=None, poisson=None) -> np.ndarray:
-        """(n, d + m + c + q) float64 rows from the typed arrays of `MixedBlock.of` (-1 → NaN)."""
-        b = MixedBlock.of(gaussian, bernoulli, categorical, poisson)
-        widths = tuple(a.shape[1] for a in (b.gaussian, b.bernoulli, b.categorical, b.poisson))
-        if widths != (self.d, self.m, self.c, self.q):
-            raise ValueError(f"arrays of widths {widths} do not fit {self}")
-        codes = np.where(b.categorical < 0, np.nan, b.categorical.astype(np.float64))
-        return np.hstack([b.gaussian, np.where(b.bernoulli == -1, np.nan, b.bernoulli), codes, b.poisson])
-
-    def shift(self, rows: np.ndarray) -> np.ndarray:
-        """Per column of `rows`: the midpoint of each Gaussian column's observed values (0 if it
-        has none), 0 for the others, whose values are used unshifted."""
-        shift = np.zeros(rows.shape[1])
-        gaussian = rows[:, : self.d]
-        seen = ~np.isnan(gaussian).all(axis=0)
-        shift[: self.d][seen] = np.nanmin(gaussian[:, seen], axis=0) / 2 + np.nanmax(gaussian[:, seen], axis=0) / 2
-        return shift
-
-    def block(self, raw: np.ndarray, x: np.ndarray, w: np.ndarray | None) -> MixedBlock:
-        """The `MixedBlock` of a cached block: Gaussian columns shifted (`x`), the rest as stored."""
-        d, m, c = self.d, self.m, self.c
-        codes = raw[:, d + m : d + m + c]
-        return MixedBlock(
-            x[:, :d], raw[:, d : d + m], np.where(np.isnan(codes), -1, codes).astype(np.int64), raw[:, d + m + c :], w
-        )
 
 
 @dataclass(frozen=True)
@@ -370,25 +331,3 @@ class Layout:
                 float(ll[0]), g_mass, hard, first.reshape(self.k, self.d), second.reshape(self.k, -1)
             )
         return LatentStatistics(float(ll[0]), int(skipped[0]), mass, hard, gaussian, *self._discrete(rest))
-
-
-
-class MixedEStepPass(SumPass):
-    """E-step statistics of several candidate models in one pass (concatenated, in order): the
-    `kernels` pass protocol, so any engine's `reduce` runs it."""
-
-    label = "E-step"
-
-    def __init__(self, models: list, columns: Columns):
-        self.models, self.columns = models, columns
-        self.layouts = [Layout.of(model) for model in models]
-        self.partial_bytes = 8 * sum(layout.size for layout in self.layouts)
-
-    def map_block(self, raw, x, w):
-        block = self.columns.block(raw, x, w)
-        return np.concatenate([block_statistics(model, block) for model in self.models])
-
-    def split(self, flat: np.ndarray) -> list:
-        """The `latent.LatentStatistics` of each model."""
-        cuts = np.cumsum([layout.size for layout in self.layouts])[:-1]
-        return [layout.unpack(part) for layout, part in zip(self.layouts, np.split(flat, cuts))]

@@ -10,14 +10,16 @@ from sklearn.metrics import adjusted_rand_score
 from stepmix.stepmix import StepMix
 
 from spark_gmm.latent import (
+    Columns,
     LatentClassModel,
+    MixedEStepPass,
     MixedStartPass,
     fit_in_memory,
     initial_model,
     initial_statistics,
     m_step,
 )
-from spark_gmm.latent_estep import Columns, Layout, MixedBlock, MixedEStepPass, block_statistics, posterior
+from spark_gmm.latent_estep import Layout, MixedBlock, block_statistics, posterior
 from spark_gmm.local import local_reduce
 
 LEVELS = (3, 4, 5)
