@@ -21,6 +21,7 @@ from spark_gmm.latent import (
 )
 from spark_gmm.latent_estep import Layout, MixedBlock, block_statistics, posterior
 from spark_gmm.local import local_reduce
+from spark_gmm.mixture import CONSTRAINTS
 
 LEVELS = (3, 4, 5)
 MAX_LEVELS = max(LEVELS)
@@ -242,8 +243,11 @@ def test_missing_diag_gaussian_fit_equals_stepmix_nan_model(rng):
 # -- full covariance with missing coordinates: brute-force references ------------------------------
 
 
-def full_covariance_case(rng, n=300, d=4, k=2, share=0.3):
-    start = random_start(rng, k, d=d, diagonal=False)
+def full_covariance_case(rng, n=300, d=4, k=2, share=0.3, covariance_type="full"):
+    """A start of `covariance_type` (its covariances obey the type) and data with missing values."""
+    full = random_start(rng, k, d=d, diagonal=False).gaussian
+    covariances = CONSTRAINTS[covariance_type](full.covariances, np.ones(k))
+    start = LatentClassModel.create(full.weights, full.means, covariances, covariance_type)
     x = rng.normal(size=(n, d)) * 2 + rng.choice([-2.0, 2.0], size=(n, 1))
     x = with_missing(rng, x, share, np.nan)
     x[:3] = np.nan
@@ -307,14 +311,26 @@ def test_smoothed_discrete_m_step(rng):
     assert 0 < model.bernoulli.min() and model.bernoulli.max() < 1
 
 
-def test_full_covariance_em_step_is_the_exact_conditional_expectation_update(rng):
-    start, x = full_covariance_case(rng)
+#: Each covariance type's M-step from the full scatter matrices S_j and masses N_j, written out.
+CONSTRAINED = {
+    "full": lambda s, n: s,
+    "diag": lambda s, n: s * np.eye(s.shape[-1]),
+    "spherical": lambda s, n: np.trace(s, axis1=1, axis2=2)[:, None, None] / s.shape[-1] * np.eye(s.shape[-1]),
+    "tied": lambda s, n: np.broadcast_to((n[:, None, None] * s).sum(axis=0) / n.sum(), s.shape),
+}
+
+
+@pytest.mark.parametrize("covariance_type", list(CONSTRAINED))
+def test_em_step_with_missing_coordinates_is_the_exact_conditional_expectation_update(rng, covariance_type):
+    """Brute force, row by row: each row completed by E[x_m | x_o, j], the conditional covariance
+    Cov(x_m | x_o, j) added to the scatter, then the covariance type's constraint."""
+    start, x = full_covariance_case(rng, covariance_type=covariance_type)
     reg = 1e-3
     stats = Layout.of(start).unpack(block_statistics(start, MixedBlock.of(x)))
     assert stats.skipped_rows == np.isnan(x).all(axis=1).sum() >= 3
     model = m_step(stats, start, reg, smoothing=0.0)[0]
     resp = posterior(start, MixedBlock.of(x)).responsibilities
-    g = start.gaussian
+    g, scatter, masses = start.gaussian, [], resp.sum(axis=0)
     for j in range(start.k):
         filled, extra = [], np.zeros((x.shape[1], x.shape[1]))
         for i, row in enumerate(x):
@@ -329,13 +345,13 @@ def test_full_covariance_em_step_is_the_exact_conditional_expectation_update(rng
             filled.append(row)
             extra[np.ix_(m, m)] += resp[i, j] * (s[np.ix_(m, m)] - gain @ s[np.ix_(o, m)])
         filled = np.array(filled)
-        mass = resp[:, j].sum()
-        mean = resp[:, j] @ filled / mass
+        mean = resp[:, j] @ filled / masses[j]
         dev = filled - mean
-        cov = (dev.T * resp[:, j]) @ dev / mass + extra / mass + reg * np.eye(x.shape[1])
+        scatter.append(((dev.T * resp[:, j]) @ dev + extra) / masses[j])
         np.testing.assert_allclose(model.gaussian.means[j], mean, atol=1e-10)
-        np.testing.assert_allclose(model.gaussian.covariances[j], cov, atol=1e-10)
-    np.testing.assert_allclose(model.weights, resp.sum(axis=0) / resp.sum(), atol=1e-12)
+    expected = CONSTRAINED[covariance_type](np.array(scatter), masses) + reg * np.eye(x.shape[1])
+    np.testing.assert_allclose(model.gaussian.covariances, expected, atol=1e-10)
+    np.testing.assert_allclose(model.weights, masses / masses.sum(), atol=1e-12)
 
 
 @pytest.mark.parametrize("share", [0.1, 0.3])
@@ -393,6 +409,19 @@ def test_gaussian_statistics_are_taken_around_a_shift(rng):
     np.testing.assert_allclose(b.gaussian.means + shift, a.gaussian.means, rtol=1e-12)
     np.testing.assert_allclose(b.gaussian.covariances, a.gaussian.covariances, rtol=1e-8)
     np.testing.assert_allclose(b.bernoulli, a.bernoulli, rtol=1e-8)
+
+
+def test_row_weights_count_like_copies_of_rows(rng):
+    _, gaussian, bernoulli, codes, counts = generated(rng, 150, d=2)
+    gaussian = with_missing(rng, gaussian, 0.2, np.nan)
+    start = random_start(rng, 3, d=2, m=6, levels=LEVELS, diagonal=False, q=2)
+    columns = (gaussian, bernoulli, codes, counts)
+    copies = rng.integers(0, 4, size=150)
+    weighted = block_statistics(start, MixedBlock.of(*columns, weights=copies.astype(float)))
+    repeated = block_statistics(start, MixedBlock.of(*(np.repeat(a, copies, axis=0) for a in columns)))
+    hard = slice(2 + start.k, 2 + 2 * start.k)  # hard counts count rows, whatever their weight
+    weighted[hard] = repeated[hard] = 0.0
+    np.testing.assert_allclose(weighted, repeated, rtol=1e-10, atol=1e-9)
 
 
 def test_rows_with_nothing_observed_are_counted_and_skipped(rng):
