@@ -29,10 +29,8 @@ from .latent_estep import (
     LatentStatistics,
     MixedBlock,
     block_statistics,
-    bernoulli_values,
     check_levels,
     discrete_counts,
-    poisson_values,
 )
 from .mixture import (
     CONSTRAINTS,
@@ -250,8 +248,6 @@ def initial_statistics(block: MixedBlock, resp: np.ndarray, levels: tuple[int, .
     then the discrete counts as in `Layout`]. Gaussian moments are over observed values only
     (available cases): there is no model yet to impute the missing ones from."""
     check_levels(block.categorical, levels)
-    bernoulli_values(block.bernoulli)
-    poisson_values(block.poisson)
     w = np.ones(block.n) if block.weights is None else block.weights
     weighted = resp * w[:, None]
     x = block.gaussian

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -61,6 +62,19 @@ class MixedBlock:
     @property
     def n(self) -> int:
         return self.gaussian.shape[0]
+
+    @cached_property
+    def bernoulli_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(observed, ones) as float64 (n, m) indicators, checked once per block (see
+        `bernoulli_values`), shared by every model a pass evaluates."""
+        observed, ones = bernoulli_values(self.bernoulli)
+        return observed.astype(np.float64), ones.astype(np.float64)
+
+    @cached_property
+    def poisson_parts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(observed (n, q) float64 indicators, counts with missing as 0 (n, q), Σ log x! (n,))."""
+        observed, counts = poisson_values(self.poisson)
+        return observed.astype(np.float64), counts, _log_factorial(counts).sum(axis=1)  # log 0! = 0
 
 
 @dataclass(frozen=True)
@@ -153,11 +167,11 @@ def _gaussian_terms(x: np.ndarray, gaussian: Mixture):
     return log_density, patterns
 
 
-def _bernoulli_terms(x: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+def _bernoulli_terms(block: MixedBlock, probabilities: np.ndarray) -> np.ndarray:
     """(n, k) Σ over observed columns of log P(x | class)."""
-    observed, ones = bernoulli_values(x)
+    observed, ones = block.bernoulli_masks
     log_one, log_zero = log_probability(probabilities), log_probability(1.0 - probabilities)
-    return ones.astype(np.float64) @ log_one.T + (observed & ~ones).astype(np.float64) @ log_zero.T
+    return ones @ log_one.T + (observed - ones) @ log_zero.T
 
 
 def _categorical_terms(codes: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -170,11 +184,10 @@ def _categorical_terms(codes: np.ndarray, tables: tuple[np.ndarray, ...]) -> np.
     return out
 
 
-def _poisson_terms(x: np.ndarray, rates: np.ndarray) -> np.ndarray:
+def _poisson_terms(block: MixedBlock, rates: np.ndarray) -> np.ndarray:
     """(n, k) Σ over observed columns of log Poisson(x | class rate)."""
-    observed, counts = poisson_values(x)
-    constant = _log_factorial(counts).sum(axis=1)  # a missing count is 0 here: log 0! = 0
-    return counts @ log_probability(rates).T - observed.astype(np.float64) @ rates.T - constant[:, None]
+    observed, counts, log_factorials = block.poisson_parts
+    return counts @ log_probability(rates).T - observed @ rates.T - log_factorials[:, None]
 
 
 @dataclass
@@ -198,14 +211,14 @@ def posterior(model, block: MixedBlock) -> Posterior:
         joint += terms
         seen |= ~np.isnan(block.gaussian).all(axis=1)
     if model.m:
-        joint += _bernoulli_terms(block.bernoulli, model.bernoulli)
-        seen |= bernoulli_values(block.bernoulli)[0].any(axis=1)
+        joint += _bernoulli_terms(block, model.bernoulli)
+        seen |= block.bernoulli_masks[0].any(axis=1)
     if model.levels:
         joint += _categorical_terms(block.categorical, model.categorical)
         seen |= (block.categorical >= 0).any(axis=1)
     if model.q:
-        joint += _poisson_terms(block.poisson, model.poisson)
-        seen |= ~np.isnan(block.poisson).all(axis=1)
+        joint += _poisson_terms(block, model.poisson)
+        seen |= block.poisson_parts[0].any(axis=1)
     log_density = np.full(block.n, np.nan)
     resp = np.zeros((block.n, model.k))
     if seen.any():
@@ -239,8 +252,7 @@ def discrete_counts(block: MixedBlock, weighted: np.ndarray, levels: tuple[int, 
     """[Bernoulli observed mass (k, m), Bernoulli ones (k, m), Poisson observed mass (k, q),
     Poisson count sums (k, q), then per categorical column its (k, levels) weighted counts]:
     sums of wγ (times the count, for Poisson) over the rows where each value is observed."""
-    observed, ones = bernoulli_values(block.bernoulli)
-    counted, counts = poisson_values(block.poisson)
+    (observed, ones), (counted, counts, _) = block.bernoulli_masks, block.poisson_parts
     out = [weighted.T @ observed, weighted.T @ ones, weighted.T @ counted, weighted.T @ counts]
     k = weighted.shape[1]
     for col, count in enumerate(levels):
