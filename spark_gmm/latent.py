@@ -31,6 +31,7 @@ from .latent_estep import (
     block_statistics,
     check_levels,
     discrete_counts,
+    log_probability,
 )
 from .mixture import (
     CONSTRAINTS,
@@ -223,9 +224,9 @@ def log_prior(model: LatentClassModel, smoothing: float) -> float:
     log-likelihood + this never decreases in exact-arithmetic EM without regCovar."""
     if smoothing == 0:
         return 0.0
-    terms = [np.log(model.bernoulli).sum() + np.log1p(-model.bernoulli).sum()]
-    terms += [np.log(t).sum() for t in model.categorical]
-    terms += [(np.log(model.poisson) - model.poisson).sum()]
+    terms = [log_probability(model.bernoulli).sum() + log_probability(1.0 - model.bernoulli).sum()]
+    terms += [log_probability(t).sum() for t in model.categorical]
+    terms += [(log_probability(model.poisson) - model.poisson).sum()]
     return smoothing * float(sum(terms))
 
 
@@ -263,10 +264,10 @@ def initial_model(flat: np.ndarray, layout: Layout, covariance_type: str, reg_co
     """The starting model from summed `initial_statistics`: Gaussian blocks start with diagonal
     covariances (per coordinate over its observed values), constrained to `covariance_type`."""
     k, d = layout.k, layout.d
-    sizes = [k, k * d, k * d, k * d] + layout._discrete_sizes()
+    sizes = [k, k * d, k * d, k * d] + layout.discrete_sizes()
     mass, observed, sums, squares, *rest = np.split(flat, np.cumsum(sizes)[:-1])
     observed, sums, squares = (a.reshape(k, d) for a in (observed, sums, squares))
-    bernoulli_observed, ones, counted, count_sums, counts = layout._discrete(rest)
+    bernoulli_observed, ones, counted, count_sums, counts = layout.discrete(rest)
     if (observed <= 0).any():
         j, f = np.argwhere(observed <= 0)[0]
         raise ValueError(f"Gaussian coordinate {f} has no observed value in start class {j}")
@@ -307,6 +308,8 @@ class MixedStartPass(SumPass):
 
 @dataclass
 class InMemoryFit:
+    """What `fit_in_memory` returns."""
+
     model: LatentClassModel
     history: list[float]  # log-likelihood + log_prior of the model evaluated at each iteration
     statistics: LatentStatistics  # of the returned model

@@ -1,8 +1,8 @@
 """E-step of the latent class model over one block of rows, in plain numpy (no Spark).
 
 A row's likelihood is Σ_j π_j · N(x_o | μ_j, Σ_j) · Π Bernoulli · Π categorical · Π Poisson over
-its *observed* features only: a missing Bernoulli, categorical or count value drops its factor, and the
-Gaussian block is the exact marginal over the observed coordinates. Rows are grouped by their
+its *observed* features only: a missing Bernoulli, categorical or count value drops its factor,
+and the Gaussian block is the exact marginal over the observed coordinates. Rows are grouped by their
 pattern of observed Gaussian coordinates, so each pattern costs one sub-covariance factorisation
 per class and one matrix product, like complete data, when few patterns occur.
 
@@ -32,6 +32,7 @@ TINY = np.finfo(np.float64).tiny
 
 
 def log_probability(p: np.ndarray) -> np.ndarray:
+    """log p, with p clipped at `TINY`."""
     return np.log(np.maximum(p, TINY))
 
 
@@ -264,8 +265,8 @@ def discrete_counts(block: MixedBlock, weighted: np.ndarray, levels: tuple[int, 
 
 
 def block_statistics(model, block: MixedBlock) -> np.ndarray:
-    """The flat float64 E-step statistics of `block` under `model`, laid out as
-    `latent.Layout.unpack` reads them; partials of several blocks add up."""
+    """The flat float64 E-step statistics of `block` under `model`, laid out as `Layout.unpack`
+    reads them; partials of several blocks add up."""
     post = posterior(model, block)
     seen = ~np.isnan(post.log_density)
     w = np.ones(block.n) if block.weights is None else block.weights
@@ -314,20 +315,20 @@ class Layout:
     def of(cls, model) -> "Layout":
         return cls(model.k, model.d, model.m, model.levels, model.q)
 
-    def _discrete_sizes(self) -> list[int]:
+    def discrete_sizes(self) -> list[int]:
         k = self.k
         return [k * self.m, k * self.m, k * self.q, k * self.q] + [k * n for n in self.levels]
 
     def _sizes(self) -> list[int]:
         k, d = self.k, self.d
         gaussian = [k, k * d, k * packed_size(d)] if d else []
-        return [1, 1, k, k] + gaussian + self._discrete_sizes()
+        return [1, 1, k, k] + gaussian + self.discrete_sizes()
 
     @property
     def size(self) -> int:
         return sum(self._sizes())
 
-    def _discrete(self, parts: list[np.ndarray]) -> tuple:
+    def discrete(self, parts: list[np.ndarray]) -> tuple:
         """(Bernoulli observed, ones, Poisson observed, sums, [categorical tables]), each (k, ·)."""
         observed, ones, counted, sums, *tables = (p.reshape(self.k, -1) for p in parts)
         return observed, ones, counted, sums, tables
@@ -342,4 +343,4 @@ class Layout:
             gaussian = ComponentStatistics(
                 float(ll[0]), g_mass, hard, first.reshape(self.k, self.d), second.reshape(self.k, -1)
             )
-        return LatentStatistics(float(ll[0]), int(skipped[0]), mass, hard, gaussian, *self._discrete(rest))
+        return LatentStatistics(float(ll[0]), int(skipped[0]), mass, hard, gaussian, *self.discrete(rest))
