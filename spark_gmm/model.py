@@ -18,7 +18,14 @@ from .inputs import feature_count, named_column
 from .kernels import log_sum_exp, normalize_log, weighted_log_joint
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
 from .params import GaussianMixtureParams
-from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
+from .scoring import (
+    log_likelihood_sums,
+    refuse_unscorable,
+    sampler,
+    scoring_udf,
+    unscorable,
+    weighted_log_likelihood_udf,
+)
 from .summary import GaussianMixtureSummary
 
 
@@ -243,20 +250,14 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             )
 
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
-        """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored are refused
-        (or, with handleInvalid 'skip' or 'keep', left out)."""
+        """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored, or whose
+        weight a fit would refuse, are refused (or, with handleInvalid 'skip' or 'keep', left out)."""
         self._check_feature_count(dataset)
-        w = self.weightColumn(dataset)
-        ll = self._scores(dataset).logLikelihood
-        weight = F.lit(1.0) if w is None else w
-        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & ~F.isnan(weight) & (
-            weight < float("inf")
+        weight = self.weightColumn(dataset)
+        scores = weighted_log_likelihood_udf(self._centred, self._center)(
+            self.featureColumn(dataset), F.lit(1.0) if weight is None else weight
         )
-        total, mass, bad = dataset.select(
-            F.sum(F.when(usable, ll * weight)),
-            F.sum(F.when(usable, weight)),
-            F.count(F.when(~usable, F.lit(1))),
-        ).first()
+        total, mass, bad = log_likelihood_sums(dataset, scores)
         if bad and self.getHandleInvalid() == "error":
             raise InvalidInputError(
                 f"{bad} rows cannot be scored ({unscorable(self.numFeatures)}, or a null, negative, "

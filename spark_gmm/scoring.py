@@ -1,19 +1,21 @@
-"""Scoring rows with a fitted mixture in the executors: the pandas UDF behind `transform`, `score`,
-`bic` and `aic`, the rule for which rows can be scored, and the sampler."""
+"""Scoring rows with a fitted mixture in the executors: the pandas UDFs behind `transform` and behind
+`score`, `bic` and `aic`, and the sampler. Which rows (and weights) can be used is `rows`' rule,
+evaluated here on the same numpy arrays as when a fit packs its blocks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pyspark.sql import Column, functions as F
+from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.functions import pandas_udf
 
 from .kernels import normalize_log, row_uniforms, weighted_log_joint
 from .mixture import Mixture
-from .rows import feature_rows
+from .rows import feature_rows, usable_weights
 
 SCORES_SCHEMA = "prediction int, probability array<double>, logLikelihood double"
+WEIGHTED_SCHEMA = "logLikelihood double, weight double"
 
 
 def unscorable(d: int) -> str:
@@ -39,6 +41,36 @@ def scoring_udf(mixture: Mixture, center: np.ndarray):
         )
 
     return score
+
+
+def weighted_log_likelihood_udf(mixture: Mixture, center: np.ndarray):
+    """pandas UDF of (features array<double>, weight double): each row's log density and weight,
+    both null when the row cannot be scored or its weight is not usable (`rows.usable_weights`, the
+    rule a fit applies). `mixture` is in coordinates shifted by `center`."""
+
+    @pandas_udf(WEIGHTED_SCHEMA)
+    def score(features: pd.Series, weights: pd.Series) -> pd.DataFrame:
+        x, missing, nonfinite = feature_rows(pa.array(features, type=pa.list_(pa.float64())), mixture.d)
+        w = weights.to_numpy(dtype=np.float64, na_value=np.nan)  # null → NaN: not usable
+        usable = ~(missing | nonfinite) & usable_weights(w)
+        log_norm, _ = normalize_log(weighted_log_joint(x - center, mixture))
+        return pd.DataFrame(
+            {"logLikelihood": np.where(usable, log_norm, np.nan), "weight": np.where(usable, w, np.nan)}
+        )
+
+    return score
+
+
+def log_likelihood_sums(dataset: DataFrame, scores: Column) -> tuple[float, float, int]:
+    """(Σ w·log p(x), Σ w, rows left out) over `dataset` in one pass, where `scores` is the
+    `weighted_log_likelihood_udf` column (nulls mark the rows left out)."""
+    usable = scores.logLikelihood.isNotNull() & scores.weight.isNotNull()
+    total, mass, left_out = dataset.select(
+        F.sum(F.when(usable, scores.logLikelihood * scores.weight)),
+        F.sum(F.when(usable, scores.weight)),
+        F.count(F.when(~usable, F.lit(1))),
+    ).first()
+    return total, mass, left_out
 
 
 def refuse_unscorable(value: Column, scores: Column, column: str, d: int) -> Column:
