@@ -138,11 +138,11 @@ def mixture_from_centers_steps(centers: np.ndarray, reg_covar: float, covariance
     """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
     k, d = centers.shape
     stats = ComponentStatistics.unpack((yield kernels.HardAssignmentPass(centers)), k, d)
-    weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
-    if lonely.any():  # a centre nobody is closest to: give it the pooled covariance
-        filled = ~lonely
-        covariances[lonely] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
-        means[lonely] = centers[lonely]
+    weights, means, covariances, unclaimed = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
+    if unclaimed.any():  # a centre nobody is closest to: give it the pooled covariance
+        filled = ~unclaimed
+        covariances[unclaimed] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
+        means[unclaimed] = centers[unclaimed]
     return Mixture.from_covariances(weights, means, covariances, reg_covar)
 
 
