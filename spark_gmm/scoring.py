@@ -24,8 +24,9 @@ def unscorable(d: int) -> str:
 
 
 def scoring_udf(mixture: Mixture, center: np.ndarray):
-    """pandas UDF of an array<double> column: prediction, probability and log density of each row
-    (null for unusable rows). `mixture` is in coordinates shifted by `center`."""
+    """pandas UDF of an array<double> column: prediction, probability (k,) and log density of each
+    row (null for unusable rows). `mixture` (k components, d features) is in coordinates shifted by
+    `center` (d,)."""
 
     @pandas_udf(SCORES_SCHEMA)
     def score(features: pd.Series) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def scoring_udf(mixture: Mixture, center: np.ndarray):
 def weighted_log_likelihood_udf(mixture: Mixture, center: np.ndarray):
     """pandas UDF of (features array<double>, weight double): each row's log density and weight,
     both null when the row cannot be scored or its weight is not usable (`rows.usable_weights`, the
-    rule a fit applies). `mixture` is in coordinates shifted by `center`."""
+    rule a fit applies). `mixture` (k components, d features) is in coordinates shifted by `center` (d,)."""
 
     @pandas_udf(WEIGHTED_SCHEMA)
     def score(features: pd.Series, weights: pd.Series) -> pd.DataFrame:
@@ -80,7 +81,8 @@ def refuse_unscorable(value: Column, scores: Column, column: str, d: int) -> Col
 
 
 def sampler(mixture: Mixture, seed: int):
-    """mapInPandas function: row i's component and Gaussian draw from uniforms hashed from (i, seed)."""
+    """mapInPandas function from batches of `id` (n,) to `features` (n, d) and `component` (n,):
+    row i's component and Gaussian draw come from uniforms hashed from (i, seed)."""
     cumulative = np.cumsum(mixture.weights)
     factors = np.linalg.cholesky(mixture.covariances)
 
