@@ -83,11 +83,9 @@ class Fitted:
 
 def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings] | None = None) -> list[Fitted]:
     """Fit `request` on `dataset`: one result (the best of nInit restarts, resumed from and saved
-    to checkpointDir when set). With `candidates` (settings that differ from `request.settings`
-    only in what `em.FitSettings` holds), one result per candidate, all sharing every pass; the
-    data are validated once, for the largest k, with the request's other settings."""
-    if candidates is not None and (request.n_init > 1 or request.checkpoint_dir or request.initial is not None):
-        raise ValueError("candidates are fitted together only without nInit, checkpointDir or an initial model")
+    to checkpointDir when set). With `candidates` (EM settings in place of `request.settings`), one
+    result per candidate, all sharing every pass, without restarts or checkpoints; the data are
+    validated once, for the largest k, with the request's other settings."""
     largest_k = max(c.k for c in candidates) if candidates else request.settings.k
     cache, summary, skipped = _prepare(dataset, request, largest_k)
     spark = dataset.sparkSession

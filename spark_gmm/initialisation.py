@@ -121,9 +121,9 @@ def random_center_steps(d: int, k: int, seed: int):
 
 
 def lloyd_steps(centers: np.ndarray, tol: float = LLOYD_TOL, max_passes: int = LLOYD_MAX_PASSES):
-    """Lloyd's k-means over all rows from `centers` (k, d) to new centres (k, d), one pass per step, until the centres move by
-    less than `tol` × the data's mean feature variance (scikit-learn's rule; squared distance,
-    summed over centres) or `max_passes` passes. A centre that loses all its rows stays put."""
+    """Lloyd's k-means over all rows from `centers` (k, d) to new centres (k, d), one pass per
+    step, until the centres move by less than `tol` × the data's mean feature variance
+    (scikit-learn's rule; squared distance, summed over centres) or `max_passes` passes. A centre that loses all its rows stays put."""
     threshold = None
     for _ in range(max_passes):
         step = kernels.LloydPass(centers)

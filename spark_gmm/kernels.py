@@ -1,10 +1,10 @@
 """Per-block work of every data pass, in plain numpy (no Spark).
 
 A *pass* is an object with `map_block(raw, x, w) -> np.ndarray` and `combine(a, b)`: the engine maps
-each cached block (raw rows (n, d), the same rows minus the data shift (n, d), float64 or float32, and
-the row weights (n,) float64 or None) to a flat float64 partial, and combines partials in a fixed order — blocks in storage order, then
-partitions by index — so a result never depends on scheduling, and a retried task changes nothing.
-Passes are pickled into the Spark closure, so they hold only numpy arrays and plain values.
+each cached block (raw rows (n, d), the same rows minus the data shift (n, d), float64 or float32,
+and the row weights (n,) float64 or None) to a flat float64 partial, and combines partials in a
+fixed order — blocks in storage order, then partitions by index — so a result never depends on
+scheduling, and a retried task changes nothing. Passes are pickled into the Spark closure, so they hold only numpy arrays and plain values.
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ class HardAssignmentPass(SumPass):
 
 class LloydPass(SumPass):
     """One Lloyd step over all rows from `centers` (k, d): [Σw·min‖x − c‖², Σw per centre (k),
-    Σw·x per centre (k·d), Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale of the stopping test."""
+    Σw·x per centre (k·d), Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale
+    of the stopping test."""
 
     label = "Lloyd's k-means step"
 

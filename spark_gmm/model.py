@@ -4,6 +4,8 @@ from a fit's result (its training summary is `summary.GaussianMixtureSummary`)."
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from pyspark.ml import Model
 from pyspark.ml.functions import array_to_vector
@@ -27,6 +29,9 @@ from .scoring import (
     weighted_log_likelihood_udf,
 )
 from .summary import GaussianMixtureSummary
+
+if TYPE_CHECKING:
+    from .fitting import Fitted
 
 
 class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable):
@@ -356,7 +361,7 @@ def _label_change_counts(model: GaussianMixtureModel, previous: GaussianMixtureM
     return counts[0], counts[1]
 
 
-def fitted_model(fitted, dataset: DataFrame, estimator) -> GaussianMixtureModel:
+def fitted_model(fitted: "Fitted", dataset: DataFrame, estimator) -> GaussianMixtureModel:
     """The model of a `fitting.Fitted` result on `dataset`: the estimator's Params and uid (as
     pyspark.ml's estimators give their models), the features' names and the training summary."""
     mixture = fitted.mixture

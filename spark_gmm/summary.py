@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 class GaussianMixtureSummary:
     """Training summary: MLlib's fields plus the log-likelihood history and convergence."""
 
-    def __init__(self, model: "GaussianMixtureModel", dataset: DataFrame, result: FitResult, skipped: int, total_weight: float):
+    def __init__(
+        self, model: "GaussianMixtureModel", dataset: DataFrame, result: FitResult, skipped: int,
+        total_weight: float,
+    ):
         self._model, self._dataset = model, dataset
         self.k = model.getK()
         self.clusterSizes = list(result.cluster_sizes)

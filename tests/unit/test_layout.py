@@ -48,7 +48,8 @@ def reach_ins(path: Path) -> list[str]:
     found = []
     for node in sorted(ast.walk(tree), key=lambda node: getattr(node, "lineno", 0)):
         if isinstance(node, ast.ImportFrom):
-            found += [f"line {node.lineno}: from {'.' * node.level}{node.module} import {a.name}" for a in node.names if private(a.name)]
+            module = "." * node.level + (node.module or "")
+            found += [f"line {node.lineno}: from {module} import {a.name}" for a in node.names if private(a.name)]
         elif isinstance(node, ast.Attribute) and private(node.attr) and node.attr not in own:
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
