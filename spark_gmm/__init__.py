@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from .clustering import GaussianMixture  # noqa: E402
-from .model import GaussianMixtureModel, GaussianMixtureSummary  # noqa: E402
+from .model import GaussianMixtureModel  # noqa: E402
+from .summary import GaussianMixtureSummary  # noqa: E402
 from .exceptions import (  # noqa: E402
     ComponentWarning,
     ExecutorEnvironmentError,

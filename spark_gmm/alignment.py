@@ -27,11 +27,13 @@ DRIFT_FIGURES = ("weightChange", "meanShift", "divergence", "labelChange")
 
 
 def _log_det(covariances: np.ndarray) -> np.ndarray:
+    """log det of each of `covariances` (..., d, d), positive definite: (...,)."""
     return 2.0 * np.log(np.diagonal(np.linalg.cholesky(covariances), axis1=-2, axis2=-1)).sum(axis=-1)
 
 
 def bhattacharyya(means_a, covariances_a, means_b, covariances_b) -> np.ndarray:
-    """(ka, kb) Bhattacharyya divergences between components of means (k, d) and covariances (k, d, d)."""
+    """(ka, kb) Bhattacharyya divergences between the components of means (ka, d), covariances
+    (ka, d, d) and those of means (kb, d), covariances (kb, d, d)."""
     means_a, means_b = np.asarray(means_a, np.float64), np.asarray(means_b, np.float64)
     covariances_a, covariances_b = np.asarray(covariances_a, np.float64), np.asarray(covariances_b, np.float64)
     pooled = (covariances_a[:, None] + covariances_b[None, :]) / 2  # (ka, kb, d, d)
@@ -44,15 +46,15 @@ def bhattacharyya(means_a, covariances_a, means_b, covariances_b) -> np.ndarray:
 
 
 def mahalanobis(points, mean, covariance) -> np.ndarray:
-    """Distance of each row of `points` (n, d) from `mean` in units of `covariance` (d, d)."""
+    """Distance (n,) of each row of `points` (n, d) from `mean` (d,) in units of `covariance` (d, d)."""
     lower = np.linalg.cholesky(np.asarray(covariance, np.float64))
     delta = np.atleast_2d(np.asarray(points, np.float64)) - mean
     return np.sqrt((np.linalg.solve(lower, delta.T) ** 2).sum(axis=0))
 
 
 def min_cost_assignment(cost) -> np.ndarray:
-    """The column of each row in a minimum-total-cost assignment of the n rows of the finite n×m
-    `cost` (n ≤ m) to distinct columns: shortest augmenting paths with row and column potentials
+    """The column (n,) of each row in a minimum-total-cost assignment of the n rows of the finite
+    `cost` (n, m), n ≤ m, to distinct columns: shortest augmenting paths with row and column potentials
     (the Hungarian method), O(n²m)."""
     cost = np.asarray(cost, dtype=np.float64)
     n, m = cost.shape
@@ -88,8 +90,8 @@ def min_cost_assignment(cost) -> np.ndarray:
 
 
 def match(divergence, max_divergence: float) -> np.ndarray:
-    """For each new component (row of the k_new×k_prev `divergence`), the previous component it
-    continues, or -1: the assignment minimising Σ divergence of the matches + `max_divergence` per
+    """For each new component (row of `divergence` (k_new, k_prev)), the previous component it
+    continues, or -1, as (k_new,): the assignment minimising Σ divergence of the matches + `max_divergence` per
     unmatched new component, so no match exceeds `max_divergence`."""
     divergence = np.asarray(divergence, dtype=np.float64)
     if not (np.isfinite(max_divergence) and max_divergence >= 0):
@@ -118,8 +120,10 @@ class Alignment:
 
 def align(new_means, new_covariances, previous_means, previous_covariances, previous_ids, next_id: int,
           max_divergence: float = MAX_DIVERGENCE) -> Alignment:
-    """Stable ids for the new components: a match keeps the previous component's id, the others get
-    next_id, next_id + 1, ... (in their fitted order); components are ordered by id."""
+    """Stable ids for the new components (means (k, d), covariances (k, d, d)) after the previous
+    ones (means (p, d), covariances (p, d, d), `previous_ids` (p,)): a match keeps the previous
+    component's id, the others get next_id, next_id + 1, ... (in their fitted order); components
+    are ordered by id."""
     previous_ids = np.asarray(previous_ids, dtype=np.int64)
     next_id = max(int(next_id), int(previous_ids.max(initial=-1)) + 1)
     divergence = bhattacharyya(new_means, new_covariances, previous_means, previous_covariances)
@@ -135,7 +139,11 @@ def drift(weights, means, covariances, previous_weights, previous_means, previou
           ids, previous_ids, previous) -> dict:
     """Per aligned component: its id, the previous id it continues (None if new), its weight, the
     weight change, the mean shift in the previous covariance's units (Mahalanobis) and the
-    Bhattacharyya divergence; and the previous components no new one continues ("retired")."""
+    Bhattacharyya divergence; and the previous components no new one continues ("retired").
+
+    The aligned components: weights (k,), means (k, d), covariances (k, d, d), `ids` (k,) and
+    `previous` (k,), the previous position each continues or -1; the previous ones: weights (p,),
+    means (p, d), covariances (p, d, d) and `previous_ids` (p,)."""
     divergence = bhattacharyya(means, covariances, previous_means, previous_covariances)
     components = []
     for j, p in enumerate(previous):

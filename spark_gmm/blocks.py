@@ -215,8 +215,11 @@ def combine_in_order(pass_, parts) -> np.ndarray:
     return acc
 
 
-def make_runner(pass_, shift, has_weight: bool, dtype):
-    def run(batches):
+def make_partition_fold(pass_, shift, has_weight: bool, dtype):
+    """`mapInArrow` function folding `pass_` over a partition's cached blocks in storage order:
+    one (pid, partial) row per partition (none for a partition without rows)."""
+
+    def fold_partition(batches):
         blocks = ((raw, w) for _, _, raw, w in arrow_blocks(batches, has_weight, dtype))
         acc = fold_blocks(pass_, blocks, shift)
         if acc is not None:
@@ -224,13 +227,13 @@ def make_runner(pass_, shift, has_weight: bool, dtype):
                 {"pid": pa.array([_partition_id()], pa.int32()), "part": pa.array([acc.tobytes()])}
             )
 
-    return run
+    return fold_partition
 
 
-def make_narrower(shift: np.ndarray):
+def make_float32_converter(shift: np.ndarray):
     """`mapInArrow` function turning float64 blocks into float32 blocks of the shifted rows."""
 
-    def narrow(batches):
+    def to_float32(batches):
         for batch in batches:
             xs = _binary_views(batch.column("x"))
             ds = batch.column("d").to_numpy()
@@ -243,7 +246,7 @@ def make_narrower(shift: np.ndarray):
                       for name in batch.schema.names]
             yield pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
-    return narrow
+    return to_float32
 
 
 def make_combiner(pass_):
@@ -286,7 +289,7 @@ class InputSummary:
 
 
 class BlockCache:
-    """The input packed into cached blocks (float64, or float32 after `narrow`); `reduce` runs a
+    """The input packed into cached blocks (float64, or float32 after `store_as_float32`); `reduce` runs a
     pass over all of them."""
 
     def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2):
@@ -305,55 +308,55 @@ class BlockCache:
 
     def summarize(self) -> InputSummary:
         """Materialise the cache; count rows, weights and invalid rows; choose the data shift."""
-        t = self.blocks.select(*SUMMARY_COLUMNS).toArrow()
-        n = t.column("n").to_numpy()
-        d_known = t.column("d").to_numpy()[n > 0]
-        dmin = t.column("dmin").to_numpy()
-        dmax = t.column("dmax").to_numpy()
+        table = self.blocks.select(*SUMMARY_COLUMNS).toArrow()
+        n = table.column("n").to_numpy()
+        d_known = table.column("d").to_numpy()[n > 0]
+        dmin = table.column("dmin").to_numpy()
+        dmax = table.column("dmax").to_numpy()
         seen = dmin >= 0
         dims = (int(dmin[seen].min()), int(dmax[seen].max())) if seen.any() else (-1, -1)
         d = int(d_known[0]) if len(d_known) else dims[0]
         shift, span = np.zeros(max(d, 0)), np.zeros(max(d, 0))
         if len(d_known) and dims[0] == dims[1]:
             keep = np.flatnonzero(n > 0)
-            xmin = _binary_views(t.column("xmin").combine_chunks())
-            xmax = _binary_views(t.column("xmax").combine_chunks())
+            xmin = _binary_views(table.column("xmin").combine_chunks())
+            xmax = _binary_views(table.column("xmax").combine_chunks())
             lo = np.min([xmin[i].view(np.float64) for i in keep], axis=0)
             hi = np.max([xmax[i].view(np.float64) for i in keep], axis=0)
             shift, span = lo / 2 + hi / 2, hi - lo
         self.shift = shift
-        self.partitions = int(t.column("pid").to_numpy().max()) + 1 if len(t) else 0
+        self.partitions = int(table.column("pid").to_numpy().max()) + 1 if len(table) else 0
         return InputSummary(
             rows=int(n.sum()),
-            total_weight=float(t.column("wsum").to_numpy().sum()),
+            total_weight=float(table.column("wsum").to_numpy().sum()),
             d=d,
             shift=shift,
             span=span,
-            null_rows=int(t.column("null_rows").to_numpy().sum()),
-            nonfinite_rows=int(t.column("nonfinite_rows").to_numpy().sum()),
-            bad_weight_rows=int(t.column("bad_weight_rows").to_numpy().sum()),
+            null_rows=int(table.column("null_rows").to_numpy().sum()),
+            nonfinite_rows=int(table.column("nonfinite_rows").to_numpy().sum()),
+            bad_weight_rows=int(table.column("bad_weight_rows").to_numpy().sum()),
             dims=dims,
             partitions=self.partitions,
-            content=f"{int(t.column('digest').to_numpy().view(np.uint64).sum(dtype=np.uint64)):016x}",
+            content=f"{int(table.column('digest').to_numpy().view(np.uint64).sum(dtype=np.uint64)):016x}",
         )
 
-    def narrow(self) -> None:
+    def store_as_float32(self) -> None:
         """Replace the float64 blocks with float32 values of the shifted rows (after `summarize`).
 
         Shifting before rounding keeps float32's 24 bits for the data's spread, not its offset, and
         the values stay a pure function of each row, so partitioning still does not matter.
         """
-        narrower = self.blocks.mapInArrow(make_narrower(self.shift), BLOCK_SCHEMA).persist(
+        converted = self.blocks.mapInArrow(make_float32_converter(self.shift), BLOCK_SCHEMA).persist(
             StorageLevel.MEMORY_AND_DISK
         )
-        narrower.select("n").agg(F.sum("n")).collect()  # materialise before the float64 blocks go
+        converted.select("n").agg(F.sum("n")).collect()  # materialise before the float64 blocks go
         self.blocks.unpersist()
-        self.blocks, self.dtype, self.shift = narrower, np.float32, None
+        self.blocks, self.dtype, self.shift = converted, np.float32, None
 
     def reduce(self, pass_) -> np.ndarray:
         """Run `pass_` over every block; partials combined in partition order (in a tree if large)."""
         parts = self.blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
-            make_runner(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
+            make_partition_fold(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
         )
         fanout = tree_fanout(self.partitions, getattr(pass_, "partial_bytes", 0), self.aggregation_depth)
         if fanout:

@@ -283,7 +283,8 @@ class _Candidate:
 
 
 def _dead_components(stats: ComponentStatistics, total_weight: float) -> np.ndarray:
-    """Components explaining fewer than DEAD_ROWS average rows of the pass behind `stats`."""
+    """Indices (m,) of the components explaining fewer than DEAD_ROWS average rows of the pass
+    behind `stats`."""
     rows = stats.hard_counts.sum()
     return np.flatnonzero(stats.resp < DEAD_ROWS * total_weight / max(rows, 1.0))
 

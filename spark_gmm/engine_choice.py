@@ -98,11 +98,11 @@ def advertised_host(conf, master: str) -> str:
     return "127.0.0.1" if _is_local(master) else conf.get("spark.driver.host")
 
 
-def _size(n: float) -> str:
+def _size(byte_count: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} bytes"
+        if byte_count >= scale:
+            return f"{byte_count / scale:.3g} {unit}"
+    return f"{byte_count:.0f} bytes"
 
 
 def choose(engine: str, cache, summary, spark: SparkSession, spare_slots: int = 0) -> Plan:

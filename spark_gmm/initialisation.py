@@ -34,7 +34,8 @@ LLOYD_MAX_PASSES = 30
 
 
 def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
-    """Greedy weighted k-means++ on a small in-memory candidate set.
+    """k centres (k, d) by greedy weighted k-means++ on a small in-memory candidate set: `points`
+    (m, d) with `weights` (m,).
 
     Each new centre is the best of 2 + ln k D²-weighted draws (the one that lowers the potential
     most), which avoids the two-centres-in-one-cluster starts that plain k-means++ often makes.
@@ -55,6 +56,8 @@ def _local_kmeans_pp(points, weights, k, rng) -> np.ndarray:
 
 
 def _local_lloyd(points, weights, centers, iterations=30) -> np.ndarray:
+    """Lloyd's k-means on in-memory `points` (m, d) with `weights` (m,) from `centers` (k, d),
+    until no centre moves or for `iterations` steps: the centres (k, d)."""
     for _ in range(iterations):
         index, _ = kernels.nearest(points, centers)
         mass = np.bincount(index, weights=weights, minlength=len(centers))
@@ -68,7 +71,8 @@ def _local_lloyd(points, weights, centers, iterations=30) -> np.ndarray:
 
 
 def kmeans_parallel_steps(d: int, k: int, seed: int, rounds: int = 2, oversampling: float | None = None):
-    """k-means|| (Bahmani et al.): a few sampling passes, then k-means++ and Lloyd on the candidates.
+    """k-means|| (Bahmani et al.): a few sampling passes, then k-means++ and Lloyd on the candidates;
+    returns k centres (k, d) in shifted coordinates.
 
     Every random choice is a function of the row values and the seed, so the centres do not depend
     on how the data is partitioned.
@@ -108,7 +112,7 @@ def kmeans_parallel_steps(d: int, k: int, seed: int, rounds: int = 2, oversampli
 
 
 def random_center_steps(d: int, k: int, seed: int):
-    """k distinct rows chosen uniformly at random (independently of partitioning)."""
+    """k distinct rows (k, d) chosen uniformly at random (independently of partitioning)."""
     pick = kernels.SmallestUniformPass(d, k, seed, stream=0)
     rows = pick.rows((yield pick))[:, 1:]
     if len(rows) < k:
@@ -117,9 +121,9 @@ def random_center_steps(d: int, k: int, seed: int):
 
 
 def lloyd_steps(centers: np.ndarray, tol: float = LLOYD_TOL, max_passes: int = LLOYD_MAX_PASSES):
-    """Lloyd's k-means over all rows from `centers`, one pass per step, until the centres move by
-    less than `tol` × the data's mean feature variance (scikit-learn's rule; squared distance,
-    summed over centres) or `max_passes` passes. A centre that loses all its rows stays put."""
+    """Lloyd's k-means over all rows from `centers` (k, d) to new centres (k, d), one pass per
+    step, until the centres move by less than `tol` × the data's mean feature variance
+    (scikit-learn's rule; squared distance, summed over centres) or `max_passes` passes. A centre that loses all its rows stays put."""
     threshold = None
     for _ in range(max_passes):
         step = kernels.LloydPass(centers)
@@ -135,14 +139,15 @@ def lloyd_steps(centers: np.ndarray, tol: float = LLOYD_TOL, max_passes: int = L
 
 
 def mixture_from_centers_steps(centers: np.ndarray, reg_covar: float, covariance_type: str = "full"):
-    """Weights and covariances of the hard assignment of the data to `centers` (one pass)."""
+    """The `Mixture` of the hard assignment of the data to `centers` (k, d): weights and
+    covariances from one pass, the centres as means."""
     k, d = centers.shape
     stats = ComponentStatistics.unpack((yield kernels.HardAssignmentPass(centers)), k, d)
-    weights, means, covariances, lonely = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
-    if lonely.any():  # a centre nobody is closest to: give it the pooled covariance
-        filled = ~lonely
-        covariances[lonely] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
-        means[lonely] = centers[lonely]
+    weights, means, covariances, unclaimed = gaussians_from_moments(stats, centers, reg_covar, covariance_type)
+    if unclaimed.any():  # a centre nobody is closest to: give it the pooled covariance
+        filled = ~unclaimed
+        covariances[unclaimed] = np.average(covariances[filled], axis=0, weights=stats.resp[filled])
+        means[unclaimed] = centers[unclaimed]
     return Mixture.from_covariances(weights, means, covariances, reg_covar)
 
 

@@ -126,8 +126,8 @@ def jvm_bytes(text: str) -> int:
     return int(found.group(1)) << (10 * " kmgtp".index(found.group(2) or " "))
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g} GiB"
+def _gib(byte_count: float) -> str:
+    return f"{byte_count / 2**30:.3g} GiB"
 
 
 def check_driver_memory(k: int, d: int, partial_bytes: int, partials: int, max_result_bytes: int) -> None:

@@ -1,10 +1,11 @@
 """Per-block work of every data pass, in plain numpy (no Spark).
 
 A *pass* is an object with `map_block(raw, x, w) -> np.ndarray` and `combine(a, b)`: the engine maps
-each cached block (raw float64 rows, the same rows minus the data shift, and the row weights or None)
-to a flat float64 partial, and combines partials in a fixed order — blocks in storage order, then
-partitions by index — so a result never depends on scheduling, and a retried task changes nothing.
-Passes are pickled into the Spark closure, so they hold only numpy arrays and plain values.
+each cached block (raw rows (n, d), the same rows minus the data shift (n, d), float64 or float32,
+and the row weights (n,) float64 or None) to a flat float64 partial, and combines partials in a
+fixed order — blocks in storage order, then partitions by index — so a result never depends on
+scheduling, and a retried task changes nothing. Passes are pickled into the Spark closure, so they
+hold only numpy arrays and plain values.
 
 The E-step and scoring run the compiled, fused kernel (`fused`, numba) by default; the numpy
 functions here are the reference it is tested against, and the fallback, with a warning, in an
@@ -39,6 +40,7 @@ _MIX2 = _U64(0x94D049BB133111EB)
 
 
 def _splitmix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 (golden-ratio step, then its finaliser) of each uint64 of `h` (n,)."""
     h = h + _GOLDEN
     h = (h ^ (h >> _U64(30))) * _MIX1
     h = (h ^ (h >> _U64(27))) * _MIX2
@@ -46,7 +48,8 @@ def _splitmix(h: np.ndarray) -> np.ndarray:
 
 
 def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:
-    """A uniform [0, 1) number per row, a pure function of (row values, seed, stream).
+    """A uniform [0, 1) number per row of `raw` (n, d), float64 or float32: (n,) float64, a pure
+    function of (row values, seed, stream).
 
     Sampling by these instead of by a per-partition RNG makes initialisation independent of how
     the rows are partitioned or ordered.
@@ -73,7 +76,8 @@ FLOAT32_CANCELLATION_LIMIT = 1e3
 
 
 def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
-    """(n, k) log N(x_i | μ_j, Σ_j) through the precision Cholesky factors P_j.
+    """(n, k) log N(x_i | μ_j, Σ_j) of the shifted rows `x` (n, d), float64 or float32, under the
+    k components of `mixture`, through the precision Cholesky factors P_j (k, d, d).
 
     ‖(x − μ_j)P_j‖² for several components comes from one matrix product [P_1 … P_c]ᵀxᵀ − [μ_1P_1 …]ᵀ;
     x is already shifted near the data, so the subtraction loses nothing that matters. Work is laid
@@ -97,7 +101,7 @@ def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
 
 
 def normalize_log(a: np.ndarray):
-    """Row-wise (log Σ_j exp a_ij, exp(a_ij) / Σ_j exp a_ij), stable for any magnitude."""
+    """(log Σ_j exp a_ij (n,), exp(a_ij) / Σ_j exp a_ij (n, k)) of `a` (n, k), stable for any magnitude."""
     top = a.max(axis=1, keepdims=True)
     e = np.exp(a - top)
     total = e.sum(axis=1, keepdims=True)
@@ -114,12 +118,13 @@ def posterior(x: np.ndarray, mixture: Mixture) -> tuple[np.ndarray, np.ndarray]:
 
 
 def weighted_log_joint(x: np.ndarray, mixture: Mixture) -> np.ndarray:
-    """(n, k) log π_j + log N(x_i | μ_j, Σ_j)."""
+    """(n, k) log π_j + log N(x_i | μ_j, Σ_j) of the shifted rows `x` (n, d)."""
     return log_gaussian_density(x, mixture) + np.log(mixture.weights)
 
 
 def packed_outer(x: np.ndarray) -> np.ndarray:
-    """(d(d+1)/2, n): each row's outer product xxᵀ, upper triangle packed row by row, one column a row."""
+    """(d(d+1)/2, n): each row's outer product xxᵀ of `x` (n, d), upper triangle packed row by row,
+    one column a row."""
     n, d = x.shape
     xt = np.ascontiguousarray(x.T)
     out = np.empty((packed_size(d), n))
@@ -131,7 +136,9 @@ def packed_outer(x: np.ndarray) -> np.ndarray:
 
 
 def moment_statistics(x, w, resp, centers, log_likelihood: float, around_centers=True) -> np.ndarray:
-    """Flat `ComponentStatistics` of responsibilities `resp` (n, k), second moments centred on `centers`.
+    """Flat `ComponentStatistics` (`ComponentStatistics.size(k, d)`,) of the shifted rows `x` (n, d)
+    with weights `w` (n,) or None and responsibilities `resp` (n, k), second moments centred on
+    `centers` (k, d).
 
     With `around_centers`, Σγ(x−c)(x−c)ᵀ is formed from √γ-scaled centred rows, one symmetric
     product per component. Otherwise Σγxxᵀ for all components comes from one product with the
@@ -164,6 +171,7 @@ class SumPass:
     """A pass whose block partials add up."""
 
     def combine(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """a + b, two partials of the same shape, summed into `a`."""
         a += b
         return a
 
@@ -236,7 +244,8 @@ class EStepPass(SumPass):
 
 
 def nearest(x: np.ndarray, centers: np.ndarray):
-    """Index of the nearest centre and the squared distance to it, per row."""
+    """(index (n,) int64, squared distance (n,)): each row of `x` (n, d)'s nearest of the
+    `centers` (k, d), and how far it is."""
     best = np.full(x.shape[0], np.inf)
     index = np.zeros(x.shape[0], dtype=np.int64)
     for j, c in enumerate(centers):
@@ -248,7 +257,8 @@ def nearest(x: np.ndarray, centers: np.ndarray):
 
 
 class HardAssignmentPass(SumPass):
-    """Statistics of a hard assignment of rows to their nearest centre (to start EM from k-means)."""
+    """Statistics of a hard assignment of rows to their nearest of `centers` (k, d), to start EM
+    from k-means: a flat `ComponentStatistics` partial."""
 
     label = "assignment to the k-means centres"
 
@@ -263,8 +273,9 @@ class HardAssignmentPass(SumPass):
 
 
 class LloydPass(SumPass):
-    """One Lloyd step over all rows: [Σw·min‖x − c‖², Σw per centre (k), Σw·x per centre (k·d),
-    Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale of the stopping test."""
+    """One Lloyd step over all rows from `centers` (k, d): [Σw·min‖x − c‖², Σw per centre (k),
+    Σw·x per centre (k·d), Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale
+    of the stopping test."""
 
     label = "Lloyd's k-means step"
 
@@ -293,7 +304,7 @@ class LloydPass(SumPass):
 
 
 class CostPass(SumPass):
-    """Σ w·min_j ‖x − c_j‖² (the k-means|| potential φ)."""
+    """Σ w·min_j ‖x − c_j‖² over `centers` (c, d), the k-means|| potential φ: a (1,) partial."""
 
     label = "k-means|| cost"
 
@@ -306,7 +317,7 @@ class CostPass(SumPass):
 
 
 class ClosestWeightPass(SumPass):
-    """Weight of the rows closest to each centre (to weigh k-means|| candidates)."""
+    """Weight of the rows closest to each of `centers` (c, d), to weigh k-means|| candidates: (c,)."""
 
     label = "k-means|| candidate weights"
 
@@ -329,7 +340,8 @@ class RowsPass:
 
 
 class SamplePass(RowsPass):
-    """k-means|| sampling round: keep each row with probability min(1, ℓ·w·d²(x)/φ)."""
+    """k-means|| sampling round around `centers` (c, d): keep each row with probability
+    min(1, ℓ·w·d²(x)/φ); partials are (m, 1 + d) rows (see `RowsPass`)."""
 
     label = "k-means|| sampling"
 

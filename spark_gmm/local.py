@@ -11,13 +11,13 @@ import numpy as np
 
 
 def data_shift(x: np.ndarray) -> np.ndarray:
-    """The per-feature midpoint the engines subtract from every row (see `blocks`)."""
+    """The per-feature midpoint (d,) of `x` (n, d) that the engines subtract from every row (see `blocks`)."""
     return x.min(axis=0) / 2 + x.max(axis=0) / 2
 
 
 def local_reduce(x: np.ndarray, w: np.ndarray | None = None, block_rows: int = 4096, shift=None):
     """A `reduce` over `x` (n, d) with optional row weights `w` (n,), in blocks of `block_rows`
-    rows; `reduce.shift` is the shift subtracted from the rows."""
+    rows; `shift` (d,) defaults to `data_shift(x)` and is kept as `reduce.shift`."""
     x = np.asarray(x, dtype=np.float64)
     shift = data_shift(x) if shift is None else np.asarray(shift, dtype=np.float64)
     starts = range(0, len(x), block_rows)

@@ -38,7 +38,7 @@ def unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
 
 
 def positive_definite(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
-    """The k×d×d `covariances`, each one that fails Cholesky repaired: its spectrum clipped at
+    """The `covariances` (k, d, d), each one that fails Cholesky repaired: its spectrum clipped at
     `reg_covar` (round-off on a collapsed component), with a warning naming it. Without a
     regulariser there is nothing to clip to: the fit is refused, as scikit-learn does."""
     covariances = np.array(covariances, dtype=np.float64)
@@ -66,8 +66,8 @@ def positive_definite(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
 
 
 def precision_cholesky(covariances: np.ndarray) -> np.ndarray:
-    """Upper-triangular P_j with P_j P_jᵀ = Σ_j⁻¹, for each of the k×d×d positive definite
-    covariances (see `positive_definite`)."""
+    """Upper-triangular P_j (k, d, d) with P_j P_jᵀ = Σ_j⁻¹, for each of the positive definite
+    `covariances` (k, d, d) (see `positive_definite`)."""
     lower = np.linalg.cholesky(covariances)
     eye = np.broadcast_to(np.eye(covariances.shape[-1]), covariances.shape)
     return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
@@ -195,9 +195,10 @@ def information_criterion(criterion: str, log_likelihood: float, parameters: int
 
 
 def thin_components(covariances: np.ndarray, reg_covar: float, varying: np.ndarray) -> list[tuple[int, float]]:
-    """(j, variance) of the components whose own variance, in their thinnest direction over the
-    `varying` features, is at most `reg_covar`: without the regulariser they would be singular (a
-    component on fewer distinct points than features, or collinear features)."""
+    """(j, variance) of the components of `covariances` (k, d, d) whose own variance, in their
+    thinnest direction over the `varying` (d,) boolean features, is at most `reg_covar`: without
+    the regulariser they would be singular (a component on fewer distinct points than features,
+    or collinear features)."""
     sub = covariances[:, varying][:, :, varying]
     if not sub.shape[-1] or reg_covar <= 0:
         return []
@@ -256,6 +257,7 @@ class ComponentStatistics:
 
     @classmethod
     def unpack(cls, flat: np.ndarray, k: int, d: int) -> "ComponentStatistics":
+        """The statistics of k components over d features in the flat partial (size(k, d),)."""
         if flat.shape != (cls.size(k, d),):
             raise ValueError(f"statistics of length {flat.shape} do not fit k={k}, d={d}")
         cut = np.cumsum([1, k, k, k * d])
@@ -300,7 +302,8 @@ COVARIANCE_TYPES = tuple(CONSTRAINTS)
 def gaussians_from_moments(
     stats: ComponentStatistics, centers: np.ndarray, reg_covar: float, covariance_type: str = "full"
 ):
-    """(weights, means, covariances, empty mask) from moments centred on `centers`.
+    """(weights (k,), means (k, d), covariances (k, d, d), empty (k,) bool) from moments centred on
+    `centers` (k, d).
 
     Components whose mass is below `EMPTY_SHARE` of the total are flagged; their rows of the
     returned means (and, except for tied covariances, covariances) are not meaningful and must be
@@ -319,7 +322,8 @@ def gaussians_from_moments(
 
 
 def m_step(stats: ComponentStatistics, current: Mixture, reg_covar: float, covariance_type: str = "full"):
-    """New mixture from the statistics gathered under `current`; returns (mixture, empty indices)."""
+    """New mixture from the statistics gathered under `current`; returns (mixture, indices of the
+    empty components (e,))."""
     weights, means, covariances, empty = gaussians_from_moments(
         stats, current.means, reg_covar, covariance_type
     )

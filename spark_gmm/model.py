@@ -1,9 +1,10 @@
-"""`GaussianMixtureModel` and its training summary: a fitted mixture in the data's coordinates,
-scoring rows in the executors (`scoring`), sampling, and persistence."""
+"""`GaussianMixtureModel`: a fitted mixture in the data's coordinates, scoring rows in the executors
+(`scoring`), sampling, alignment to a previous model, and persistence; `fitted_model` makes one
+from a fit's result (its training summary is `summary.GaussianMixtureSummary`)."""
 
 from __future__ import annotations
 
-import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pyspark.ml import Model
@@ -12,14 +13,25 @@ from pyspark.ml.linalg import DenseMatrix, DenseVector, Vector, Vectors
 from pyspark.ml.stat import MultivariateGaussian
 from pyspark.sql import DataFrame, SparkSession, functions as F
 
-from . import codec, em, persistence
+from . import codec, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
 from .inputs import feature_count, named_column
 from .kernels import posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
 from .params import GaussianMixtureParams
-from .scoring import refuse_unscorable, sampler, scoring_udf, unscorable
+from .scoring import (
+    log_likelihood_sums,
+    refuse_unscorable,
+    sampler,
+    scoring_udf,
+    unscorable,
+    weighted_log_likelihood_udf,
+)
+from .summary import GaussianMixtureSummary
+
+if TYPE_CHECKING:
+    from .fitting import Fitted
 
 
 class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable):
@@ -53,14 +65,14 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         model = cls(weights, means, covariances)
         if covarianceType not in COVARIANCE_TYPES:
             raise ValueError(f"covarianceType must be one of {COVARIANCE_TYPES}, got '{covarianceType}'")
-        c = model.covariances
-        diagonal_only = not (c * (1 - np.eye(model.numFeatures))).any()
-        variances = np.diagonal(c, axis1=1, axis2=2)
+        covariances = model.covariances
+        diagonal_only = not (covariances * (1 - np.eye(model.numFeatures))).any()
+        variances = np.diagonal(covariances, axis1=1, axis2=2)
         fits = {
             "full": True,
             "diag": diagonal_only,
             "spherical": diagonal_only and (variances == variances[:, :1]).all(),
-            "tied": (c == c[0]).all(),
+            "tied": (covariances == covariances[0]).all(),
         }[covarianceType]
         if not fits:
             raise ValueError(f"the covariances do not have the structure of covarianceType '{covarianceType}'")
@@ -141,21 +153,21 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         next_id = previous._alignment["nextComponentId"] if previous._alignment else previous.getK()
         found = align(mine.means, mine.covariances, theirs.means, theirs.covariances,
                       previous.componentIds, next_id, maxDivergence)
-        o = found.order
-        aligned = GaussianMixtureModel(mine.weights[o], mine.means[o], mine.covariances[o])
+        order = found.order
+        aligned = GaussianMixtureModel(mine.weights[order], mine.means[order], mine.covariances[order])
         self._copyValues(aligned)
         aligned._resetUid(self.uid)
         aligned._feature_names = self._feature_names
         aligned._alignment = {
             "componentIds": found.ids.tolist(), "nextComponentId": found.next_id,
             "previousComponentIds": previous.componentIds, "maxDivergence": float(maxDivergence),
-            **drift(mine.weights[o], mine.means[o], mine.covariances[o], theirs.weights, theirs.means,
+            **drift(mine.weights[order], mine.means[order], mine.covariances[order], theirs.weights, theirs.means,
                     theirs.covariances, found.ids, previous.componentIds, found.previous),
         }
         if dataset is not None:
             add_label_changes(aligned._alignment, *_label_change_counts(aligned, previous, dataset))
         if self._summary is not None:
-            aligned._summary = self._summary._renumbered(aligned, o)
+            aligned._summary = self._summary.renumbered(aligned, order)
         return aligned
 
     @property
@@ -242,20 +254,14 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             )
 
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
-        """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored are refused
-        (or, with handleInvalid 'skip' or 'keep', left out)."""
+        """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored, or whose
+        weight a fit would refuse, are refused (or, with handleInvalid 'skip' or 'keep', left out)."""
         self._check_feature_count(dataset)
-        w = self.weightColumn(dataset)
-        ll = self._scores(dataset).logLikelihood
-        weight = F.lit(1.0) if w is None else w
-        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & ~F.isnan(weight) & (
-            weight < float("inf")
+        weight = self.weightColumn(dataset)
+        scores = weighted_log_likelihood_udf(self._centred, self._center)(
+            self.featureColumn(dataset), F.lit(1.0) if weight is None else weight
         )
-        total, mass, bad = dataset.select(
-            F.sum(F.when(usable, ll * weight)),
-            F.sum(F.when(usable, weight)),
-            F.count(F.when(~usable, F.lit(1))),
-        ).first()
+        total, mass, bad = log_likelihood_sums(dataset, scores)
         if bad and self.getHandleInvalid() == "error":
             raise InvalidInputError(
                 f"{bad} rows cannot be scored ({unscorable(self.numFeatures)}, or a null, negative, "
@@ -310,9 +316,9 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             extra["summary"] = self._summary.to_dict()
         if self._alignment is not None:
             extra["alignment"] = self._alignment
-        m = self._mixture
+        mixture = self._mixture
         return persistence.write_directory(
-            self, path, overwrite, extra, (m.weights, m.means, m.covariances)
+            self, path, overwrite, extra, (mixture.weights, mixture.means, mixture.covariances)
         )
 
     @classmethod
@@ -332,16 +338,17 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
 def _label_change_counts(model: GaussianMixtureModel, previous: GaussianMixtureModel, dataset: DataFrame):
     """(rows, rows whose id changed) per component of `model`, both models scoring `dataset`'s
     features (as `model` reads them) in one select; rows either cannot score are left out."""
-    def scorer(m: GaussianMixtureModel, name: str) -> GaussianMixtureModel:
-        m = m.copy().setPredictionCol(name).setProbabilityCol(f"{name}_p").setHandleInvalid("keep")
-        m.clear(m.logLikelihoodCol)
-        m.clear(m.inputCols)
+    def scorer(source: GaussianMixtureModel, name: str) -> GaussianMixtureModel:
+        """`source` predicting into `name`, reading the features as `model` reads them."""
+        copied = source.copy().setPredictionCol(name).setProbabilityCol(f"{name}_p").setHandleInvalid("keep")
+        copied.clear(copied.logLikelihoodCol)
+        copied.clear(copied.inputCols)
         if model.isDefined(model.inputCols):
-            m.setInputCols(model.getInputCols())
-        return m.setFeaturesCol(model.getFeaturesCol())
+            copied.setInputCols(model.getInputCols())
+        return copied.setFeaturesCol(model.getFeaturesCol())
 
-    def stable_id(m: GaussianMixtureModel, position: str):
-        return F.element_at(F.array(*[F.lit(i) for i in m.componentIds]), F.col(position) + 1)
+    def stable_id(source: GaussianMixtureModel, position: str):
+        return F.element_at(F.array(*[F.lit(i) for i in source.componentIds]), F.col(position) + 1)
 
     scored = scorer(previous, "__before").transform(scorer(model, "__now").transform(dataset))
     scored = scored.where(F.col("__now").isNotNull() & F.col("__before").isNotNull())
@@ -353,70 +360,13 @@ def _label_change_counts(model: GaussianMixtureModel, previous: GaussianMixtureM
     return counts[0], counts[1]
 
 
-class GaussianMixtureSummary:
-    """Training summary: MLlib's fields plus the log-likelihood history and convergence."""
-
-    def __init__(
-        self, model: GaussianMixtureModel, dataset: DataFrame, result: em.FitResult, skipped: int,
-        total_weight: float,
-    ):
-        self._model, self._dataset = model, dataset
-        self.k = model.getK()
-        self.clusterSizes = list(result.cluster_sizes)
-        self.logLikelihood = float(result.log_likelihood)
-        self.logLikelihoodHistory = [float(v) for v in result.history]
-        self.numIter = int(result.iterations)
-        self.converged = bool(result.converged)
-        self.stopReason = result.stop_reason
-        self.emptyComponents = list(result.empty_components)
-        self.reseeded = [tuple(int(v) for v in item) for item in result.reseeded]
-        self.iterationSeconds = [float(v) for v in result.iteration_seconds]
-        self.invalidRowsSkipped = int(skipped)
-        self.resumedFromIteration = int(result.resumed_from)
-        self.totalWeight = float(total_weight)  # rows fitted, or their total weight with weightCol
-        self.featuresCol = model.getFeaturesCol()
-        self.predictionCol = model.getPredictionCol()
-        self.probabilityCol = model.getProbabilityCol()
-        self.alignment: dict | None = None  # set on an aligned model's summary (alignTo)
-        self._predictions = None
-
-    def _renumbered(self, model: GaussianMixtureModel, order: np.ndarray) -> "GaussianMixtureSummary":
-        """This summary for `model`, whose component i is this fit's component order[i]."""
-        that = copy.copy(self)
-        position = {int(old): new for new, old in enumerate(order)}
-        that._model, that._predictions, that.alignment = model, None, model.alignment
-        that.clusterSizes = [self.clusterSizes[j] for j in order]
-        that.emptyComponents = sorted(position[j] for j in self.emptyComponents)
-        that.reseeded = [(at, position[j], position[donor]) for at, j, donor in self.reseeded]
-        return that
-
-    @property
-    def predictions(self) -> DataFrame:
-        if self._predictions is None:
-            self._predictions = self._model.transform(self._dataset)
-        return self._predictions
-
-    @property
-    def cluster(self) -> DataFrame:
-        return self.predictions.select(self.predictionCol)
-
-    @property
-    def probability(self) -> DataFrame:
-        return self.predictions.select(self.probabilityCol)
-
-    def to_dict(self) -> dict:
-        return {
-            "k": self.k,
-            "clusterSizes": self.clusterSizes,
-            "logLikelihood": self.logLikelihood,
-            "logLikelihoodHistory": self.logLikelihoodHistory,
-            "numIter": self.numIter,
-            "converged": self.converged,
-            "stopReason": self.stopReason,
-            "emptyComponents": self.emptyComponents,
-            "reseeded": [list(item) for item in self.reseeded],
-            "iterationSeconds": self.iterationSeconds,
-            "invalidRowsSkipped": self.invalidRowsSkipped,
-            "resumedFromIteration": self.resumedFromIteration,
-            "totalWeight": self.totalWeight,
-        }
+def fitted_model(fitted: "Fitted", dataset: DataFrame, estimator) -> GaussianMixtureModel:
+    """The model of a `fitting.Fitted` result on `dataset`: the estimator's Params and uid (as
+    pyspark.ml's estimators give their models), the features' names and the training summary."""
+    mixture = fitted.mixture
+    model = GaussianMixtureModel(mixture.weights, mixture.means, mixture.covariances)
+    model._feature_names = fitted.feature_names
+    estimator._copyValues(model)
+    model._resetUid(estimator.uid)
+    model._summary = GaussianMixtureSummary(model, dataset, fitted.result, fitted.skipped, fitted.total_weight)
+    return model

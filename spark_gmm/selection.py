@@ -57,17 +57,17 @@ class GaussianMixtureSelection(Estimator):
         models = [model for _, model in sorted(est.fitMultiple(dataset, maps), key=lambda item: item[0])]
         rows = []
         for model in models:
-            s, d = model.summary, model.numFeatures
-            parameters = free_parameters(model.getK(), d, model.getCovarianceType())
+            summary = model.summary
+            parameters = free_parameters(model.getK(), model.numFeatures, model.getCovarianceType())
             rows.append({
                 "k": model.getK(),
                 "covarianceType": model.getCovarianceType(),
-                "bic": information_criterion("bic", s.logLikelihood, parameters, s.totalWeight),
-                "aic": information_criterion("aic", s.logLikelihood, parameters, s.totalWeight),
-                "logLikelihood": s.logLikelihood,
+                "bic": information_criterion("bic", summary.logLikelihood, parameters, summary.totalWeight),
+                "aic": information_criterion("aic", summary.logLikelihood, parameters, summary.totalWeight),
+                "logLikelihood": summary.logLikelihood,
                 "parameters": parameters,
-                "iterations": s.numIter,
-                "converged": s.converged,
+                "iterations": summary.numIter,
+                "converged": summary.converged,
             })
         best = min(range(len(rows)), key=lambda i: rows[i][criterion])
         for i, row in enumerate(rows):

@@ -150,3 +150,35 @@ def test_an_infinite_weight_cannot_be_scored(spark, model, points):
     weighted = model.copy().setWeightCol("w")
     with pytest.raises(InvalidInputError, match="^1 rows cannot be scored .* a null, negative, NaN or infinite weight"):
         weighted.score(frame(spark, points, w=weights))
+
+
+def test_fit_and_score_leave_out_the_same_rows_and_weights(spark, points):
+    """One row rule: fitting and scoring skip the same rows (null, NaN, negative and infinite weights;
+    zero and -0.0 weights are kept) and count them the same way."""
+    from spark_gmm import GaussianMixture
+
+    x = points[:60] - [0, 0, 1e4]
+    edge = [None, float("nan"), -1.0, float("inf"), float("-inf"), 0.0, -0.0, 1e-300, 2.5]
+    weights = [edge[i] if i < len(edge) else 1.0 + (i % 3) for i in range(len(x))]
+    features = [row.tolist() for row in x]
+    features[20] = [float("nan"), 0.0, 0.0]  # bad features and a bad weight: one row left out
+    weights[20] = None
+    df = spark.createDataFrame(list(zip(features, weights)), "features array<double>, w double").repartition(3)
+    usable = np.array([w is not None and np.isfinite(w) and w >= 0 for w in weights])
+    usable[20] = False
+    left_out = int((~usable).sum())
+    assert left_out == 6
+
+    estimator = GaussianMixture(k=2, maxIter=5, seed=3, weightCol="w")
+    with pytest.raises(InvalidInputError, match="5 rows with a null, negative, NaN or infinite weight in 'w'"):
+        estimator.fit(df)
+    model = estimator.setHandleInvalid("skip").fit(df)
+    assert model.summary.invalidRowsSkipped == left_out
+    kept_weights = np.array([w for w, ok in zip(weights, usable) if ok])
+    assert model.summary.totalWeight == pytest.approx(kept_weights.sum(), rel=1e-15)
+
+    with pytest.raises(InvalidInputError, match=f"^{left_out} rows cannot be scored"):
+        model.copy().setHandleInvalid("error").score(df)
+    _, _, log_density = model.scoreArray(x[usable])
+    expected = (kept_weights * log_density).sum() / kept_weights.sum()
+    np.testing.assert_allclose(model.score(df), expected, rtol=1e-11)

@@ -1,0 +1,304 @@
+"""From a DataFrame and a fit's settings to fitted mixtures, on the chosen engine.
+
+The Spark side of a fit, in data-flow order: the input packed into cached blocks (`blocks`) and
+refused, naming the column, when it cannot be fitted; the initial model moved into the fit's
+shifted coordinates; the engine chosen (`barrier.reducer`); restarts (nInit) or several candidates
+run in shared passes (`em.fit`); checkpoints wired; the result moved back to the data's
+coordinates. `GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results
+into models.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, replace
+
+import numpy as np
+from pyspark.sql import DataFrame, functions as F
+
+from . import barrier, codec, em
+from .blocks import BlockCache, InputSummary, partials_at_driver
+from .checkpoint import Checkpointer
+from .exceptions import ComponentWarning, InputWarning, InvalidInputError
+from .inputs import (
+    check_driver_memory,
+    check_executor_memory,
+    executor_errors_explained,
+    feature_array,
+    feature_count,
+    feature_names,
+    jvm_bytes,
+    weight_column,
+)
+from .mixture import ComponentStatistics, Mixture, thin_components
+
+log = logging.getLogger("spark_gmm")
+
+#: Largest feature magnitude (and range) a fit accepts: squared distances must stay finite.
+LARGEST_FEATURE = 1e150
+#: Frames between a warning raised here and the caller of `GaussianMixture.fit`.
+_CALLER = 5
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """What a fit reads from the estimator's Params. `settings` is the EM of this fit (its `start`
+    unset); an initial model comes in the data's coordinates, as arrays weights (k,), means (k, d)
+    and covariances (k, d, d), and is moved to the fit's coordinates once the data are read."""
+
+    settings: em.FitSettings
+    features_col: str
+    input_cols: list[str] | None = None
+    weight_col: str | None = None
+    handle_invalid: str = "error"
+    aggregation_depth: int = 2
+    engine: str = "auto"
+    n_init: int = 1
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int = 10
+    initial: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def column_label(self) -> str:
+        """The features' column(s), as messages name them."""
+        return ", ".join(self.input_cols) if self.input_cols else self.features_col
+
+    def feature_label(self, i: int) -> str:
+        """Feature i, as messages name it."""
+        return f"'{self.input_cols[i]}'" if self.input_cols else f"{i} of '{self.features_col}'"
+
+
+@dataclass
+class Fitted:
+    """One fit's outcome, ready to become a model: the mixture in the data's coordinates."""
+
+    mixture: Mixture
+    result: em.FitResult  # its mixture in the fit's shifted coordinates
+    skipped: int  # invalid rows left out (handleInvalid='skip' or 'keep')
+    total_weight: float  # rows fitted, or their total weight with weightCol
+    feature_names: list[str] | None
+
+
+def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings] | None = None) -> list[Fitted]:
+    """Fit `request` on `dataset`: one result (the best of nInit restarts, resumed from and saved
+    to checkpointDir when set). With `candidates` (EM settings in place of `request.settings`), one
+    result per candidate, all sharing every pass, without restarts or checkpoints; the data are
+    validated once, for the largest k, with the request's other settings."""
+    largest_k = max(c.k for c in candidates) if candidates else request.settings.k
+    cache, summary, skipped = _prepare(dataset, request, largest_k)
+    spark = dataset.sparkSession
+    try:
+        if candidates is None:
+            candidates = [request.settings]
+            results = [_fit_one(cache, summary, spark, request)]
+        else:
+            with barrier.reducer(request.engine, cache, summary, spark) as reduce:
+                results = em.fit(
+                    reduce, summary.d, summary.total_weight,
+                    [_with_start(request, c, summary) for c in candidates], describe=cache.describe,
+                )
+    finally:
+        _release(cache)
+    names = feature_names(dataset, request.features_col, request.input_cols)
+    names = names if names and len(names) == summary.d else None
+    return [_fitted(result, settings, summary, skipped, names) for result, settings in zip(results, candidates)]
+
+
+def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCache, InputSummary, int]:
+    """(cached blocks, input summary, rows skipped), validated for `k` components."""
+    features = feature_array(dataset, request.features_col, request.input_cols)
+    weights = weight_column(dataset, request.weight_col)
+    _check_size_before_packing(dataset, request, features, k)
+    cache = BlockCache(dataset, features, weights, request.aggregation_depth)
+    try:
+        log.info("reading and validating the input into cached blocks")
+        began = time.perf_counter()
+        cache.describe("reading the input into cached blocks")
+        summary = executor_errors_explained(cache.summarize)
+        skipped = _validate(summary, request, k, dataset.sparkSession)
+        seconds = time.perf_counter() - began
+        log.info(
+            "input: %d rows × %d features in %d partitions%s, packed in %.1f s (%.0f rows/s)",
+            summary.rows, summary.d, summary.partitions,
+            f", {skipped} invalid rows left out" if skipped else "", seconds, summary.rows / max(seconds, 1e-9),
+        )
+        if request.settings.dtype == "float32":
+            cache.store_as_float32()
+    except BaseException:
+        _release(cache)
+        raise
+    return cache, summary, skipped
+
+
+def _check_size_before_packing(dataset: DataFrame, request: FitRequest, features, k: int) -> None:
+    """Refuse a fit too large for the driver before the input is read in full: the feature count
+    comes from the schema, or from the first row that has features."""
+    d = feature_count(dataset, request.features_col, request.input_cols)
+    if d is None:
+        first = dataset.select(F.size(features).alias("d")).where(features.isNotNull()).first()
+        d = int(first["d"]) if first is not None else 0
+    if d > 0:
+        check_driver_memory(k, d, 8 * ComponentStatistics.size(k, d), 1, 0)
+
+
+def _release(cache: BlockCache) -> None:
+    cache.describe(None)
+    cache.unpersist()
+
+
+def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
+    """Refuse input that cannot be fitted, naming the column; returns the rows skipped."""
+    column, reg_covar = request.column_label, request.settings.reg_covar
+    if summary.dims[0] != summary.dims[1]:
+        raise InvalidInputError(
+            f"features column '{column}' has vectors of different lengths ({summary.dims[0]} and {summary.dims[1]})"
+        )
+    invalid = summary.null_rows + summary.nonfinite_rows + summary.bad_weight_rows
+    if invalid and request.handle_invalid == "error":
+        problems = []
+        if summary.null_rows:
+            problems.append(f"{summary.null_rows} rows with null features in '{column}'")
+        if summary.nonfinite_rows:
+            problems.append(f"{summary.nonfinite_rows} rows with NaN or infinite features in '{column}'")
+        if summary.bad_weight_rows:
+            problems.append(
+                f"{summary.bad_weight_rows} rows with a null, negative, NaN or infinite weight in "
+                f"'{request.weight_col}'"
+            )
+        raise InvalidInputError("; ".join(problems) + " (set handleInvalid='skip' to drop them)")
+    if invalid:
+        log.warning("handleInvalid='%s': left out %d invalid rows", request.handle_invalid, invalid)
+    if summary.rows == 0:
+        raise InvalidInputError(f"no rows to fit in '{column}': the input is empty" + (
+            f" after skipping {invalid} invalid rows" if invalid else ""))
+    if summary.d == 0:
+        raise InvalidInputError(f"features column '{column}' has vectors of length 0")
+    if not summary.total_weight > 0:
+        raise InvalidInputError(f"weight column '{request.weight_col}': all weights are zero")
+    if k > summary.rows:
+        raise InvalidInputError(f"k={k} is larger than the number of rows ({summary.rows})")
+    extreme = np.maximum(np.abs(summary.shift) + summary.span / 2, summary.span)
+    for i in np.flatnonzero(extreme > LARGEST_FEATURE):
+        raise InvalidInputError(
+            f"feature {request.feature_label(i)} has values as large as {extreme[i]:.3g}: their squares "
+            "overflow float64 in the densities; rescale it (e.g. StandardScaler)"
+        )
+    for i in np.flatnonzero(summary.span == 0):
+        constant = f"feature {request.feature_label(i)} is constant ({summary.shift[i]:.17g})"
+        if reg_covar <= 0:
+            raise InvalidInputError(
+                f"{constant}: with regCovar=0 every covariance is singular; set regCovar > 0 or "
+                "drop the feature"
+            )
+        warnings.warn(f"{constant}: its variance is regCovar={reg_covar:g} in every component",
+                      InputWarning, stacklevel=_CALLER + 1)
+    partial_bytes = 8 * ComponentStatistics.size(k, summary.d)
+    check_driver_memory(
+        k,
+        summary.d,
+        partial_bytes,
+        partials_at_driver(summary.partitions, partial_bytes, request.aggregation_depth),
+        jvm_bytes(spark.conf.get("spark.driver.maxResultSize", "1g")),
+    )
+    check_executor_memory(k, summary.d, spark)
+    return invalid
+
+
+def _fit_one(cache: BlockCache, summary: InputSummary, spark, request: FitRequest) -> em.FitResult:
+    """One fit: the best of nInit restarts in shared passes, or a single fit with checkpoints."""
+    settings = _with_start(request, request.settings, summary)
+    restarts = request.n_init > 1 and settings.start is None
+    checkpointer = None if restarts else _checkpointer(spark, summary, request)
+    resume = checkpointer.latest() if checkpointer else None
+    # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
+    spare = 1 if checkpointer else 0
+    with barrier.reducer(request.engine, cache, summary, spark, spare) as reduce:
+        if restarts:
+            return _best_restart(reduce, cache, summary, settings, request.n_init)
+        return em.fit(
+            reduce, summary.d, summary.total_weight, [settings], resume=resume,
+            on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
+        )[0]
+
+
+def _best_restart(reduce, cache: BlockCache, summary: InputSummary, settings: em.FitSettings,
+                  n_init: int) -> em.FitResult:
+    """`n_init` fits from seeds seed, seed+1, ... in shared passes; the best one."""
+    candidates = [replace(settings, seed=settings.seed + i) for i in range(n_init)]
+    results = em.fit(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe)
+    best = max(range(len(results)), key=lambda i: results[i].log_likelihood)
+    log.info(
+        "nInit=%d: kept restart %d (seed %d), log-likelihood %.10g; others: %s",
+        len(results), best, candidates[best].seed, results[best].log_likelihood,
+        ", ".join(f"{r.log_likelihood:.10g}" for i, r in enumerate(results) if i != best),
+    )
+    return results[best]
+
+
+def _checkpointer(spark, summary: InputSummary, request: FitRequest) -> Checkpointer | None:
+    if not request.checkpoint_dir:
+        return None
+    settings, initial = request.settings, request.initial
+    fingerprint = {  # the data and every setting that changes the model (maxIter: see Checkpointer)
+        "k": settings.k,
+        "numFeatures": summary.d,
+        "rows": summary.rows,
+        "totalWeight": summary.total_weight,
+        "content": summary.content,
+        "regCovar": settings.reg_covar,
+        "tol": settings.tol,
+        "seed": settings.seed,
+        "initMode": settings.init_mode if initial is None else "initialModel",
+        "initialModel": None if initial is None else codec.digest(codec.mixture_arrays(*initial)),
+        "dtype": settings.dtype,
+        "covarianceType": settings.covariance_type,
+        "reseedComponents": settings.reseed,
+    }
+    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint, settings.max_iter)
+
+
+def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSummary) -> em.FitSettings:
+    """`settings` starting from the request's initial model, in the fit's shifted coordinates."""
+    if request.initial is None:
+        return settings
+    weights, means, covariances = request.initial
+    k, d = means.shape
+    if k != settings.k:
+        raise InvalidInputError(
+            f"k={settings.k} but the initial model has {k} components; set k to "
+            "match it (setInitialModel sets it)"
+        )
+    if d != summary.d:
+        raise InvalidInputError(f"initial model has {d} features, the data has {summary.d}")
+    start = Mixture.from_covariances(weights, means - summary.shift, covariances, settings.reg_covar)
+    for j in range(k):
+        for i in range(j):
+            if np.array_equal(means[i], means[j]) and np.array_equal(covariances[i], covariances[j]):
+                warnings.warn(
+                    f"initial components {i} and {j} are identical; EM cannot tell them apart, "
+                    "so they stay identical (give distinct starting means)",
+                    ComponentWarning,
+                    stacklevel=_CALLER + 1,
+                )
+    return replace(settings, start=start)
+
+
+def _fitted(result: em.FitResult, settings: em.FitSettings, summary: InputSummary, skipped: int,
+            names: list[str] | None) -> Fitted:
+    """`result` in the data's coordinates, with a warning for each component the regulariser shapes."""
+    final = result.mixture.shifted(summary.shift)
+    for j, variance in thin_components(final.covariances, settings.reg_covar, summary.span > 0):
+        warnings.warn(
+            f"component {j} is singular without regCovar (its smallest own variance is "
+            f"{max(variance, 0.0):.3g} ≤ regCovar={settings.reg_covar:g}): it sits on fewer distinct "
+            "points than features, or on collinear features, and regCovar sets its shape there",
+            ComponentWarning,
+            stacklevel=_CALLER,
+        )
+    log.info(
+        "fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
+        final.k, result.iterations, result.converged, result.log_likelihood,
+    )
+    return Fitted(final, result, skipped, summary.total_weight, names)
