@@ -145,8 +145,9 @@ class ResidentEngine:
         self.cache, self.spark = cache, spark
         self.partitions, self.rows = summary.partitions, summary.rows
         blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
-        # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks need a shuffle.
-        self.blocks = blocks.repartition(plan.tasks) if summary.partitions > plan.tasks else blocks
+        # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks need a shuffle,
+        # by ranges of `pid`, so that each partition's blocks all reach one task.
+        self.blocks = blocks.repartitionByRange(plan.tasks, "pid") if summary.partitions > plan.tasks else blocks
         self.read_seconds = network_timeout_seconds(spark)
         self.handshake_seconds = min(HANDSHAKE_SECONDS, self.read_seconds)
         self.key = secrets.token_bytes(channel.KEY_BYTES)

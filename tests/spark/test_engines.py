@@ -14,7 +14,7 @@ import pytest
 from pyspark.conf import SparkConf
 
 from spark_gmm import GaussianMixture, channel, engine_choice
-from support import assert_identical
+from support import array_frame, assert_identical
 
 
 @pytest.fixture(scope="module")
@@ -337,3 +337,17 @@ def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
     assert "running the barrier stage again (failure 1 of at most 2 in a row)" in caplog.text
     assert "runs on the driver engine" not in caplog.text  # the rerun itself finished the fit
     assert_identical(disturbed, calm)
+
+
+def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, engine_log):
+    """Five partitions of three blocks each (64 features: 1,024 rows a block) on two tasks: every
+    partition's blocks must reach the same task, or two tasks would each answer for it."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(15_000, 64)) + 6.0 * rng.integers(0, 2, size=(15_000, 1))
+    df = array_frame(spark, x, partitions=5).cache()
+    settings = {"k": 2, "seed": 1, "maxIter": 2, "tol": 0.0}
+    resident = GaussianMixture(engine="barrier", **settings).fit(df)
+    assert engine_log("resident engine: stage run") == []
+    assert engine_log("engine: ")[-1].startswith("engine: resident (a barrier stage of 2 task(s) over 5 partition(s)")
+    assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(df))
+    df.unpersist()
