@@ -2,7 +2,9 @@
 
 `reduce` runs a pass (see `kernels`) over every block and returns the combined partials; the Spark
 engines and the in-memory engine (`local`) only differ in how they implement it. `fit` is the one
-entry point: one candidate or several sharing every pass, fresh or resumed from a checkpoint.
+entry point: one candidate or several sharing every pass, fresh or resumed from a checkpoint, for
+any model family (`families`: Gaussian mixtures by default, `latent.LatentFamily` for mixed
+features).
 """
 
 from __future__ import annotations
@@ -15,18 +17,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import kernels
+from . import kernels  # noqa: F401 — tests recognise the Gaussian E-step as em.kernels.EStepPass
 from .exceptions import ComponentWarning
-from .initialisation import initial_mixture_steps, run_passes
-from .mixture import (
-    ComponentStatistics,
-    Mixture,
-    gaussians_from_moments,
-    challengers,
-    m_step,
-    regularisation_allowance,
-    split_component,
-)
+from .families import GaussianFamily, ModelFamily
+from .initialisation import run_passes
+from .mixture import Mixture
 
 log = logging.getLogger("spark_gmm")
 
@@ -38,9 +33,6 @@ ROUNDOFF = {"float64": 1e-10, "float32": 1e-5}
 #: A component that explains less than this many (average-weight) rows is dead: empty, or
 #: collapsed onto a single row. With `reseed`, it is restarted by splitting another component.
 DEAD_ROWS = 2.0
-#: Where EM converges, the lightest component is tried on splits of this many heaviest ones, and
-#: this many closest pairs of components are tried re-split (see `mixture.challengers`).
-DONORS, PAIRS = 3, 2
 #: EM steps a challenger may take to overtake the converged mixture; after the first, only the
 #: `KEPT` best go on.
 CHALLENGE_STEPS, KEPT = 3, 2
@@ -56,11 +48,12 @@ class FitSettings:
     tol: float
     reg_covar: float
     seed: int
-    init_mode: str = "k-means||"
-    start: Mixture | None = None  # explicit start, in shifted coordinates
+    init_mode: str = "k-means||"  # Gaussian family only
+    start: object | None = None  # explicit start: a model of `family` (shifted coordinates)
     covariance_type: str = "full"
-    reseed: bool = True  # restart dead components (at most k times per fit)
+    reseed: bool = True  # restart dead components (at most k times per fit), try challengers
     dtype: str = "float64"  # of the cached blocks: sets the round-off budget
+    family: ModelFamily = GaussianFamily()  # the kind of model; candidates fitted together share it
 
     def describe(self) -> str:
         return f"k={self.k}, {self.covariance_type}"
@@ -68,11 +61,11 @@ class FitSettings:
 
 @dataclass
 class FitResult:
-    mixture: Mixture  # shifted coordinates
+    mixture: Mixture  # shifted coordinates; the family's model (e.g. a `LatentClassModel`)
     log_likelihood: float  # total weighted log-likelihood of `mixture`
-    history: list[float]  # total log-likelihood of the parameters at each iteration
+    history: list[float]  # the family's objective (total log-likelihood) at each iteration
     iterations: int  # M-steps taken
-    converged: bool  # |change of the mean log-likelihood| < tol between the last two iterations
+    converged: bool  # |change of the mean objective| < tol between the last two iterations
     stop_reason: str  # "converged", "max-iter", or "decrease" (a numerical problem)
     cluster_sizes: list[int]  # rows whose most probable component is j, under `mixture`
     empty_components: list[int] = field(default_factory=list)  # empty in the returned mixture
@@ -86,7 +79,7 @@ class EMState:
     """EM after `iteration` M-steps: all a resumed fit needs to continue exactly like an unbroken one."""
 
     iteration: int
-    mixture: Mixture  # the parameters the next pass evaluates
+    mixture: Mixture  # the parameters the next pass evaluates (a model of the fit's family)
     previous: Mixture | None  # those before the last M-step (a failed step returns to them)
     history: list[float]
     seconds: list[float]
@@ -115,36 +108,38 @@ class _Candidate:
     on_state: Callable[[EMState], None] | None = None
     done: bool = False
     stop_reason: str = "max-iter"
-    stats: ComponentStatistics | None = None
+    stats: object | None = None  # the family's statistics of the last pass's kept model
     revert: bool = False  # the last pass failed the decrease test: evaluate `previous` and stop
     challengers: list = field(default_factory=list)  # (mixture, (a, b), what) beside the converged one
     refined: list = field(default_factory=list)  # the challengers EM steps further, to compare
     challenge_step: int = 0  # EM steps the refined challengers have taken
 
-    def to_evaluate(self) -> list[Mixture]:
-        """The mixtures the next pass evaluates: the current one and, once EM has converged,
-        challengers (see `mixture.challengers`) while the budget of k restarts lasts; after that
-        pass, the challengers EM steps further, alone."""
+    @property
+    def family(self) -> ModelFamily:
+        return self.settings.family
+
+    def to_evaluate(self) -> list:
+        """The models the next pass evaluates: the current one and, once EM has converged,
+        the family's challengers while the budget of k restarts lasts; after that pass, the
+        challengers EM steps further, alone."""
         s, settings = self.state, self.settings
         if self.refined:
             return [c[0] for c in self.refined]
         self.challengers = []
-        if s.finishing and settings.reseed and settings.reg_covar > 0 and len(s.reseeded) < settings.k:
-            self.challengers = challengers(s.mixture, settings.covariance_type, settings.reg_covar, DONORS, PAIRS)
+        if s.finishing and settings.reseed and len(s.reseeded) < settings.k:
+            self.challengers = self.family.challengers(s.mixture, settings)
         return [s.mixture] + [c[0] for c in self.challengers]
 
-    def _challenge(self, evaluated: list[ComponentStatistics], total_weight: float) -> ComponentStatistics | None:
+    def _challenge(self, evaluated: list, total_weight: float):
         """Take the pass's statistics of the refined challengers: if the best beats the converged
         mixture by more than `tol` per row (less is what the stop rule calls converged) it becomes
         the current one (its statistics are returned); else the `KEPT` best go one more EM step, up
         to `CHALLENGE_STEPS`, after which the fit has converged."""
         s, settings = self.state, self.settings
         refined, self.refined = self.refined, []
-        order = sorted(
-            (i for i in range(len(refined)) if np.isfinite(evaluated[i].log_likelihood)),
-            key=lambda i: -evaluated[i].log_likelihood,
-        )
-        gain = evaluated[order[0]].log_likelihood - s.history[-1] if order else 0.0
+        value = [self.family.objective(each, model) for each, (model, *_) in zip(evaluated, refined)]
+        order = sorted((i for i in range(len(refined)) if np.isfinite(value[i])), key=lambda i: -value[i])
+        gain = value[order[0]] - s.history[-1] if order else 0.0
         if gain > max(settings.tol * total_weight, ROUNDOFF[settings.dtype] * abs(s.history[-1])):
             mixture, (a, b), change = refined[order[0]]
             log.info(
@@ -162,27 +157,28 @@ class _Candidate:
         self.refined = [self._stepped(evaluated[i], refined[i]) for i in order[:KEPT]]
         return None
 
-    def _stepped(self, stats: ComponentStatistics, challenger: tuple) -> tuple:
+    def _stepped(self, stats, challenger: tuple) -> tuple:
         """`challenger` one EM step further, from its statistics."""
-        mixture, changed, change = challenger
-        return m_step(stats, mixture, self.settings.reg_covar, self.settings.covariance_type)[0], changed, change
+        model, changed, change = challenger
+        return self.family.m_step(stats, model, self.settings)[0], changed, change
 
-    def observe(self, evaluated: list[ComponentStatistics], total_weight: float, seconds: float) -> None:
-        """Take the pass's statistics of `to_evaluate()`'s mixtures: record them, then stop or step."""
+    def observe(self, evaluated: list, total_weight: float, seconds: float) -> None:
+        """Take the pass's statistics of `to_evaluate()`'s models: record them, then stop or step."""
         s, iteration, settings = self.state, self.state.iteration, self.settings
         if not self.refined:
             stats = evaluated[0]
         elif (stats := self._challenge(evaluated, total_weight)) is None:
             return
-        if not np.isfinite(stats.log_likelihood):
+        value = self.family.objective(stats, s.mixture)
+        if not np.isfinite(value):
             raise FloatingPointError(
-                f"{self.label}log-likelihood became {stats.log_likelihood} at iteration {iteration}; "
+                f"{self.label}log-likelihood became {value} at iteration {iteration}; "
                 "check the input for extreme values or raise regCovar"
             )
-        mean_ll = stats.log_likelihood / total_weight
+        mean_ll = value / total_weight
         change = mean_ll - s.history[-1] / total_weight if s.history else None
         reseeded_here = bool(s.reseeded) and s.reseeded[-1][0] == iteration  # not an EM step
-        if change is not None and not reseeded_here and change < -self._decrease_budget(mean_ll, total_weight):
+        if change is not None and not reseeded_here and change < -self._decrease_budget(mean_ll):
             warnings.warn(
                 f"{self.label}log-likelihood decreased by {-change:.3g} per row at iteration {iteration}, "
                 "more than regularisation and round-off allow: a numerical problem (try dtype='float64' "
@@ -194,9 +190,9 @@ class _Candidate:
             self.revert, self.done, self.stop_reason = True, True, "decrease"
             return
         self.stats = stats
-        s.history.append(stats.log_likelihood)
+        s.history.append(value)
         s.seconds.append(seconds)
-        _log_iteration(self.label, iteration, stats.log_likelihood, mean_ll, change, seconds)
+        _log_iteration(self.label, iteration, value, mean_ll, change, seconds)
         if s.finishing and self.challengers:  # one EM step for each; the next pass compares them
             self.refined = [
                 self._stepped(each, challenger)
@@ -220,43 +216,36 @@ class _Candidate:
         else:
             self._step(stats, total_weight)
 
-    def _decrease_budget(self, mean_ll: float, total_weight: float) -> float:
-        """How far the mean log-likelihood may fall in one step without a numerical problem: the
-        regularisation's bound (see `mixture.regularisation_allowance`) plus round-off."""
+    def _decrease_budget(self, mean_ll: float) -> float:
+        """How far the mean objective may fall in one step without a numerical problem: the
+        family's bound for its regulariser (e.g. `mixture.regularisation_allowance`) plus
+        round-off. `self.stats` are still those of the pass that evaluated `previous`."""
         s = self.state
-        allowance = regularisation_allowance(s.previous, s.mixture, self.settings.reg_covar)
+        allowance = self.family.decrease_allowance(s.previous, s.mixture, self.stats, self.settings)
         return allowance + ROUNDOFF[self.settings.dtype] * max(1.0, abs(mean_ll))
 
-    def _step(self, stats: ComponentStatistics, total_weight: float) -> bool:
+    def _step(self, stats, total_weight: float) -> bool:
         """The M-step, then dead components restarted (or kept and reported); True if any was."""
         s, settings = self.state, self.settings
         s.previous = s.mixture
-        s.mixture, newly_empty = m_step(stats, s.mixture, settings.reg_covar, settings.covariance_type)
+        s.mixture, newly_empty = self.family.m_step(stats, s.mixture, settings)
         s.iteration += 1
         dead = _dead_components(stats, total_weight) if settings.reseed else []
         if len(dead):
             row_weight = total_weight / max(stats.hard_counts.sum(), 1.0)
-            scatter = gaussians_from_moments(stats, s.previous.means, 0.0, "full")[2]
-            spread = stats.resp * np.linalg.eigvalsh(scatter)[:, -1]  # mass × widest variance
-            spread[dead] = -np.inf
-        for j in dead:
-            if len(s.reseeded) >= settings.k or not np.isfinite(spread.max()):
-                break
-            donor = int(np.argmax(spread))
-            spread[donor] = -np.inf  # each donor splits once per step
-            s.mixture = split_component(
-                s.mixture, scatter[donor], donor, int(j), settings.covariance_type, settings.reg_covar
-            )
-            s.reseeded.append((s.iteration, int(j), donor))
-            log.info(
-                "%scomponent %d held %.3g rows at iteration %d; restarted by splitting component %d",
-                self.label, j, stats.resp[j] / row_weight, s.iteration - 1, donor,
-            )
+            budget = settings.k - len(s.reseeded)
+            s.mixture, restarted = self.family.restart(stats, s.previous, s.mixture, dead, budget, settings)
+            for j, donor in restarted:
+                s.reseeded.append((s.iteration, j, donor))
+                log.info(
+                    "%scomponent %d held %.3g rows at iteration %d; restarted by splitting component %d",
+                    self.label, j, stats.resp[j] / row_weight, s.iteration - 1, donor,
+                )
         revived = {j for at, j, _ in s.reseeded if at == s.iteration}
         for j in sorted(set(newly_empty.tolist()) - set(s.empty) - revived):
             warnings.warn(
                 f"{self.label}component {j} lost all its data at iteration {s.iteration}; it keeps its "
-                "previous mean and covariance with a negligible weight (consider a smaller k)",
+                "previous parameters with a negligible weight (consider a smaller k)",
                 ComponentWarning,
                 stacklevel=4,
             )
@@ -282,7 +271,7 @@ class _Candidate:
         )
 
 
-def _dead_components(stats: ComponentStatistics, total_weight: float) -> np.ndarray:
+def _dead_components(stats, total_weight: float) -> np.ndarray:
     """Indices (m,) of the components explaining fewer than DEAD_ROWS average rows of the pass
     behind `stats`."""
     rows = stats.hard_counts.sum()
@@ -296,7 +285,9 @@ def _log_iteration(label, iteration, ll, mean_ll, change, seconds) -> None:
     )
 
 
-def _run_em(reduce: Reduce, candidates: list[_Candidate], total_weight: float, describe=None) -> None:
+def _run_em(
+    reduce: Reduce, family: ModelFamily, candidates: list[_Candidate], total_weight: float, describe=None
+) -> None:
     """EM for every candidate at once: one pass per iteration evaluates each candidate still
     running (those that stop drop out); each takes exactly the steps it would take alone.
 
@@ -304,12 +295,12 @@ def _run_em(reduce: Reduce, candidates: list[_Candidate], total_weight: float, d
     result's log-likelihood, history and cluster sizes belong exactly to its returned mixture.
     """
 
-    def evaluate(group: list[_Candidate], label: str, mixtures: list[list[Mixture]]) -> list[list[ComponentStatistics]]:
+    def evaluate(group: list[_Candidate], label: str, models: list[list]) -> list[list]:
         if describe:
             describe(label)
-        estep = kernels.EStepPass([m for each in mixtures for m in each])
+        estep = family.estep_pass([m for each in models for m in each])
         flat = iter(estep.split(reduce(estep)))
-        return [[next(flat) for _ in each] for each in mixtures]
+        return [[next(flat) for _ in each] for each in models]
 
     while active := [c for c in candidates if not c.done]:
         iteration = max(c.state.iteration for c in active)
@@ -333,18 +324,29 @@ def fit(
     on_state: Callable[[EMState], None] | None = None,
     describe: Callable[[str], None] | None = None,
 ) -> list[FitResult]:
-    """Fit each candidate on the data behind `reduce` (d features, `total_weight` rows or weight):
+    """Fit each candidate on the data behind `reduce` (d features, `total_weight` rows or weight,
+    the rows EM divides by: for a family that skips rows with nothing observed, without them):
     their initialisations in lockstep, then EM, every pass shared. Each result equals the
     candidate's fit alone. With one candidate, `resume` continues a checkpointed state and
-    `on_state` sees the state after every M-step."""
+    `on_state` sees the state after every M-step. The candidates share one model family (it
+    says how the cached rows are read)."""
+    family = candidates[0].family
+    if any(c.family != family for c in candidates):
+        raise ValueError("candidates fitted together must share one model family (the data's layout)")
+    if (resume is not None or on_state is not None) and not family.checkpoints:
+        raise ValueError(
+            f"checkpoints (resume, on_state) are not supported for {type(family).__name__} fits yet; "
+            "fit without a checkpoint directory"
+        )
     if resume is not None:
         if len(candidates) != 1:
             raise ValueError("only a single fit resumes from a checkpoint")
         log.info("resuming from iteration %d", resume.iteration)
         states = [resume.copy()]
     else:
-        log.info("initialisation (%s)", _plural(candidates))
-        starts = run_passes(reduce, [initial_mixture_steps(d, c) for c in candidates], describe)
+        what = family.start_name(candidates[0]) if len(candidates) == 1 else f"{len(candidates)} candidates"
+        log.info("initialisation (%s)", what)
+        starts = run_passes(reduce, [family.start_steps(d, c) for c in candidates], describe)
         states = [EMState.fresh(start) for start in starts]
     runs = [
         _Candidate(
@@ -353,12 +355,6 @@ def fit(
         )
         for i, (c, state) in enumerate(zip(candidates, states))
     ]
-    _run_em(reduce, runs, total_weight, describe)
+    _run_em(reduce, family, runs, total_weight, describe)
     return [run.result(resume.iteration if resume else 0) for run in runs]
 
-
-def _plural(candidates: list[FitSettings]) -> str:
-    if len(candidates) == 1:
-        c = candidates[0]
-        return "initial model" if c.start is not None else f"{c.init_mode}, k={c.k}"
-    return f"{len(candidates)} candidates"

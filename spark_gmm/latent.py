@@ -40,6 +40,7 @@ from .mixture import (
     Mixture,
     m_step as gaussian_m_step,
     packed_size,
+    regularisation_allowance,
 )
 
 #: Default `smoothing`: a hundredth of a row per outcome, negligible beside any class worth
@@ -194,11 +195,11 @@ def m_step(stats: LatentStatistics, current: LatentClassModel, reg_covar: float,
     A class with less than `mixture.EMPTY_SHARE` of the total mass keeps its parameters (with a
     floored weight); the Gaussian block is `mixture.m_step` on its own statistics.
     """
-    total = stats.mass.sum()
+    total = stats.resp.sum()
     if not total > 0:
         raise ValueError("no row has an observed feature: nothing to fit")
-    empty = stats.mass <= EMPTY_SHARE * total
-    weights = np.maximum(stats.mass / total, WEIGHT_FLOOR)
+    empty = stats.resp <= EMPTY_SHARE * total
+    weights = np.maximum(stats.resp / total, WEIGHT_FLOOR)
     weights /= weights.sum()
     gaussian = current.gaussian
     if gaussian is not None and stats.gaussian.resp.sum() > 0:
@@ -303,30 +304,61 @@ class MixedStartPass(SumPass):
         return np.split(flat, len(self.seeds))
 
 
-# -- EM through an engine's `reduce` (until `em.fit` takes a model family) --------------------------
+# -- the model family `em.fit` runs (see `families.ModelFamily`) --------------------------------
 
 
-@dataclass
-class InMemoryFit:
-    """What `fit_in_memory` returns."""
+@dataclass(frozen=True)
+class LatentFamily:
+    """Latent class models over rows packed by `columns`, its categorical columns having `levels`
+    levels. EM increases log-likelihood + `log_prior`. Starts are random responsibilities
+    (`MixedStartPass`; `initMode` is not read). Not offered yet: restarts of dead classes and
+    challengers (a class split must perturb the discrete tables too, not only the means), and
+    checkpoints."""
 
-    model: LatentClassModel
-    history: list[float]  # log-likelihood + log_prior of the model evaluated at each iteration
-    statistics: LatentStatistics  # of the returned model
-    iterations: int  # M-steps taken
+    columns: Columns
+    levels: tuple[int, ...] = ()
+    smoothing: float = SMOOTHING
 
+    checkpoints = False
 
-def fit_in_memory(reduce, columns: Columns, start: LatentClassModel, reg_covar: float,
-                  smoothing: float = SMOOTHING, max_iter: int = 100, tol: float = 1e-8) -> InMemoryFit:
-    """EM from `start` over the rows behind `reduce` (an engine's `reduce(pass)`, e.g.
-    `local.local_reduce` of `columns.pack(...)` rows), stopping when the objective per unit of
-    row weight changes by less than `tol`; the returned model is the last one evaluated."""
-    model, history = start, []
-    for iteration in range(max_iter + 1):
-        estep = MixedEStepPass([model], columns)
-        (stats,) = estep.split(reduce(estep))
-        history.append(stats.log_likelihood + log_prior(model, smoothing))
-        converged = len(history) > 1 and abs(history[-1] - history[-2]) < tol * stats.mass.sum()
-        if converged or iteration == max_iter:
-            return InMemoryFit(model, history, stats, iteration)
-        model = m_step(stats, model, reg_covar, smoothing)[0]
+    def __post_init__(self):
+        object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))  # hashable, comparable
+        if len(self.levels) != self.columns.c:
+            raise ValueError(f"{len(self.levels)} level counts for {self.columns.c} categorical columns")
+
+    def estep_pass(self, models: list[LatentClassModel]) -> MixedEStepPass:
+        return MixedEStepPass(models, self.columns)
+
+    def m_step(self, stats: LatentStatistics, model: LatentClassModel, settings):
+        return m_step(stats, model, settings.reg_covar, self.smoothing)
+
+    def objective(self, stats: LatentStatistics, model: LatentClassModel) -> float:
+        return stats.log_likelihood + log_prior(model, self.smoothing)
+
+    def decrease_allowance(self, previous, current: LatentClassModel, stats: LatentStatistics, settings) -> float:
+        """`mixture.regularisation_allowance` of the Gaussian block, with its own masses (its rows
+        with a Gaussian value observed, from `stats`) in place of the class weights: those are
+        the N_j of the penalty its M-step maximises against."""
+        if current.gaussian is None:
+            return 0.0
+        shares = stats.gaussian.resp / stats.resp.sum()
+        block = replace(current.gaussian, weights=shares)
+        return regularisation_allowance(previous.gaussian, block, settings.reg_covar)
+
+    def start_steps(self, d: int, settings):
+        """`settings.start`, or the start of hashed random responsibilities for `settings.seed`."""
+        if settings.start is not None:
+            return settings.start
+        start = MixedStartPass(settings.k, [settings.seed], self.levels, self.columns)
+        (flat,) = start.split((yield start))
+        layout = Layout(settings.k, self.columns.d, self.columns.m, self.levels, self.columns.q)
+        return initial_model(flat, layout, settings.covariance_type, settings.reg_covar, self.smoothing)
+
+    def start_name(self, settings) -> str:
+        return "initial model" if settings.start is not None else f"random responsibilities, k={settings.k}"
+
+    def restart(self, stats, previous, model: LatentClassModel, dead, budget: int, settings):
+        return model, []
+
+    def challengers(self, model: LatentClassModel, settings) -> list:
+        return []

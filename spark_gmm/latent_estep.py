@@ -286,7 +286,7 @@ class LatentStatistics:
 
     log_likelihood: float  # Σ w·log p(observed part of the row)
     skipped_rows: int  # rows with no feature observed: not in any statistic
-    mass: np.ndarray  # (k,) Σwγ
+    resp: np.ndarray  # (k,) Σwγ (named as in `mixture.ComponentStatistics`, which `em` reads)
     hard_counts: np.ndarray  # (k,) rows whose most probable class is j (unweighted)
     gaussian: ComponentStatistics | None  # over rows with a Gaussian coordinate observed
     bernoulli_observed: np.ndarray  # (k, m) Σwγ where the column is observed

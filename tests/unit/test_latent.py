@@ -1,6 +1,10 @@
-"""The latent class model's numpy core (`latent`, `latent_estep`) against independent references:
-StepMix (its own E- and M-steps, run from the same start), brute-force marginal likelihoods and
-EM updates of a full-covariance Gaussian mixture with missing coordinates, and generated classes."""
+"""The latent class model's numpy core (`latent`, `latent_estep`), fitted by the one EM loop
+(`em.fit` with `latent.LatentFamily`), against independent references: StepMix (its own E- and
+M-steps, run from the same start), brute-force marginal likelihoods and EM updates of a
+full-covariance Gaussian mixture with missing coordinates, and generated classes."""
+
+import warnings
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pytest
@@ -9,12 +13,14 @@ from scipy.stats import multivariate_normal, poisson
 from sklearn.metrics import adjusted_rand_score
 from stepmix.stepmix import StepMix
 
+from spark_gmm import em
 from spark_gmm.latent import (
+    SMOOTHING,
     Columns,
     LatentClassModel,
+    LatentFamily,
     MixedEStepPass,
     MixedStartPass,
-    fit_in_memory,
     initial_model,
     initial_statistics,
     m_step,
@@ -70,16 +76,27 @@ def random_start(rng, k, d=0, m=0, levels=(), diagonal=True, q=0):
     )
 
 
-def em_steps(model, engine, steps, reg_covar, smoothing=0.0):
-    """`steps` M-steps; returns the model and the mean log-likelihood before each step."""
-    reduce, columns = engine
-    lls = []
-    for _ in range(steps):
-        estep = MixedEStepPass([model], columns)
-        (stats,) = estep.split(reduce(estep))
-        lls.append(stats.log_likelihood / stats.mass.sum())
-        model = m_step(stats, model, reg_covar, smoothing)[0]
-    return model, lls
+def em_fit(rows, start=None, seeds=(0,), max_iter=100, tol=1e-8, reg_covar=1e-6, smoothing=SMOOTHING, reseed=False):
+    """`em.fit` of the latent class family over `rows`: from `start`, or (k=3, full covariance)
+    from each seed's random start, the seeds in shared passes; plain EM unless `reseed`."""
+    levels = start.levels if start is not None else LEVELS[: rows.columns.c]
+    family = LatentFamily(rows.columns, levels, smoothing)
+    k, covariance_type = (start.k, start.covariance_type) if start is not None else (3, "full")
+    candidates = [
+        em.FitSettings(k=k, max_iter=max_iter, tol=tol, reg_covar=reg_covar, seed=seed, start=start,
+                       covariance_type=covariance_type, reseed=reseed, family=family)
+        for seed in seeds
+    ]
+    results = em.fit(rows.reduce, rows.columns.d, rows.observed, candidates)
+    return results if start is None else results[0]
+
+
+def em_steps(model, rows, steps, reg_covar, smoothing=0.0):
+    """`steps` EM steps (`em.fit`, plain EM); returns the model and the mean log-likelihood
+    before each step."""
+    result = em_fit(rows, model, max_iter=steps, tol=0.0, reg_covar=reg_covar, smoothing=smoothing)
+    assert result.iterations == steps
+    return result.mixture, [ll / rows.observed for ll in result.history[:steps]]
 
 
 def stepmix_for(model, measurement, gaussian_key="g", categorical_key="c"):
@@ -144,15 +161,22 @@ def assert_same_parameters(model, sm, atol=1e-6):
         np.testing.assert_allclose(ours, table, atol=atol)
 
 
-def engine(gaussian=None, bernoulli=None, codes=None, counts=None, size=97, shifted=False):
-    """(reduce, columns): the in-memory engine over the packed rows, in blocks of `size`; the
-    Gaussian columns shifted by their midpoints if `shifted`, else left as they are."""
+class Rows(NamedTuple):
+    reduce: Callable  # the in-memory engine's reduce(pass)
+    columns: Columns
+    observed: float  # rows with something observed: what EM divides by
+
+
+def engine(gaussian=None, bernoulli=None, codes=None, counts=None, size=97, shifted=False) -> Rows:
+    """The in-memory engine over the packed rows, in blocks of `size`; the Gaussian columns
+    shifted by their midpoints if `shifted`, else left as they are."""
     block = MixedBlock.of(gaussian, bernoulli, codes, counts)
     widths = [a.shape[1] for a in (block.gaussian, block.bernoulli, block.categorical, block.poisson)]
     columns = Columns(*widths)
     rows = columns.pack(gaussian, bernoulli, codes, counts)
     shift = columns.shift(rows) if shifted else np.zeros(rows.shape[1])
-    return local_reduce(rows, None, size, shift), columns
+    observed = float((~np.isnan(rows)).any(axis=1).sum())
+    return Rows(local_reduce(rows, None, size, shift), columns, observed)
 
 
 # -- equal to StepMix from an identical start ------------------------------------------------------
@@ -231,13 +255,12 @@ def test_missing_diag_gaussian_fit_equals_stepmix_nan_model(rng):
     descriptor = {"g": {"model": "gaussian_diag_nan", "n_columns": 3}, "b": {"model": "bernoulli_nan", "n_columns": 6}}
     sm = stepmix_for(start, descriptor)
     x = np.hstack([gaussian, bernoulli])
-    _, first_lls = em_steps(start, rows, 1, reg_covar=0.0)
-    assert first_lls[0] == pytest.approx(sm._e_step(x)[0], abs=1e-10)
-    ours = fit_in_memory(*rows, start, reg_covar=0.0, smoothing=0.0, max_iter=300, tol=1e-15)
+    assert sm._e_step(x)[0] == pytest.approx(em_steps(start, rows, 1, reg_covar=0.0)[1][0], abs=1e-10)
+    ours = em_fit(rows, start, max_iter=300, tol=1e-15, reg_covar=0.0, smoothing=0.0)
     their_lls = stepmix_steps(sm, x, 300)
-    assert ours.iterations < 300
-    assert ours.history[-1] / ours.statistics.mass.sum() == pytest.approx(their_lls[-1], abs=1e-9)
-    assert_same_parameters(ours.model, sm)
+    assert ours.converged and ours.iterations < 300
+    assert ours.history[-1] / rows.observed == pytest.approx(their_lls[-1], abs=1e-9)
+    assert_same_parameters(ours.mixture, sm)
 
 
 # -- full covariance with missing coordinates: brute-force references ------------------------------
@@ -354,25 +377,51 @@ def test_em_step_with_missing_coordinates_is_the_exact_conditional_expectation_u
     np.testing.assert_allclose(model.weights, masses / masses.sum(), atol=1e-12)
 
 
-@pytest.mark.parametrize("share", [0.1, 0.3])
-def test_em_objective_never_decreases_with_missing_values(rng, share):
+def missing_everywhere(rng, share):
+    """A random full-covariance start and data with `share` missing values in every block."""
     _, gaussian, bernoulli, codes, counts = generated(rng, 500, d=3, spread=1.5)
     gaussian = with_missing(rng, gaussian, share, np.nan)
     bernoulli = with_missing(rng, bernoulli, share, np.nan)
     codes = with_missing(rng, codes, share, -1)
     counts = with_missing(rng, counts, share, np.nan)
     start = random_start(rng, 3, d=3, m=6, levels=LEVELS, diagonal=False, q=2)
-    fit = fit_in_memory(*engine(gaussian, bernoulli, codes, counts), start, reg_covar=0.0, smoothing=0.5, max_iter=150, tol=0)
-    steps = np.diff(fit.history)
-    assert (steps >= -1e-10 * np.abs(fit.history[1:])).all(), steps.min()
+    return start, engine(gaussian, bernoulli, codes, counts)
+
+
+def fit_without_warnings(rows, start, reg_covar) -> np.ndarray:
+    """The objective's history over 150 steps of plain EM (smoothing 0.5), failing on any
+    `ComponentWarning`: the loop's decrease test found no fall beyond its allowance."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", em.ComponentWarning)
+        fit = em_fit(rows, start, max_iter=150, tol=0, reg_covar=reg_covar, smoothing=0.5)
+    assert fit.stop_reason == "max-iter" and fit.iterations == 150
     assert fit.history[-1] - fit.history[0] > 1.0
+    return np.array(fit.history)
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3])
+def test_em_objective_never_decreases_with_missing_values(rng, share):
+    start, rows = missing_everywhere(rng, share)
+    history = fit_without_warnings(rows, start, reg_covar=0.0)
+    steps = np.diff(history)
+    assert (steps >= -1e-10 * np.abs(history[1:])).all(), steps.min()
+
+
+def test_a_regularised_fit_falls_only_within_the_gaussian_blocks_allowance():
+    """regCovar is a penalty the objective does not count, so the objective may fall, by at most
+    `LatentFamily.decrease_allowance` (the bound with the Gaussian block's own masses); here it
+    really falls, and the loop's decrease test lets it (with no allowance, or one computed from
+    the class weights, it stops this fit as a numerical problem)."""
+    start, rows = missing_everywhere(np.random.default_rng(12346), 0.3)
+    history = fit_without_warnings(rows, start, reg_covar=0.5)
+    assert np.diff(history).min() < -1e-4
 
 
 # -- start, blocks, recovery -----------------------------------------------------------------------
 
 
-def random_starts(engine_, seeds, covariance_type="full"):
-    reduce, columns = engine_
+def random_starts(rows, seeds, covariance_type="full"):
+    reduce, columns, _ = rows
     pass_ = MixedStartPass(3, seeds, LEVELS, columns)
     layout = Layout(3, columns.d, columns.m, LEVELS, columns.q)
     return [initial_model(flat, layout, covariance_type, 1e-6) for flat in pass_.split(reduce(pass_))]
@@ -404,8 +453,8 @@ def test_gaussian_statistics_are_taken_around_a_shift(rng):
     start = random_starts(plain, [0])[0]
     moved = LatentClassModel.create(start.weights, start.gaussian.means - shift, start.gaussian.covariances, "full",
                                     start.bernoulli, start.categorical, start.poisson)
-    a = fit_in_memory(*plain, start, reg_covar=1e-6, max_iter=20, tol=0).model
-    b = fit_in_memory(*shifted, moved, reg_covar=1e-6, max_iter=20, tol=0).model
+    a = em_fit(plain, start, max_iter=20, tol=0).mixture
+    b = em_fit(shifted, moved, max_iter=20, tol=0).mixture
     np.testing.assert_allclose(b.gaussian.means + shift, a.gaussian.means, rtol=1e-12)
     np.testing.assert_allclose(b.gaussian.covariances, a.gaussian.covariances, rtol=1e-8)
     np.testing.assert_allclose(b.bernoulli, a.bernoulli, rtol=1e-8)
@@ -444,10 +493,39 @@ def test_latent_classes_are_recovered(rng, share):
     codes = with_missing(rng, codes, share, -1)
     counts = with_missing(rng, counts, share, np.nan)
     rows = engine(gaussian, bernoulli, codes, counts, size=256)
-    fits = [fit_in_memory(*rows, start, reg_covar=1e-6, max_iter=300) for start in random_starts(rows, [0, 1, 2])]
+    fits = em_fit(rows, seeds=(0, 1, 2), max_iter=300, reseed=True)
     best = max(fits, key=lambda fit: fit.history[-1])
-    predicted = posterior(best.model, MixedBlock.of(gaussian, bernoulli, codes, counts)).responsibilities.argmax(axis=1)
+    assert best.converged
+    predicted = posterior(best.mixture, MixedBlock.of(gaussian, bernoulli, codes, counts)).responsibilities.argmax(axis=1)
     assert adjusted_rand_score(labels, predicted) >= 0.9
+
+
+def test_em_fit_starts_from_each_seed_and_shares_passes_as_fits_alone(rng):
+    """Candidates fitted together take exactly their steps alone; each starts where the start
+    pass puts its seed."""
+    _, gaussian, bernoulli, codes, counts = generated(rng, 300, d=2)
+    rows = engine(with_missing(rng, gaussian, 0.1, np.nan), bernoulli, codes, counts)
+    together = em_fit(rows, seeds=(4, 5), max_iter=15)
+    for seed, fit in zip((4, 5), together):
+        (alone,) = em_fit(rows, seeds=(seed,), max_iter=15)
+        assert fit.history == alone.history and fit.iterations == alone.iterations
+        np.testing.assert_array_equal(fit.mixture.bernoulli, alone.mixture.bernoulli)
+        (start,) = random_starts(rows, [seed])
+        (evaluated,) = em_fit(rows, seeds=(seed,), max_iter=0)
+        np.testing.assert_array_equal(evaluated.mixture.gaussian.means, start.gaussian.means)
+        np.testing.assert_array_equal(evaluated.mixture.categorical[2], start.categorical[2])
+    assert together[0].history[0] != together[1].history[0]
+
+
+def test_em_fit_refuses_checkpoints_and_mixed_families_for_latent_fits(rng):
+    _, _, bernoulli, codes, _ = generated(rng, 100)
+    rows = engine(bernoulli=bernoulli, codes=codes)
+    latent = em.FitSettings(k=2, max_iter=5, tol=0, reg_covar=0, seed=0, family=LatentFamily(rows.columns, LEVELS))
+    with pytest.raises(ValueError, match=r"^checkpoints \(resume, on_state\) are not supported for LatentFamily"):
+        em.fit(rows.reduce, 0, rows.observed, [latent], on_state=lambda state: None)
+    gaussian = em.FitSettings(k=2, max_iter=5, tol=0, reg_covar=0, seed=0)
+    with pytest.raises(ValueError, match="^candidates fitted together must share one model family"):
+        em.fit(rows.reduce, 0, rows.observed, [latent, gaussian])
 
 
 def test_bad_values_are_refused_with_the_column_named(rng):
