@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, functions as F
-from pyspark.sql.types import BooleanType, FractionalType, IntegralType, NumericType, StringType
+from pyspark.sql.types import BooleanType, DoubleType, FloatType, IntegralType, NumericType, StringType
 
 from .blocks import BLOCK_SCHEMA, BlockCache, _block_batch, _partition_id, block_rows_for
 from .exceptions import InvalidInputError
@@ -127,7 +127,7 @@ def coded(df: DataFrame, feature: Feature) -> Column:
     values replaced by their position in `feature.values` (-1 if not there); null if missing."""
     column = named_column(feature.name)
     missing = column.isNull()
-    if isinstance(df.schema[feature.name].dataType, FractionalType):
+    if isinstance(df.schema[feature.name].dataType, (FloatType, DoubleType)):
         missing = missing | F.isnan(column)
     if feature.kind in ("gaussian", "poisson"):
         return F.when(~missing, column.cast("double"))
