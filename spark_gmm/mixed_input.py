@@ -322,7 +322,8 @@ class MixedBlockCache(BlockCache):
     the packing differs: coded columns, NaN kept, and the schema's shift."""
 
     def __init__(self, df: DataFrame, schema: MixedSchema, weight: Column | None, handle: str,
-                 aggregation_depth: int = 2):  # noqa: D107 — not BlockCache's packing, so no super().__init__
+                 aggregation_depth: int = 2):
+        # The attributes `BlockCache.reduce` reads, set here: its __init__ would pack vectors.
         self.has_weight = weight is not None
         self.aggregation_depth = aggregation_depth
         selected = [coded(df, f) for f in schema.features] + ([weight.alias("__w")] if self.has_weight else [])

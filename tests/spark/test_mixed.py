@@ -80,6 +80,10 @@ def test_classes_are_recovered_with_labelled_parameters(data, model):
     np.testing.assert_allclose(model.means["x"].to_numpy()[order], [0, 3, 6], atol=0.2)
     np.testing.assert_allclose(model.poissonRates["visits"].to_numpy()[order], [1, 4, 9], rtol=0.15)
     np.testing.assert_allclose(model.bernoulliProbabilities["flag"].to_numpy()[order], [0.1, 0.5, 0.9], atol=0.07)
+    n_parameters = 2 + K * (2 + 3) + K * 2 + K * (len(LEVELS) - 1) + K  # weights, Gaussian, tables, rates
+    assert model.numParameters == n_parameters
+    bic = -2 * model.summary.logLikelihood + n_parameters * np.log(N)  # the fit's last E-step
+    assert model.bic(df) == pytest.approx(bic, rel=1e-12)
     profile = model.profile().toPandas()
     assert len(profile) == K * 6
     colour = profile[(profile.feature == "colour") & (profile["class"] == int(order[0]))].iloc[0]
@@ -111,6 +115,19 @@ def test_the_partitioning_does_not_change_the_model(data):
     np.testing.assert_allclose(one.categoricalProbabilities["colour"].to_numpy(),
                                three.categoricalProbabilities["colour"].to_numpy(), rtol=1e-9)
     assert one.summary.logLikelihood == pytest.approx(three.summary.logLikelihood, rel=1e-12)
+
+
+def test_a_row_weight_counts_like_copies_of_the_row(spark, data):
+    frame = data[2].toPandas()
+    doubled = frame.iloc[:300].assign(w=2.0)
+    copies = pd.concat([doubled, doubled]).assign(w=1.0)
+    rest = frame.iloc[300:].assign(w=1.0)
+    weighted = fitted(spark.createDataFrame(pd.concat([doubled, rest])), weightCol="w", maxIter=3)
+    copied = fitted(spark.createDataFrame(pd.concat([copies, rest])), maxIter=3)
+    assert weighted.summary.totalWeight == copied.summary.totalWeight == N + 300
+    np.testing.assert_allclose(weighted.means.to_numpy(), copied.means.to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(weighted.bernoulliProbabilities.to_numpy(), copied.bernoulliProbabilities.to_numpy(),
+                               rtol=1e-9)
 
 
 @pytest.fixture(scope="module")
