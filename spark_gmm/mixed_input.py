@@ -149,6 +149,16 @@ def coded_rows(columns: list[np.ndarray], schema: MixedSchema, handle: str):
     return rows, keep
 
 
+def first_problem(columns: list[np.ndarray], schema: MixedSchema) -> np.ndarray:
+    """Per row, which column holds its first missing value (code 2j) or unusable value (code
+    2j + 1) among coded columns; -1 for a row with neither."""
+    codes = np.full(len(columns[0]) if columns else 0, -1)
+    for j in reversed(range(len(columns))):
+        x = columns[j]
+        codes = np.where(unusable(schema.features[j].kind, x), 2 * j + 1, np.where(np.isnan(x), 2 * j, codes))
+    return codes
+
+
 # -- the survey: one pass over the input before packing --------------------------------------------
 
 

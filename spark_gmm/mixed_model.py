@@ -16,49 +16,43 @@ from .inputs import named_column, weight_column
 from .latent import LatentClassModel
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
-from .mixed_input import UNUSABLE, MixedSchema, coded, coded_rows
+from .mixed_input import UNUSABLE, MixedSchema, coded, coded_rows, first_problem
 from .mixture import information_criterion
 
-SCORES_SCHEMA = "prediction int, probability array<double>, logDensity double"
+SCORES_SCHEMA = "prediction int, probability array<double>, logDensity double, problem int"
 
 
 def scoring_udf(model: LatentClassModel, schema: MixedSchema):
     """pandas UDF of the coded feature columns: prediction, probability and log density of the
-    observed part of each row; unusable values are marginalised, and a row with nothing usable
-    gets nulls."""
+    observed part of each row (unusable values marginalised; nulls for a row with nothing
+    usable), and the `mixed_input.first_problem` code of the row (null if it has none)."""
     columns = schema.columns
 
     @pandas_udf(SCORES_SCHEMA)
     def score(features: pd.DataFrame) -> pd.DataFrame:
-        rows, seen = coded_rows([features[c].to_numpy(dtype=np.float64) for c in features.columns], schema, "keep")
+        values = [features[c].to_numpy(dtype=np.float64) for c in features.columns]
+        rows, seen = coded_rows(values, schema, "keep")
         post = posterior(model, columns.block(rows, rows - schema.shift, None))
+        problem = first_problem(values, schema)
         return pd.DataFrame({
             "prediction": pd.Series(post.responsibilities.argmax(axis=1), dtype="Int32").where(seen),
             "probability": [p if ok else None for p, ok in zip(post.responsibilities, seen)],
             "logDensity": pd.Series(post.log_density, dtype="Float64").where(seen),
+            "problem": pd.Series(problem, dtype="Int32").where(problem >= 0),
         })
 
     return score
 
 
-def problems(dataset: DataFrame, schema: MixedSchema) -> Column:
-    """A message naming the first missing or unusable value of each row (column and value), or
-    null: what handleInvalid='error' refuses and 'skip' leaves out."""
-    checks = []
-    for feature in schema.features:
-        value = coded(dataset, feature)
-        raw = named_column(feature.name).cast("string")
-        where = f"{feature.kind} column '{feature.name}'"
-        checks.append(F.when(value.isNull(), F.lit(f"{where} has a missing value (null or NaN)")))
-        if feature.kind == "gaussian":
-            bad = F.abs(value) == float("inf")
-        elif feature.kind == "poisson":
-            bad = (value < 0) | (value != F.floor(value)) | (F.abs(value) == float("inf"))
-        else:
-            bad = value == -1
-        checks.append(F.when(bad, F.concat(F.lit(f"{where} holds '"), raw,
-                                           F.lit(f"' ({UNUSABLE[feature.kind]} are not usable)"))))
-    return F.coalesce(*checks)
+def problem_message(schema: MixedSchema, problem: Column) -> Column:
+    """The message of a `first_problem` code: the column, and its value when it is unusable."""
+    texts = []
+    for f in schema.features:
+        where = f"{f.kind} column '{f.name}'"
+        texts.append(F.lit(f"{where} has a missing value (null or NaN)"))
+        texts.append(F.concat(F.lit(f"{where} holds '"), named_column(f.name).cast("string"),
+                              F.lit(f"' ({UNUSABLE[f.kind]} are not usable)")))
+    return F.element_at(F.array(*texts), problem + 1)
 
 
 class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
@@ -165,16 +159,14 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         (handleInvalid='error'), drops the row ('skip'), or is marginalised ('keep'); a row with
         nothing usable gets nulls."""
         scores = F.col("__spark_gmm_scores")
-        problem = F.col("__spark_gmm_problem")
         scored = dataset.withColumn("__spark_gmm_scores", self._scores(dataset))
-        scored = scored.withColumn("__spark_gmm_problem", problems(dataset, self._schema))
         handle = self.getHandleInvalid()
         if handle == "skip":
-            scored = scored.where(problem.isNull())
+            scored = scored.where(scores.problem.isNull())
         prediction = scores.prediction
         if handle == "error":
-            prediction = F.when(problem.isNotNull(), F.raise_error(F.concat(
-                problem, F.lit("; set handleInvalid='keep' or 'skip'")))).otherwise(prediction)
+            message = F.concat(problem_message(self._schema, scores.problem), F.lit("; set handleInvalid='keep' or 'skip'"))
+            prediction = F.when(scores.problem.isNotNull(), F.raise_error(message)).otherwise(prediction)
         probability = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
         return scored.select(
             *[named_column(c) for c in dataset.columns],
@@ -186,15 +178,20 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
         """(Σ w·log p(observed part), Σ w) over the rows with something usable, in one pass."""
         w = weight_column(dataset, self.weightName())
-        weight = F.lit(1.0) if w is None else w
-        ll = self._scores(dataset).logDensity
-        problem = problems(dataset, self._schema)
-        usable = ll.isNotNull() & weight.isNotNull() & (weight >= 0) & (weight < float("inf"))
+        frame = dataset.select(
+            self._scores(dataset).alias("__spark_gmm_scores"),
+            (F.lit(1.0) if w is None else w).alias("__spark_gmm_weight"),
+            *[named_column(f.name) for f in self._schema.features],  # for the message
+        )
+        scores, weight = F.col("__spark_gmm_scores"), F.col("__spark_gmm_weight")
+        usable = scores.logDensity.isNotNull() & weight.isNotNull() & (weight >= 0) & (weight < float("inf"))
         if self.getHandleInvalid() == "skip":
-            usable = usable & problem.isNull()
-        total, mass, bad, first = dataset.select(
-            F.sum(F.when(usable, ll * weight)), F.sum(F.when(usable, weight)),
-            F.count(problem), F.first(problem, ignorenulls=True),
+            usable = usable & scores.problem.isNull()
+        total, mass, bad, first = frame.select(
+            F.sum(F.when(usable, scores.logDensity * weight)), F.sum(F.when(usable, weight)),
+            F.count(scores.problem),
+            F.first(F.when(scores.problem.isNotNull(), problem_message(self._schema, scores.problem)),
+                    ignorenulls=True),
         ).first()
         if bad and self.getHandleInvalid() == "error":
             raise InvalidInputError(f"{bad} rows cannot be scored; the first: {first}; set handleInvalid='keep' "
