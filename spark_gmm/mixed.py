@@ -8,7 +8,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import numpy as np
 from pyspark.ml import Estimator
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import (

@@ -295,33 +295,37 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
     width = len(schema.features)
 
     def pack(batches):
-        pid, seq, limit = _partition_id(), 0, block_rows_for(width)
-        pending_x, pending_w, pending = [], [], 0
+        pid, limit = _partition_id(), block_rows_for(width)
+        blocks = 0
+        pending_x, pending_w = [], []
+
+        def emit(stop):
+            """Blocks of the first `stop` pending rows; the rest stays pending."""
+            nonlocal blocks, pending_x, pending_w
+            x = np.concatenate(pending_x)
+            w = np.concatenate(pending_w) if has_weight else None
+            for start in range(0, stop, limit):
+                end = min(start + limit, stop)
+                yield _block_batch(pid, blocks, x[start:end], None if w is None else w[start:end],
+                                   [0, 0, 0], (width, width))
+                blocks += 1
+            pending_x, pending_w = [x[stop:]], ([w[stop:]] if has_weight else [])
+
         for batch in batches:
             columns = [batch.column(j).to_numpy(zero_copy_only=False).astype(np.float64) for j in range(width)]
             rows, keep = coded_rows(columns, schema, handle)
-            w = None
             if has_weight:
                 w = batch.column(width).to_numpy(zero_copy_only=False).astype(np.float64)
                 keep &= np.isfinite(w) & (w >= 0)
                 pending_w.append(w[keep])
             pending_x.append(rows[keep])
-            pending += int(keep.sum())
+            pending = sum(len(x) for x in pending_x)
             if pending >= limit:
-                x = np.concatenate(pending_x)
-                ws = np.concatenate(pending_w) if has_weight else None
-                full = len(x) - len(x) % limit
-                for start in range(0, full, limit):
-                    yield _block_batch(pid, seq, x[start : start + limit],
-                                       ws[start : start + limit] if has_weight else None, [0, 0, 0], (width, width))
-                    seq += 1
-                pending_x, pending_w = [x[full:]], ([ws[full:]] if has_weight else [])
-                pending = len(x) - full
+                yield from emit(pending - pending % limit)
+        pending = sum(len(x) for x in pending_x)
         if pending:
-            x = np.concatenate(pending_x)
-            yield _block_batch(pid, seq, x, np.concatenate(pending_w) if has_weight else None, [0, 0, 0], (width, width))
-            seq += 1
-        yield _block_batch(pid, seq, None, None, [0, 0, 0], (width, width))  # marks the partition
+            yield from emit(pending)
+        yield _block_batch(pid, blocks, None, None, [0, 0, 0], (width, width))  # marks the partition
 
     return pack
 

@@ -165,7 +165,8 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
             scored = scored.where(scores.problem.isNull())
         prediction = scores.prediction
         if handle == "error":
-            message = F.concat(problem_message(self._schema, scores.problem), F.lit("; set handleInvalid='keep' or 'skip'"))
+            message = F.concat(problem_message(self._schema, scores.problem),
+                               F.lit("; set handleInvalid='keep' or 'skip'"))
             prediction = F.when(scores.problem.isNotNull(), F.raise_error(message)).otherwise(prediction)
         probability = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
         return scored.select(
