@@ -137,19 +137,23 @@ class EMSettings:
 
 @dataclass
 class EMResult:
-    model: object  # latent.LatentClassModel, Gaussian means in shifted coordinates
+    """The fields of `em.FitResult` that a mixed fit reads (the same names)."""
+
+    mixture: object  # latent.LatentClassModel, Gaussian means in shifted coordinates
     history: list[float]  # objective (log-likelihood + log prior) at each iteration
     log_likelihood: float
     cluster_sizes: list[int]
     iterations: int
     converged: bool
-    seed: int
     iteration_seconds: list[float]
 
 
-def _run_em(reduce, columns: Columns, settings: EMSettings, describe=lambda text: None) -> EMResult:
+def _run_em(reduce, columns: Columns, total_weight: float, settings: EMSettings,
+            describe=lambda text: None) -> EMResult:
     """Random starts for every seed in one pass, then EM from each (`latent.fit_in_memory`, one
-    line logged per iteration); the fit with the highest objective."""
+    line logged per iteration); the fit with the highest objective. `total_weight` is the rows'
+    (those with something observed) total weight. The one place that runs the EM loop: it becomes
+    `em.fit` with `latent.LatentFamily` candidates, one per seed."""
     s = settings
     start_pass = MixedStartPass(s.k, list(s.seeds), s.levels, columns)
     describe("random starts")
@@ -160,20 +164,21 @@ def _run_em(reduce, columns: Columns, settings: EMSettings, describe=lambda text
     for seed, start in zip(s.seeds, starts):
         label = f"[seed {seed}] " if len(s.seeds) > 1 else ""
         seconds: list[float] = []
-        fit = fit_in_memory(_logged(reduce, label, seconds, describe), columns, start, s.reg_covar,
-                            s.smoothing, s.max_iter, s.tol)
+        fit = fit_in_memory(_logged(reduce, label, seconds, describe, total_weight), columns, start,
+                            s.reg_covar, s.smoothing, s.max_iter, s.tol)
         stats = fit.statistics
         converged = len(fit.history) > 1 and abs(fit.history[-1] - fit.history[-2]) < s.tol * stats.mass.sum()
         results.append(EMResult(fit.model, fit.history, stats.log_likelihood, stats.hard_counts.astype(int).tolist(),
-                                fit.iterations, converged, seed, seconds))
-    best = max(results, key=lambda r: r.history[-1])
+                                fit.iterations, converged, seconds))
+    best = max(range(len(results)), key=lambda i: results[i].history[-1])
     if len(results) > 1:
-        log.info("nInit=%d: kept seed %d, objective %.10g; others: %s", len(results), best.seed, best.history[-1],
-                 ", ".join(f"{r.history[-1]:.10g}" for r in results if r is not best))
-    return best
+        others = ", ".join(f"{r.history[-1]:.10g}" for i, r in enumerate(results) if i != best)
+        log.info("nInit=%d: kept seed %d, objective %.10g; others: %s", len(results), s.seeds[best],
+                 results[best].history[-1], others)
+    return results[best]
 
 
-def _logged(reduce, label: str, seconds: list[float], describe):
+def _logged(reduce, label: str, seconds: list[float], describe, total_weight: float):
     """`reduce` of E-step passes that logs each as one iteration line and records its seconds."""
     def run(pass_):
         describe(f"EM iteration {len(seconds)}")
@@ -182,7 +187,7 @@ def _logged(reduce, label: str, seconds: list[float], describe):
         seconds.append(time.perf_counter() - began)
         (stats,) = pass_.split(flat)  # fit_in_memory runs only E-step passes through it
         log.info("%siteration %d: log-likelihood %.10g (%.6g per row), %.3f s", label, len(seconds) - 1,
-                 stats.log_likelihood, stats.log_likelihood / stats.mass.sum(), seconds[-1])
+                 stats.log_likelihood, stats.log_likelihood / total_weight, seconds[-1])
         return flat
 
     return run
@@ -271,11 +276,11 @@ class MixedMixture(MixedMixtureParams, Estimator, persistence.Persistable):
             settings = EMSettings(self.getK(), self.getCovarianceType(), self.getRegCovar(), self.getSmoothing(),
                                   self.getMaxIter(), self.getTol(),
                                   tuple(self.getSeed() + i for i in range(self.getNInit())), schema.levels)
-            result = _run_em(cache.reduce, schema.columns, settings, cache.describe)
+            result = _run_em(cache.reduce, schema.columns, total_weight, settings, cache.describe)
         finally:
             cache.describe(None)
             cache.unpersist()
-        model = MixedMixtureModel(result.model, schema)
+        model = MixedMixtureModel(result.mixture, schema)
         self._copyValues(model)
         model._resetUid(self.uid)
         model._summary = MixedMixtureSummary(model, dataset, result, skipped, total_weight)

@@ -284,7 +284,6 @@ class MixedMixtureSummary:
         self.converged = bool(result.converged)
         self.clusterSizes = list(result.cluster_sizes)
         self.iterationSeconds = list(result.iteration_seconds)
-        self.seed = int(result.seed)
         self.invalidRowsSkipped = int(skipped)
         self.totalWeight = float(total_weight)
 

@@ -95,10 +95,10 @@ def test_spark_fit_equals_the_in_memory_fit_of_the_same_rows(data, model):
     columns = Columns(2, 2, 1, 1)
     rows = columns.pack(*arrays)
     settings = EMSettings(K, "full", 1e-6, 0.01, 100, 1e-4, (11,), (len(LEVELS),))
-    local = _run_em(local_reduce(rows, None, 256, shift=columns.shift(rows)), columns, settings)
+    local = _run_em(local_reduce(rows, None, 256, shift=columns.shift(rows)), columns, N, settings)
     assert local.iterations == model.summary.numIter
     assert local.log_likelihood == pytest.approx(model.summary.logLikelihood, rel=1e-12)
-    fit = local.model
+    fit = local.mixture
     np.testing.assert_allclose(model.weights, fit.weights, rtol=1e-9)
     np.testing.assert_allclose(model.means.to_numpy(), fit.gaussian.means + columns.shift(rows)[:2], rtol=1e-9)
     np.testing.assert_allclose(model.covariances[1].to_numpy(), fit.gaussian.covariances[1], rtol=1e-9)
