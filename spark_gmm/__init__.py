@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 from .clustering import GaussianMixture  # noqa: E402
 from .model import GaussianMixtureModel  # noqa: E402
 from .summary import GaussianMixtureSummary  # noqa: E402
+from .mixed import MixedMixture  # noqa: E402
+from .mixed_model import MixedMixtureModel, MixedMixtureSummary  # noqa: E402
 from .exceptions import (  # noqa: E402
     ComponentWarning,
     ExecutorEnvironmentError,
@@ -23,6 +25,9 @@ __all__ = [
     "GaussianMixtureSelection",
     "GaussianMixtureSelectionModel",
     "GaussianMixtureSummary",
+    "MixedMixture",
+    "MixedMixtureModel",
+    "MixedMixtureSummary",
     "ComponentWarning",
     "ExecutorEnvironmentError",
     "InputWarning",

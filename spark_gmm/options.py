@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from .latent import SMOOTHING
 from .mixture import COVARIANCE_TYPES
 
 #: Default seed: fixed across processes (pyspark's hash-of-class-name default is not).
@@ -109,8 +110,40 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-def check_options(values: dict) -> None:
-    """Refuse any value in `values` (Param name → value) that its option does not allow."""
+#: The settings of `MixedMixture` (the latent class model): the shared ones, plus its own.
+MIXED_OPTIONS: dict[str, Option] = {
+    **{name: OPTIONS[name] for name in ("k", "maxIter", "seed", "regCovar", "covarianceType", "nInit")},
+    "tol": Option(
+        1e-6, float,
+        "Convergence threshold on the change of the objective (log-likelihood + log prior of the "
+        "smoothing) per unit of row weight.",
+        minimum=0,
+    ),
+    "smoothing": Option(
+        SMOOTHING, float,
+        "Pseudo-rows (in units of row weight) added to every outcome of every Bernoulli and "
+        "categorical column, and to every count column's rate, in every class (a symmetric "
+        "Beta/Dirichlet/Gamma prior): no probability is exactly 0 or 1 and no rate 0. 0: maximum "
+        "likelihood.",
+        minimum=0,
+    ),
+    "maxLevels": Option(
+        1000, int, "Most distinct values a categorical column may have (more is refused).", minimum=2
+    ),
+    "handleInvalid": Option(
+        "error", str,
+        "Missing (null or NaN) or unusable values (±inf, a count that is not a whole number ≥ 0, a "
+        "level or Bernoulli value not seen in the fit): 'error' refuses them (fit, transform and "
+        "score), 'skip' leaves their rows out, 'keep' marginalises them out of the row's "
+        "likelihood (rows with nothing usable are left out). A bad weight always leaves its row "
+        "out (or, with 'error', refuses the fit).",
+        choices=HANDLE_INVALID,
+    ),
+}
+
+
+def check_options(values: dict, table: dict[str, Option] = OPTIONS) -> None:
+    """Refuse any value in `values` (Param name → value) that its option in `table` does not allow."""
     for name, value in values.items():
-        if name in OPTIONS:
-            OPTIONS[name].check(name, value)
+        if name in table:
+            table[name].check(name, value)

@@ -69,8 +69,9 @@ def refuse_existing(path: str, overwrite: bool) -> None:
         raise FileExistsError(f"path {path} already exists; use write().overwrite().save(path) to replace it")
 
 
-def write_directory(instance, path: str, overwrite: bool, extra: dict, components=None) -> str:
-    """Write `instance` (and a model's components) under `path`, metadata last; returns the writeId.
+def write_directory(instance, path: str, overwrite: bool, extra: dict, components=None, arrays=None) -> str:
+    """Write `instance` (and a model's components, or other named float64 `arrays`) under `path`,
+    metadata last; returns the writeId.
 
     A mixture that would not load again (see `codec.checked_mixture`) is refused before writing."""
     from . import __version__
@@ -96,6 +97,8 @@ def write_directory(instance, path: str, overwrite: bool, extra: dict, component
         except codec.InvalidMixtureError as why:
             raise codec.InvalidMixtureError(f"cannot save a model to {path}: {why}") from None
         codec.write(spark, f"{path}/data", codec.mixture_arrays(*checked), write_id, overwrite)
+    if arrays is not None:
+        codec.write(spark, f"{path}/data", arrays, write_id, overwrite)
     spark.createDataFrame([(json.dumps(metadata),)], "value string").coalesce(1).write.mode(
         mode
     ).text(f"{path}/metadata")

@@ -1,0 +1,293 @@
+"""`MixedMixture`: the latent class model over Gaussian, Bernoulli, categorical and count columns
+of a DataFrame (docs/mixed.md), fitted by distributed EM over cached blocks that keep missing
+values; the model is `mixed_model.MixedMixtureModel`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pyspark.ml import Estimator
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import (
+    HasHandleInvalid,
+    HasMaxIter,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasSeed,
+    HasTol,
+    HasWeightCol,
+)
+from pyspark.sql import DataFrame
+
+from . import em, persistence
+from .exceptions import InvalidInputError
+from .inputs import weight_column
+from .latent import Columns, LatentFamily
+from .mixed_input import UNUSABLE, MixedBlockCache, Survey, schema_of, survey, typed_features
+from .options import MIXED_OPTIONS, check_options
+
+log = logging.getLogger("spark_gmm")
+
+_CONVERTERS = {int: TypeConverters.toInt, float: TypeConverters.toFloat, str: TypeConverters.toString}
+
+
+def _declared(name: str) -> Param:
+    option = MIXED_OPTIONS[name]
+    return Param(Params._dummy(), name, option.doc, _CONVERTERS[option.kind])
+
+
+def _columns_param(kind: str, what: str) -> Param:
+    return Param(Params._dummy(), f"{kind}Cols", f"Input columns modelled as {what}.", TypeConverters.toListString)
+
+
+class MixedMixtureParams(HasPredictionCol, HasProbabilityCol, HasMaxIter, HasTol, HasSeed, HasWeightCol,
+                         HasHandleInvalid):
+    """Columns and settings of a latent class fit, with pyspark.ml's getters; defaults from
+    `options.MIXED_OPTIONS`."""
+
+    k = _declared("k")
+    regCovar = _declared("regCovar")
+    covarianceType = _declared("covarianceType")
+    nInit = _declared("nInit")
+    smoothing = _declared("smoothing")
+    maxLevels = _declared("maxLevels")
+    gaussianCols = _columns_param("gaussian", "one multivariate Gaussian per class (numeric)")
+    bernoulliCols = _columns_param("bernoulli", "one Bernoulli per class (0/1, boolean or two-valued)")
+    categoricalCols = _columns_param("categorical", "one categorical distribution per class (string, integer)")
+    poissonCols = _columns_param("poisson", "one Poisson per class (whole numbers ≥ 0)")
+    logDensityCol = Param(Params._dummy(), "logDensityCol",
+                          "transform adds each row's log density of its observed part in this column.",
+                          TypeConverters.toString)
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._setDefault(**{name: option.default for name, option in MIXED_OPTIONS.items()})
+        self._setDefault(gaussianCols=[], bernoulliCols=[], categoricalCols=[], poissonCols=[],
+                         logDensityCol="logDensity")
+
+    def getK(self) -> int:
+        return self.getOrDefault(self.k)
+
+    def getRegCovar(self) -> float:
+        return self.getOrDefault(self.regCovar)
+
+    def getCovarianceType(self) -> str:
+        return self.getOrDefault(self.covarianceType)
+
+    def getNInit(self) -> int:
+        return self.getOrDefault(self.nInit)
+
+    def getSmoothing(self) -> float:
+        return self.getOrDefault(self.smoothing)
+
+    def getMaxLevels(self) -> int:
+        return self.getOrDefault(self.maxLevels)
+
+    def getGaussianCols(self) -> list[str]:
+        return self.getOrDefault(self.gaussianCols)
+
+    def getBernoulliCols(self) -> list[str]:
+        return self.getOrDefault(self.bernoulliCols)
+
+    def getCategoricalCols(self) -> list[str]:
+        return self.getOrDefault(self.categoricalCols)
+
+    def getPoissonCols(self) -> list[str]:
+        return self.getOrDefault(self.poissonCols)
+
+    def getLogDensityCol(self) -> str:
+        return self.getOrDefault(self.logDensityCol)
+
+    def setPredictionCol(self, value: str):
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str):
+        return self._set(probabilityCol=value)
+
+    def setLogDensityCol(self, value: str):
+        return self._set(logDensityCol=value)
+
+    def setWeightCol(self, value: str):
+        return self._set(weightCol=value)
+
+    def setHandleInvalid(self, value: str):
+        return self._set(handleInvalid=value)
+
+    def weightName(self) -> str | None:
+        return self.getWeightCol() if self.isDefined(self.weightCol) and self.getWeightCol() else None
+
+
+# -- the EM loop: the shared `em.fit`, one candidate per seed --------------------------------------
+
+
+@dataclass(frozen=True)
+class EMSettings:
+    k: int
+    covariance_type: str
+    reg_covar: float
+    smoothing: float
+    max_iter: int
+    tol: float
+    seeds: tuple[int, ...]  # one fit per seed (nInit), the best objective kept
+    levels: tuple[int, ...]
+
+
+def _run_em(reduce, columns: Columns, total_weight: float, settings: EMSettings, describe=None) -> em.FitResult:
+    """EM from each seed's random start, all in shared passes of the one EM loop (`em.fit` with
+    `latent.LatentFamily`); the fit with the highest objective. `total_weight` is the weight of
+    the rows with something observed."""
+    s = settings
+    family = LatentFamily(columns, s.levels, s.smoothing)
+    candidates = [
+        em.FitSettings(k=s.k, max_iter=s.max_iter, tol=s.tol, reg_covar=s.reg_covar, seed=seed,
+                       covariance_type=s.covariance_type, family=family)
+        for seed in s.seeds
+    ]
+    results = em.fit(reduce, columns.d, total_weight, candidates, describe=describe)
+    best = max(range(len(results)), key=lambda i: results[i].history[-1])
+    if len(results) > 1:
+        others = ", ".join(f"{r.history[-1]:.10g}" for i, r in enumerate(results) if i != best)
+        log.info("nInit=%d: kept seed %d, objective %.10g; others: %s", len(results), s.seeds[best],
+                 results[best].history[-1], others)
+    return results[best]
+
+
+# -- the estimator ---------------------------------------------------------------------------------
+
+
+class MixedMixture(MixedMixtureParams, Estimator, persistence.Persistable):
+    """Latent class clustering of mixed columns by distributed EM: given its class, a row's
+    Gaussian block, Bernoulli, categorical and count columns are independent; missing values can
+    be marginalised (handleInvalid='keep')."""
+
+    def __init__(self, **params):
+        super().__init__()
+        self.setParams(**params)
+
+    def setParams(self, **params):
+        """Set any Params by name (keyword arguments only); None leaves one unset."""
+        unknown = sorted(set(params) - {p.name for p in self.params})
+        if unknown:
+            raise TypeError(f"unknown parameter(s) {', '.join(unknown)} for MixedMixture")
+        return self._set(**{name: value for name, value in params.items() if value is not None})
+
+    def setK(self, value: int):
+        return self._set(k=value)
+
+    def setGaussianCols(self, value: list[str]):
+        return self._set(gaussianCols=value)
+
+    def setBernoulliCols(self, value: list[str]):
+        return self._set(bernoulliCols=value)
+
+    def setCategoricalCols(self, value: list[str]):
+        return self._set(categoricalCols=value)
+
+    def setPoissonCols(self, value: list[str]):
+        return self._set(poissonCols=value)
+
+    def setCovarianceType(self, value: str):
+        return self._set(covarianceType=value)
+
+    def setRegCovar(self, value: float):
+        return self._set(regCovar=value)
+
+    def setSmoothing(self, value: float):
+        return self._set(smoothing=value)
+
+    def setMaxLevels(self, value: int):
+        return self._set(maxLevels=value)
+
+    def setMaxIter(self, value: int):
+        return self._set(maxIter=value)
+
+    def setTol(self, value: float):
+        return self._set(tol=value)
+
+    def setSeed(self, value: int):
+        return self._set(seed=value)
+
+    def setNInit(self, value: int):
+        return self._set(nInit=value)
+
+    def _fit(self, dataset: DataFrame):
+        from .mixed_model import MixedMixtureModel, MixedMixtureSummary
+
+        check_options({p.name: self.getOrDefault(p) for p in self.params if self.isDefined(p)}, MIXED_OPTIONS)
+        kinds = {"gaussian": self.getGaussianCols(), "bernoulli": self.getBernoulliCols(),
+                 "categorical": self.getCategoricalCols(), "poisson": self.getPoissonCols()}
+        features = typed_features(dataset, kinds)
+        weight = weight_column(dataset, self.weightName())
+        log.info("surveying the input: levels, ranges, missing values")
+        found = survey(dataset, features, weight, self.getMaxLevels())
+        skipped = self._validate(found, features)
+        schema = schema_of(dataset, features, found, self.getMaxLevels())
+        cache = MixedBlockCache(dataset, schema, weight, self.getHandleInvalid())
+        try:
+            cache.describe("reading the input into cached blocks")
+            rows, total_weight = cache.summarize()
+            log.info("input: %d rows × %d columns in %d partitions%s", rows, len(features), cache.partitions,
+                     f", {skipped} rows left out" if skipped else "")
+            if rows < self.getK():
+                raise InvalidInputError(f"k={self.getK()} is larger than the number of rows to fit ({rows})")
+            if not total_weight > 0:
+                raise InvalidInputError(f"weight column '{self.weightName()}': all weights are zero")
+            settings = EMSettings(self.getK(), self.getCovarianceType(), self.getRegCovar(), self.getSmoothing(),
+                                  self.getMaxIter(), self.getTol(),
+                                  tuple(self.getSeed() + i for i in range(self.getNInit())), schema.levels)
+            result = _run_em(cache.reduce, schema.columns, total_weight, settings, cache.describe)
+        finally:
+            cache.describe(None)
+            cache.unpersist()
+        model = MixedMixtureModel(result.mixture, schema)
+        self._copyValues(model)
+        model._resetUid(self.uid)
+        model._summary = MixedMixtureSummary(model, dataset, result, skipped, total_weight)
+        log.info("fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
+                 self.getK(), result.iterations, result.converged, result.log_likelihood)
+        return model
+
+    def _validate(self, found: Survey, features) -> int:
+        """Refuse what cannot be fitted, naming the column, the count and a value; returns the
+        rows left out (by 'skip' or 'keep')."""
+        handle = self.getHandleInvalid()
+        if found.rows == 0:
+            raise InvalidInputError("no rows to fit: the input is empty")
+        for feature, column in zip(features, found.columns):
+            if feature.kind == "gaussian" and column["min"] is None:
+                raise InvalidInputError(f"gaussian column '{feature.name}' has no finite value")
+            if handle != "error":
+                continue
+            if column["missing"]:
+                raise InvalidInputError(
+                    f"{feature.kind} column '{feature.name}' has {column['missing']} missing values (null or "
+                    f"NaN) in {found.rows} rows; set handleInvalid='keep' to marginalise them or 'skip' to "
+                    "leave their rows out"
+                )
+            if column["bad"]:
+                raise InvalidInputError(
+                    f"{feature.kind} column '{feature.name}' has {column['bad']} {UNUSABLE[feature.kind]} "
+                    f"(e.g. {column['example']!r}); set handleInvalid='keep' to treat them as missing or "
+                    "'skip' to leave their rows out"
+                )
+        if found.bad_weights and handle == "error":
+            raise InvalidInputError(
+                f"weight column '{self.weightName()}' has {found.bad_weights} null, negative, NaN or infinite "
+                "weights; set handleInvalid='skip' to leave their rows out"
+            )
+        skipped = {"error": 0, "skip": found.dropped_skip, "keep": found.dropped_keep}[handle]
+        if skipped:
+            log.warning("handleInvalid='%s': %d of %d rows left out", handle, skipped, found.rows)
+        if skipped == found.rows:
+            raise InvalidInputError(f"no rows to fit: handleInvalid='{handle}' leaves out all {found.rows} rows")
+        return skipped
+
+    def _save(self, path: str, overwrite: bool) -> str:
+        return persistence.write_directory(self, path, overwrite, {})
+
+    @classmethod
+    def _load(cls, path: str) -> "MixedMixture":
+        estimator = cls()
+        persistence.restore_params(estimator, persistence.read_metadata(path, cls.__name__))
+        return estimator
