@@ -45,7 +45,7 @@ def block_rows_for(d: int) -> int:
     return int(min(1 << 16, max(256, BLOCK_BYTES // (8 * max(d, 1)))))
 
 
-def _partition_id() -> int:
+def partition_id() -> int:
     from pyspark import TaskContext
 
     return TaskContext.get().partitionId()
@@ -80,7 +80,7 @@ def content_digest(x: np.ndarray, w: np.ndarray | None) -> int:
     return total
 
 
-def _block_batch(pid, seq, x, w, counts, dims, digest=0):
+def block_batch(pid, seq, x, w, counts, dims, digest=0):
     """One output row: a block of valid rows plus what the driver needs to validate the input."""
     n, d = x.shape if x is not None else (0, -1)
     finite = x if x is not None else np.empty((0, 0))
@@ -126,7 +126,7 @@ def make_packer(has_weight: bool):
     """The `mapInArrow` function that turns input rows into blocks (and invalid-row counts)."""
 
     def pack(batches):
-        pid = _partition_id()
+        pid = partition_id()
         block_rows = None
         seq = 0
         pending_x, pending_w, pending = [], [], 0
@@ -150,7 +150,7 @@ def make_packer(has_weight: bool):
                 dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
             if x is None or dims[0] != dims[1]:
                 # Vectors of different lengths: report, the driver refuses the input.
-                yield _block_batch(pid, seq, None, None, counts.tolist(), dims)
+                yield block_batch(pid, seq, None, None, counts.tolist(), dims)
                 return
             if not len(x):
                 continue
@@ -162,14 +162,14 @@ def make_packer(has_weight: bool):
             if pending >= block_rows:
                 full = pending - pending % block_rows
                 for bx, bw in flush(full):
-                    yield _block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                    yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
                     seq += 1
         if pending:
             for bx, bw in flush(pending):
-                yield _block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
                 seq += 1
         # Counts of invalid rows and the digest travel on a row of their own.
-        yield _block_batch(pid, seq, None, None, counts.tolist(), dims, digest)
+        yield block_batch(pid, seq, None, None, counts.tolist(), dims, digest)
 
     return pack
 
@@ -224,7 +224,7 @@ def make_partition_fold(pass_, shift, has_weight: bool, dtype):
         acc = fold_blocks(pass_, blocks, shift)
         if acc is not None:
             yield pa.RecordBatch.from_pydict(
-                {"pid": pa.array([_partition_id()], pa.int32()), "part": pa.array([acc.tobytes()])}
+                {"pid": pa.array([partition_id()], pa.int32()), "part": pa.array([acc.tobytes()])}
             )
 
     return fold_partition

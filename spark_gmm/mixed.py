@@ -212,7 +212,7 @@ class MixedMixture(MixedMixtureParams, Estimator, persistence.Persistable):
         return self._set(nInit=value)
 
     def _fit(self, dataset: DataFrame):
-        from .mixed_model import MixedMixtureModel, MixedMixtureSummary
+        from .mixed_model import MixedMixtureModel
 
         check_options({p.name: self.getOrDefault(p) for p in self.params if self.isDefined(p)}, MIXED_OPTIONS)
         kinds = {"gaussian": self.getGaussianCols(), "bernoulli": self.getBernoulliCols(),
@@ -243,7 +243,7 @@ class MixedMixture(MixedMixtureParams, Estimator, persistence.Persistable):
         model = MixedMixtureModel(result.mixture, schema)
         self._copyValues(model)
         model._resetUid(self.uid)
-        model._summary = MixedMixtureSummary(model, dataset, result, skipped, total_weight)
+        model.attach_summary(dataset, result, skipped, total_weight)
         log.info("fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
                  self.getK(), result.iterations, result.converged, result.log_likelihood)
         return model

@@ -21,7 +21,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import BooleanType, DoubleType, FloatType, IntegralType, NumericType, StringType
 
-from .blocks import BLOCK_SCHEMA, BlockCache, _block_batch, _partition_id, block_rows_for
+from .blocks import BLOCK_SCHEMA, BlockCache, block_batch, partition_id, block_rows_for
 from .exceptions import InvalidInputError
 from .inputs import named_column
 from .latent import Columns
@@ -295,7 +295,7 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
     width = len(schema.features)
 
     def pack(batches):
-        pid, limit = _partition_id(), block_rows_for(width)
+        pid, limit = partition_id(), block_rows_for(width)
         blocks = 0
         pending_x, pending_w = [], []
 
@@ -306,7 +306,7 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
             w = np.concatenate(pending_w) if has_weight else None
             for start in range(0, stop, limit):
                 end = min(start + limit, stop)
-                yield _block_batch(pid, blocks, x[start:end], None if w is None else w[start:end],
+                yield block_batch(pid, blocks, x[start:end], None if w is None else w[start:end],
                                    [0, 0, 0], (width, width))
                 blocks += 1
             pending_x, pending_w = [x[stop:]], ([w[stop:]] if has_weight else [])
@@ -325,7 +325,7 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
         pending = sum(len(x) for x in pending_x)
         if pending:
             yield from emit(pending)
-        yield _block_batch(pid, blocks, None, None, [0, 0, 0], (width, width))  # marks the partition
+        yield block_batch(pid, blocks, None, None, [0, 0, 0], (width, width))  # marks the partition
 
     return pack
 

@@ -66,6 +66,10 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         self._training: dict | None = None  # a loaded model's summary figures
         self._set(k=latent.k)
 
+    def attach_summary(self, dataset: DataFrame, result, skipped: int, total_weight: float) -> None:
+        """Give a freshly fitted model its training summary (`em.FitResult` of the fit)."""
+        self._summary = MixedMixtureSummary(self, dataset, result, skipped, total_weight)
+
     # -- parameters ----------------------------------------------------------------------------
 
     def _frame(self, values: np.ndarray, names: list[str]) -> pd.DataFrame:

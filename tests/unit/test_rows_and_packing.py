@@ -42,7 +42,7 @@ def unpack(out):
 
 @pytest.fixture(autouse=True)
 def one_partition(monkeypatch):
-    monkeypatch.setattr(blocks, "_partition_id", lambda: 3)
+    monkeypatch.setattr(blocks, "partition_id", lambda: 3)
 
 
 def test_packing_keeps_valid_rows_in_order_and_counts_the_others(monkeypatch):
