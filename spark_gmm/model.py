@@ -46,8 +46,12 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             means,
             np.asarray(covariances, dtype=np.float64).reshape(k, d, d),
         )
-        # checked_mixture has proven every covariance positive definite: no repair to attempt.
-        self._mixture = Mixture(weights / weights.sum(), means, covariances, precision_cholesky(covariances))
+        # Weights that already sum to 1 are kept as they are, so a save and load is exact (dividing
+        # by a sum of 1 ± rounding is not idempotent); checked_mixture has proven every covariance
+        # positive definite: no repair to attempt.
+        if abs(weights.sum() - 1.0) > 1e-12:
+            weights = weights / weights.sum()
+        self._mixture = Mixture(weights, means, covariances, precision_cholesky(covariances))
         # Scoring works around the means' centre, as fitting works around the data's.
         self._center = (means.min(axis=0) + means.max(axis=0)) / 2
         self._centred = self._mixture.shifted(-self._center)
