@@ -1,8 +1,10 @@
-"""Rows → cached float64 blocks, and passes over them: the thin Spark layer.
+"""Rows → cached blocks, and passes over them: the thin Spark layer.
 
 Input rows are converted once (`mapInArrow`) into blocks of a few thousand rows, each one row of the
-cached DataFrame holding the block's float64 values as raw bytes. Every data pass then maps the
-cached blocks straight to numpy, folds the pass's partials per partition in storage order, and
+cached DataFrame holding the block's values as raw bytes: float32 where every value of the block is
+a float32 number (counts, pixels, float columns: half the bytes to cache and to move into Python
+each pass, and no value changes), else float64. Every data pass then maps the cached blocks to
+float64 numpy rows, folds the pass's partials per partition in storage order, and
 the driver combines one partial per partition in partition order. Only DataFrame APIs are used on
 the hot path (no `sparkContext`), so the same code runs under Spark Connect.
 
@@ -80,6 +82,20 @@ def content_digest(x: np.ndarray, w: np.ndarray | None) -> int:
     return total
 
 
+def stored_values(x: np.ndarray) -> bytes:
+    """A block's values as cached: float32 bytes when that loses nothing, else float64 bytes."""
+    narrow = x.astype(np.float32)
+    return narrow.tobytes() if np.array_equal(narrow, x) else x.tobytes()
+
+
+def block_values(data: np.ndarray, n: int, d: int, dtype=np.float64) -> np.ndarray:
+    """The (n, d) rows of a cached block's bytes, as `dtype`: float64 (float32 blocks widened
+    exactly), or float32 for the blocks of a cache narrowed by `BlockCache.store_as_float32`."""
+    stored = np.float32 if len(data) == 4 * n * d else np.float64
+    rows = data.view(stored).reshape(n, d)
+    return rows if stored == dtype else rows.astype(dtype)
+
+
 def block_batch(pid, seq, x, w, counts, dims, digest=0):
     """One output row: a block of valid rows plus what the driver needs to validate the input."""
     n, d = x.shape if x is not None else (0, -1)
@@ -90,7 +106,7 @@ def block_batch(pid, seq, x, w, counts, dims, digest=0):
             "seq": pa.array([seq], pa.int32()),
             "n": pa.array([n], pa.int32()),
             "d": pa.array([d], pa.int32()),
-            "x": pa.array([finite.tobytes()], pa.binary()),
+            "x": pa.array([stored_values(finite)], pa.binary()),
             "w": pa.array([b"" if w is None else w.tobytes()], pa.binary()),
             "wsum": pa.array([float(n if w is None else w.sum())], pa.float64()),
             "xmin": pa.array([finite.min(axis=0).tobytes() if n else b""], pa.binary()),
@@ -175,7 +191,8 @@ def make_packer(has_weight: bool):
 
 
 def arrow_blocks(batches, has_weight: bool, dtype=np.float64):
-    """(pid, seq, raw rows, weights) of each non-empty cached block, as zero-copy numpy views."""
+    """(pid, seq, raw rows as `dtype`, weights) of each non-empty cached block (zero-copy views where
+    the stored width is `dtype`'s)."""
     for batch in batches:
         ns = batch.column("n").to_numpy()
         ds = batch.column("d").to_numpy()
@@ -184,7 +201,7 @@ def arrow_blocks(batches, has_weight: bool, dtype=np.float64):
         xs = _binary_views(batch.column("x"))
         ws = _binary_views(batch.column("w")) if has_weight else None
         for i in np.flatnonzero(ns > 0):
-            raw = xs[i].view(dtype).reshape(ns[i], ds[i])
+            raw = block_values(xs[i], int(ns[i]), int(ds[i]), dtype)
             yield int(pids[i]), int(seqs[i]), raw, (ws[i].view(np.float64) if has_weight else None)
 
 
@@ -231,15 +248,14 @@ def make_partition_fold(pass_, shift, has_weight: bool, dtype):
 
 
 def make_float32_converter(shift: np.ndarray):
-    """`mapInArrow` function turning float64 blocks into float32 blocks of the shifted rows."""
+    """`mapInArrow` function turning cached blocks into float32 blocks of the shifted rows."""
 
     def to_float32(batches):
         for batch in batches:
             xs = _binary_views(batch.column("x"))
-            ds = batch.column("d").to_numpy()
+            ns, ds = batch.column("n").to_numpy(), batch.column("d").to_numpy()
             column = [
-                (v.view(np.float64).reshape(-1, ds[i]) - shift).astype(np.float32).tobytes()
-                if len(v) else b""
+                (block_values(v, int(ns[i]), int(ds[i])) - shift).astype(np.float32).tobytes() if ns[i] else b""
                 for i, v in enumerate(xs)
             ]
             arrays = [pa.array(column, pa.binary()) if name == "x" else batch.column(name)
@@ -289,8 +305,8 @@ class InputSummary:
 
 
 class BlockCache:
-    """The input packed into cached blocks (float64, or float32 after `store_as_float32`); `reduce` runs a
-    pass over all of them."""
+    """The input packed into cached blocks (float64 rows, or float32 shifted rows after `store_as_float32`);
+    `reduce` runs a pass over all of them."""
 
     def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2):
         has_weight = weight_col is not None
@@ -341,7 +357,7 @@ class BlockCache:
         )
 
     def store_as_float32(self) -> None:
-        """Replace the float64 blocks with float32 values of the shifted rows (after `summarize`).
+        """Replace the blocks with float32 values of the shifted rows (after `summarize`).
 
         Shifting before rounding keeps float32's 24 bits for the data's spread, not its offset, and
         the values stay a pure function of each row, so partitioning still does not matter.
@@ -349,7 +365,7 @@ class BlockCache:
         converted = self.blocks.mapInArrow(make_float32_converter(self.shift), BLOCK_SCHEMA).persist(
             StorageLevel.MEMORY_AND_DISK
         )
-        converted.select("n").agg(F.sum("n")).collect()  # materialise before the float64 blocks go
+        converted.select("n").agg(F.sum("n")).collect()  # materialise before the old blocks go
         self.blocks.unpersist()
         self.blocks, self.dtype, self.shift = converted, np.float32, None
 

@@ -6,11 +6,13 @@ tested against).
 Rows are taken in tiles of a few hundred, transposed so that every inner loop runs along the rows of
 the tile (SIMD across rows); each tile's sums are added to the block's in tile order. Everything is
 single-threaded and the order of every sum is fixed by the compiled code, so the same block gives
-bit-identical statistics on the same machine, whatever the scheduling. Float32 blocks are widened to
-float64 as they are read: all arithmetic is float64.
+bit-identical statistics on the same machine, whatever the scheduling. All arithmetic is float64:
+float32 blocks are widened in numpy before the call (a copy per block, a few per cent of the kernel's
+time), so that each kernel has a single compiled specialisation.
 
-Compiled on first use in each process and cached on disk where numba can write its cache (see
-`disk_cache_usable` and docs/performance.md); otherwise compiled again in each process.
+Compiled on first use in each process, one function at a time (a fit compiles `_estep`, scoring
+`_posterior`), and cached on disk where numba can write its cache (see `disk_cache_usable` and
+docs/performance.md); otherwise compiled again in each process.
 """
 
 from __future__ import annotations
@@ -261,12 +263,12 @@ def statistics(x: np.ndarray, w, mixture) -> np.ndarray:
     second moments around the mixture's means."""
     out = np.zeros(ComponentStatistics.size(mixture.k, mixture.d))
     weights = _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64)
-    _estep(np.ascontiguousarray(x), weights, *_parameters(mixture), tile_rows(mixture.d), out)
+    _estep(np.ascontiguousarray(x, dtype=np.float64), weights, *_parameters(mixture), tile_rows(mixture.d), out)
     return out
 
 
 def posterior(x: np.ndarray, mixture) -> tuple[np.ndarray, np.ndarray]:
     """(log p(x) (n,), responsibilities (n, k)) of the rows x (n, d)."""
     log_density, resp = np.empty(x.shape[0]), np.empty((x.shape[0], mixture.k))
-    _posterior(np.ascontiguousarray(x), *_parameters(mixture), tile_rows(mixture.d), log_density, resp)
+    _posterior(np.ascontiguousarray(x, dtype=np.float64), *_parameters(mixture), tile_rows(mixture.d), log_density, resp)
     return log_density, resp

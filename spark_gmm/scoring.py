@@ -1,6 +1,11 @@
-"""Scoring rows with a fitted mixture in the executors: the pandas UDFs behind `transform` and behind
+"""Scoring rows with a fitted mixture in the executors: the Arrow UDFs behind `transform` and behind
 `score`, `bic` and `aic`, and the sampler. Which rows (and weights) can be used is `rows`' rule,
-evaluated here on the same numpy arrays as when a fit packs its blocks."""
+evaluated here on the same numpy arrays as when a fit packs its blocks.
+
+Scores go from Arrow to numpy and back without a Python object per row: the feature lists are
+flattened into an (n, d) array, the compiled kernel (`kernels.posterior`) fills the log densities
+and an (n, k) array of probabilities, which becomes the values buffer of the output list column.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from pyspark.sql import Column, DataFrame, functions as F
-from pyspark.sql.functions import pandas_udf
 
 from .kernels import posterior, row_uniforms
 from .mixture import Mixture
@@ -23,43 +27,76 @@ def unscorable(d: int) -> str:
     return f"null, NaN or infinite features, or other than {d} features (the model's)"
 
 
+def _scored(features: pa.Array, mixture: Mixture, center: np.ndarray):
+    """(unusable (n,), log p(x) (n,), probabilities (n, k)) of an Arrow list<double> array."""
+    x, missing, nonfinite = feature_rows(features, mixture.d)
+    x -= center
+    return (missing | nonfinite, *posterior(x, mixture))
+
+
+def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray) -> pa.StructArray:
+    """SCORES_SCHEMA of each row (nulls for unusable rows); the probabilities (n, k) are the values
+    buffer of the list column, with no copy per row."""
+    unusable, log_density, probability = _scored(features, mixture, center)
+    n, k = probability.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    return pa.StructArray.from_arrays(
+        [
+            pa.array(probability.argmax(axis=1).astype(np.int32), mask=unusable),
+            pa.ListArray.from_arrays(offsets, pa.array(probability.ravel()), mask=pa.array(unusable)),
+            pa.array(log_density, mask=unusable),
+        ],
+        names=["prediction", "probability", "logLikelihood"],
+    )
+
+
+def weighted_log_density_arrow(features: pa.Array, weights: pa.Array, mixture: Mixture,
+                               center: np.ndarray) -> pa.StructArray:
+    """WEIGHTED_SCHEMA of each row: its log density and weight, both null when the row cannot be
+    scored or its weight is not usable (`rows.usable_weights`, the rule a fit applies)."""
+    unusable, log_density, _ = _scored(features, mixture, center)
+    w = np.asarray(weights.to_numpy(zero_copy_only=False), dtype=np.float64)  # null → NaN: not usable
+    left_out = unusable | ~usable_weights(w)
+    return pa.StructArray.from_arrays(
+        [pa.array(log_density, mask=left_out), pa.array(w, mask=left_out)], names=["logLikelihood", "weight"]
+    )
+
+
+def _columns_udf(compute, schema: str):
+    """`compute` (Arrow arrays: the features as list<double>, then any double columns → an Arrow
+    array of `schema`) as a UDF: an Arrow UDF (Spark ≥ 4.1), else a pandas UDF around it (Spark
+    4.0, which converts each row's list to a numpy array and back)."""
+    try:
+        from pyspark.sql.functions import arrow_udf
+    except ImportError:
+        from pyspark.sql.functions import pandas_udf
+
+        def via_pandas(features: pd.Series, *others: pd.Series) -> pd.DataFrame:
+            arrays = [pa.array(other, type=pa.float64(), from_pandas=True) for other in others]
+            out = compute(pa.array(features, type=pa.list_(pa.float64())), *arrays)
+            return pa.Table.from_struct_array(out).to_pandas(integer_object_nulls=True)
+
+        return pandas_udf(via_pandas, schema)
+
+    def via_arrow(features: pa.Array, *others: pa.Array) -> pa.Array:
+        return compute(features, *others)
+
+    return arrow_udf(via_arrow, schema)
+
+
 def scoring_udf(mixture: Mixture, center: np.ndarray):
-    """pandas UDF of an array<double> column: prediction, probability (k,) and log density of each
-    row (null for unusable rows). `mixture` (k components, d features) is in coordinates shifted by
+    """UDF of an array<double> column: prediction, probability (k,) and log density of each row
+    (null for unusable rows). `mixture` (k components, d features) is in coordinates shifted by
     `center` (d,)."""
-
-    @pandas_udf(SCORES_SCHEMA)
-    def score(features: pd.Series) -> pd.DataFrame:
-        x, missing, nonfinite = feature_rows(pa.array(features, type=pa.list_(pa.float64())), mixture.d)
-        usable = ~(missing | nonfinite)
-        log_norm, probability = posterior(x - center, mixture)
-        return pd.DataFrame(
-            {
-                "prediction": pd.Series(probability.argmax(axis=1), dtype="Int32").where(usable),
-                "probability": [p if ok else None for p, ok in zip(probability, usable)],
-                "logLikelihood": np.where(usable, log_norm, np.nan),
-            }
-        )
-
-    return score
+    return _columns_udf(lambda features: scores_arrow(features, mixture, center), SCORES_SCHEMA)
 
 
 def weighted_log_likelihood_udf(mixture: Mixture, center: np.ndarray):
-    """pandas UDF of (features array<double>, weight double): each row's log density and weight,
-    both null when the row cannot be scored or its weight is not usable (`rows.usable_weights`, the
-    rule a fit applies). `mixture` (k components, d features) is in coordinates shifted by `center` (d,)."""
-
-    @pandas_udf(WEIGHTED_SCHEMA)
-    def score(features: pd.Series, weights: pd.Series) -> pd.DataFrame:
-        x, missing, nonfinite = feature_rows(pa.array(features, type=pa.list_(pa.float64())), mixture.d)
-        w = weights.to_numpy(dtype=np.float64, na_value=np.nan)  # null → NaN: not usable
-        usable = ~(missing | nonfinite) & usable_weights(w)
-        log_norm, _ = posterior(x - center, mixture)
-        return pd.DataFrame(
-            {"logLikelihood": np.where(usable, log_norm, np.nan), "weight": np.where(usable, w, np.nan)}
-        )
-
-    return score
+    """UDF of (features array<double>, weight double): `weighted_log_density_arrow` of each row.
+    `mixture` (k components, d features) is in coordinates shifted by `center` (d,)."""
+    return _columns_udf(
+        lambda features, weights: weighted_log_density_arrow(features, weights, mixture, center), WEIGHTED_SCHEMA
+    )
 
 
 def log_likelihood_sums(dataset: DataFrame, scores: Column) -> tuple[float, float, int]:

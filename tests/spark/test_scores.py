@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from pyspark.ml.functions import vector_to_array
+from pyspark.sql import functions as F
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from spark_gmm import GaussianMixtureModel, InvalidInputError
@@ -182,3 +183,28 @@ def test_fit_and_score_leave_out_the_same_rows_and_weights(spark, points):
     _, _, log_density = model.scoreArray(x[usable])
     expected = (kept_weights * log_density).sum() / kept_weights.sum()
     np.testing.assert_allclose(model.score(df), expected, rtol=1e-11)
+
+
+@pytest.mark.parametrize("udf_kind", ["arrow", "pandas"])
+def test_transform_and_score_equal_sklearn_through_either_udf(spark, model, sklearn_model, points, udf_kind, monkeypatch):
+    """Spark ≥ 4.1 scores through an Arrow UDF; Spark 4.0, which has no `arrow_udf`, through a pandas
+    UDF around the same function. Both give scikit-learn's scores, and nulls for unusable rows."""
+    if udf_kind == "pandas":
+        monkeypatch.delattr("pyspark.sql.functions.arrow_udf")
+    bad = points[:60].copy()
+    bad[[4, 7], 2] = np.inf
+    keeping = model.copy().setHandleInvalid("keep").setLogLikelihoodCol("ll")
+    out = keeping.transform(frame(spark, bad, i=np.arange(60))).orderBy("i").select(
+        "prediction", F.when(F.col("probability").isNotNull(), vector_to_array("probability")).alias("p"), "ll"
+    ).toPandas()
+    good = np.delete(np.arange(60), [4, 7])
+    assert out["prediction"].isna().to_numpy().nonzero()[0].tolist() == [4, 7]
+    assert out["p"].isna().to_numpy().nonzero()[0].tolist() == [4, 7]
+    assert out["ll"].isna().to_numpy().nonzero()[0].tolist() == [4, 7]
+    np.testing.assert_array_equal(out["prediction"][good].astype(int), sklearn_model.predict(bad[good]))
+    np.testing.assert_allclose(np.stack(out["p"][good]), sklearn_model.predict_proba(bad[good]), atol=1e-12)
+    np.testing.assert_allclose(out["ll"][good], sklearn_model.score_samples(bad[good]), rtol=1e-11)
+    np.testing.assert_allclose(model.score(frame(spark, points)), sklearn_model.score(points), rtol=1e-11)
+    w = 1.0 + np.arange(len(points)) % 3
+    expected = (w * sklearn_model.score_samples(points)).sum() / w.sum()
+    np.testing.assert_allclose(model.copy().setWeightCol("w").score(frame(spark, points, w=w)), expected, rtol=1e-11)

@@ -77,3 +77,24 @@ def test_the_content_digest_ignores_how_rows_are_batched():
     whole, _ = unpack(blocks.make_packer(False)([batch(rows)]))
     split, _ = unpack(blocks.make_packer(False)([batch(rows[:17]), batch(rows[17:40]), batch(rows[40:])]))
     assert whole.column("digest").to_pylist()[-1] == split.column("digest").to_pylist()[-1] != 0
+
+
+def test_blocks_of_float32_numbers_are_cached_in_half_the_bytes_and_read_back_unchanged(monkeypatch):
+    monkeypatch.setattr(blocks, "block_rows_for", lambda d: 4)
+    rng = np.random.default_rng(3)
+    exact = rng.normal(size=(4, 3)).astype(np.float32).astype(np.float64)  # float32 numbers
+    exact[0, 0] = float(np.float32(1e-40))  # a float32 subnormal: still exact
+    inexact = exact.copy()
+    inexact[2, 1] += 1e-12  # one value needs float64
+    table = pa.Table.from_batches(list(blocks.make_packer(False)([batch(np.vstack([exact, inexact]).tolist())])))
+    sizes = [len(x) for x, n in zip(table.column("x").to_pylist(), table.column("n").to_pylist()) if n]
+    assert sizes == [4 * 12, 8 * 12]
+    read = [raw for _, _, raw, _ in blocks.arrow_blocks(table.to_batches(), False)]
+    assert all(raw.dtype == np.float64 for raw in read)
+    np.testing.assert_array_equal(read[0], exact)
+    np.testing.assert_array_equal(read[1], inexact)
+    # A cache narrowed to float32 (dtype="float32") holds shifted rows, read as float32.
+    shift = np.array([0.5, -1.0, 2.0])
+    narrowed = pa.Table.from_batches(list(blocks.make_float32_converter(shift)(table.to_batches())))
+    read = [raw for _, _, raw, _ in blocks.arrow_blocks(narrowed.to_batches(), False, np.float32)]
+    np.testing.assert_array_equal(read[1], (inexact - shift).astype(np.float32))
