@@ -98,8 +98,8 @@ OPTIONS: dict[str, Option] = {
     ),
     "dtype": Option(
         "float64", str,
-        "'float64', or 'float32': blocks cached as float32 shifted rows and densities computed in "
-        "float32 (half the bytes per pass), statistics combined in float64.",
+        "'float64', or 'float32': blocks cached as the shifted rows rounded to float32 (half the "
+        "bytes per pass); densities and statistics are computed in float64 either way.",
         choices=DTYPES,
     ),
     "aggregationDepth": Option(2, int, "Depth of the tree that combines large partials (1: no tree).", minimum=1),
