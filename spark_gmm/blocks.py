@@ -24,6 +24,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, functions as F
 
 from .codec import binary_views as _binary_views
+from .kernels import mix64
 from .rows import feature_rows, lengths_of, usable_weights
 
 #: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
@@ -53,14 +54,6 @@ def partition_id() -> int:
     return TaskContext.get().partitionId()
 
 
-def _mix64(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a bijection of uint64 in which every output bit depends on every
-    input bit (uint64 arithmetic wraps, as the hash needs)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
 def content_digest(x: np.ndarray, w: np.ndarray | None) -> int:
     """Digest of the multiset of rows (x_i, w_i): Σ_i h(x_i, w_i) mod 2⁶⁴ (w_i = 1 without weights).
 
@@ -72,13 +65,13 @@ def content_digest(x: np.ndarray, w: np.ndarray | None) -> int:
     """
     n, d = x.shape
     weights = np.ones(n) if w is None else w
-    salts = _mix64(np.arange(1, d + 2, dtype=np.uint64))
+    salts = mix64(np.arange(1, d + 2, dtype=np.uint64))
     total = 0
     step = max(1, (1 << 18) // (d + 1))  # bounded temporaries for any d
     for start in range(0, n, step):
         rows = np.column_stack([x[start : start + step], weights[start : start + step]]) + 0.0
-        per_row = _mix64(rows.view(np.uint64) ^ salts).sum(axis=1, dtype=np.uint64)
-        total = (total + int(_mix64(per_row).sum(dtype=np.uint64))) & _U64
+        per_row = mix64(rows.view(np.uint64) ^ salts).sum(axis=1, dtype=np.uint64)
+        total = (total + int(mix64(per_row).sum(dtype=np.uint64))) & _U64
     return total
 
 
@@ -138,27 +131,43 @@ def _rows_of_batch(batch: pa.RecordBatch, has_weight: bool):
     return x[keep], (w[keep] if has_weight else None), counts, dims
 
 
+class RowBlocker:
+    """Rows arriving in batches of any size, cut into blocks of exactly `block_rows` rows (the last
+    one of a partition shorter), in order, with their weights: what every packer emits."""
+
+    def __init__(self, has_weight: bool):
+        self.has_weight = has_weight
+        self.xs, self.ws, self.pending = [], [], 0
+
+    def add(self, x: np.ndarray, w: np.ndarray | None, block_rows: int):
+        """Take rows x (n, d) and weights w (n,) (None without weights); yield each full block."""
+        self.xs.append(x)
+        if self.has_weight:
+            self.ws.append(w)
+        self.pending += len(x)
+        if self.pending >= block_rows:
+            yield from self._cut(self.pending - self.pending % block_rows, block_rows)
+
+    def rest(self, block_rows: int):  # the rows left over: the partition's last block
+        if self.pending:
+            yield from self._cut(self.pending, block_rows)
+
+    def _cut(self, stop: int, block_rows: int):
+        x = np.concatenate(self.xs)
+        w = np.concatenate(self.ws) if self.has_weight else None
+        for start in range(0, stop, block_rows):
+            end = min(start + block_rows, stop)
+            yield x[start:end], (w[start:end] if self.has_weight else None)
+        self.xs, self.ws = [x[stop:]], ([w[stop:]] if self.has_weight else [])
+        self.pending = len(x) - stop
+
+
 def make_packer(has_weight: bool):
     """The `mapInArrow` function that turns input rows into blocks (and invalid-row counts)."""
 
     def pack(batches):
-        pid = partition_id()
-        block_rows = None
-        seq = 0
-        pending_x, pending_w, pending = [], [], 0
+        pid, block_rows, seq, blocker = partition_id(), None, 0, RowBlocker(has_weight)
         counts, dims, digest = np.zeros(3, np.int64), (-1, -1), 0
-
-        def flush(limit):
-            nonlocal pending_x, pending_w, pending
-            x = np.concatenate(pending_x)
-            w = np.concatenate(pending_w) if has_weight else None
-            for start in range(0, limit, block_rows):
-                stop = min(start + block_rows, limit)
-                yield x[start:stop], (w[start:stop] if has_weight else None)
-            pending_x = [x[limit:]]
-            pending_w = [w[limit:]] if has_weight else []
-            pending = len(x) - limit
-
         for batch in batches:
             x, w, c, batch_dims = _rows_of_batch(batch, has_weight)
             counts += c
@@ -172,18 +181,12 @@ def make_packer(has_weight: bool):
                 continue
             digest = (digest + content_digest(x, w)) & _U64
             block_rows = block_rows or block_rows_for(x.shape[1])
-            pending_x.append(x)
-            pending_w.append(w)
-            pending += len(x)
-            if pending >= block_rows:
-                full = pending - pending % block_rows
-                for bx, bw in flush(full):
-                    yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
-                    seq += 1
-        if pending:
-            for bx, bw in flush(pending):
+            for bx, bw in blocker.add(x, w, block_rows):
                 yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
                 seq += 1
+        for bx, bw in blocker.rest(block_rows):
+            yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+            seq += 1
         # Counts of invalid rows and the digest travel on a row of their own.
         yield block_batch(pid, seq, None, None, counts.tolist(), dims, digest)
 

@@ -39,12 +39,17 @@ _MIX1 = _U64(0xBF58476D1CE4E5B9)
 _MIX2 = _U64(0x94D049BB133111EB)
 
 
-def _splitmix(h: np.ndarray) -> np.ndarray:
-    """splitmix64 (golden-ratio step, then its finaliser) of each uint64 of `h` (n,)."""
-    h = h + _GOLDEN
+def mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser of each uint64 of `h`: a bijection in which every output bit depends
+    on every input bit (uint64 arithmetic wraps, as the hash needs)."""
     h = (h ^ (h >> _U64(30))) * _MIX1
     h = (h ^ (h >> _U64(27))) * _MIX2
     return h ^ (h >> _U64(31))
+
+
+def _splitmix(h: np.ndarray) -> np.ndarray:
+    """splitmix64 (golden-ratio step, then its finaliser) of each uint64 of `h` (n,)."""
+    return mix64(h + _GOLDEN)
 
 
 def row_uniforms(raw: np.ndarray, seed: int, stream: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import BooleanType, DoubleType, FloatType, IntegralType, NumericType, StringType
 
-from .blocks import BLOCK_SCHEMA, BlockCache, block_batch, partition_id, block_rows_for
+from .blocks import BLOCK_SCHEMA, BlockCache, RowBlocker, block_batch, block_rows_for, partition_id
 from .exceptions import InvalidInputError
 from .inputs import named_column
 from .latent import Columns
@@ -296,36 +296,22 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
 
     def pack(batches):
         pid, limit = partition_id(), block_rows_for(width)
-        blocks = 0
-        pending_x, pending_w = [], []
-
-        def emit(stop):
-            """Blocks of the first `stop` pending rows; the rest stays pending."""
-            nonlocal blocks, pending_x, pending_w
-            x = np.concatenate(pending_x)
-            w = np.concatenate(pending_w) if has_weight else None
-            for start in range(0, stop, limit):
-                end = min(start + limit, stop)
-                yield block_batch(pid, blocks, x[start:end], None if w is None else w[start:end],
-                                   [0, 0, 0], (width, width))
-                blocks += 1
-            pending_x, pending_w = [x[stop:]], ([w[stop:]] if has_weight else [])
-
+        seq, blocker = 0, RowBlocker(has_weight)
         for batch in batches:
             columns = [batch.column(j).to_numpy(zero_copy_only=False).astype(np.float64) for j in range(width)]
             rows, keep = coded_rows(columns, schema, handle)
+            w = None
             if has_weight:
                 w = batch.column(width).to_numpy(zero_copy_only=False).astype(np.float64)
                 keep &= np.isfinite(w) & (w >= 0)
-                pending_w.append(w[keep])
-            pending_x.append(rows[keep])
-            pending = sum(len(x) for x in pending_x)
-            if pending >= limit:
-                yield from emit(pending - pending % limit)
-        pending = sum(len(x) for x in pending_x)
-        if pending:
-            yield from emit(pending)
-        yield block_batch(pid, blocks, None, None, [0, 0, 0], (width, width))  # marks the partition
+                w = w[keep]
+            for bx, bw in blocker.add(rows[keep], w, limit):
+                yield block_batch(pid, seq, bx, bw, [0, 0, 0], (width, width))
+                seq += 1
+        for bx, bw in blocker.rest(limit):
+            yield block_batch(pid, seq, bx, bw, [0, 0, 0], (width, width))
+            seq += 1
+        yield block_batch(pid, seq, None, None, [0, 0, 0], (width, width))  # marks the partition
 
     return pack
 
