@@ -11,10 +11,10 @@ from pyspark.sql import DataFrame
 from . import em, fitting, persistence
 from .model import GaussianMixtureModel, fitted_model
 from .options import check_options
-from .params import GaussianMixtureParams
+from .params import GaussianMixtureParams, KeywordParams
 
 
-class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable):
+class GaussianMixture(GaussianMixtureParams, KeywordParams, Estimator, persistence.Persistable):
     """Gaussian mixture clustering by distributed expectation-maximisation.
 
     Same parameters and defaults as `pyspark.ml.clustering.GaussianMixture`, plus `regCovar`,
@@ -25,13 +25,6 @@ class GaussianMixture(GaussianMixtureParams, Estimator, persistence.Persistable)
         super().__init__()
         self._initial_model: GaussianMixtureModel | None = None
         self.setParams(**params)
-
-    def setParams(self, **params):
-        """Set any Params by name (keyword arguments only, as pyspark.ml's); None leaves one unset."""
-        unknown = sorted(set(params) - {p.name for p in self.params})
-        if unknown:
-            raise TypeError(f"unknown parameter(s) {', '.join(unknown)} for GaussianMixture")
-        return self._set(**{name: value for name, value in params.items() if value is not None})
 
     def setK(self, value: int):
         return self._set(k=value)

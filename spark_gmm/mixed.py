@@ -26,22 +26,19 @@ from .inputs import weight_column
 from .latent import Columns, LatentFamily
 from .mixed_input import UNUSABLE, MixedBlockCache, Survey, schema_of, survey, typed_features
 from .options import MIXED_OPTIONS, check_options
+from .params import KeywordParams, SharedMixtureParams, declared
 
 log = logging.getLogger("spark_gmm")
 
-_CONVERTERS = {int: TypeConverters.toInt, float: TypeConverters.toFloat, str: TypeConverters.toString}
-
-
 def _declared(name: str) -> Param:
-    option = MIXED_OPTIONS[name]
-    return Param(Params._dummy(), name, option.doc, _CONVERTERS[option.kind])
+    return declared(name, MIXED_OPTIONS)
 
 
 def _columns_param(kind: str, what: str) -> Param:
     return Param(Params._dummy(), f"{kind}Cols", f"Input columns modelled as {what}.", TypeConverters.toListString)
 
 
-class MixedMixtureParams(HasPredictionCol, HasProbabilityCol, HasMaxIter, HasTol, HasSeed, HasWeightCol,
+class MixedMixtureParams(SharedMixtureParams, HasPredictionCol, HasProbabilityCol, HasMaxIter, HasTol, HasSeed, HasWeightCol,
                          HasHandleInvalid):
     """Columns and settings of a latent class fit, with pyspark.ml's getters; defaults from
     `options.MIXED_OPTIONS`."""
@@ -65,18 +62,6 @@ class MixedMixtureParams(HasPredictionCol, HasProbabilityCol, HasMaxIter, HasTol
         self._setDefault(**{name: option.default for name, option in MIXED_OPTIONS.items()})
         self._setDefault(gaussianCols=[], bernoulliCols=[], categoricalCols=[], poissonCols=[],
                          logDensityCol="logDensity")
-
-    def getK(self) -> int:
-        return self.getOrDefault(self.k)
-
-    def getRegCovar(self) -> float:
-        return self.getOrDefault(self.regCovar)
-
-    def getCovarianceType(self) -> str:
-        return self.getOrDefault(self.covarianceType)
-
-    def getNInit(self) -> int:
-        return self.getOrDefault(self.nInit)
 
     def getSmoothing(self) -> float:
         return self.getOrDefault(self.smoothing)
@@ -156,7 +141,7 @@ def _run_em(reduce, columns: Columns, total_weight: float, settings: EMSettings,
 # -- the estimator ---------------------------------------------------------------------------------
 
 
-class MixedMixture(MixedMixtureParams, Estimator, persistence.Persistable):
+class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Persistable):
     """Latent class clustering of mixed columns by distributed EM: given its class, a row's
     Gaussian block, Bernoulli, categorical and count columns are independent; missing values can
     be marginalised (handleInvalid='keep')."""
@@ -164,13 +149,6 @@ class MixedMixture(MixedMixtureParams, Estimator, persistence.Persistable):
     def __init__(self, **params):
         super().__init__()
         self.setParams(**params)
-
-    def setParams(self, **params):
-        """Set any Params by name (keyword arguments only); None leaves one unset."""
-        unknown = sorted(set(params) - {p.name for p in self.params})
-        if unknown:
-            raise TypeError(f"unknown parameter(s) {', '.join(unknown)} for MixedMixture")
-        return self._set(**{name: value for name, value in params.items() if value is not None})
 
     def setK(self, value: int):
         return self._set(k=value)

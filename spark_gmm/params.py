@@ -29,12 +29,41 @@ _CONVERTERS = {int: TypeConverters.toInt, float: TypeConverters.toFloat, str: Ty
                bool: TypeConverters.toBoolean}
 
 
-def _declared(name: str) -> Param:
-    option = OPTIONS[name]
+def declared(name: str, table: dict = OPTIONS) -> Param:
+    """The Param of option `name` of an options table (`options.OPTIONS` or `MIXED_OPTIONS`)."""
+    option = table[name]
     return Param(Params._dummy(), name, option.doc, _CONVERTERS[option.kind])
 
 
+class KeywordParams:
+    """`setParams` of the estimators."""
+
+    def setParams(self, **params):
+        """Set any Params by name (keyword arguments only, as pyspark.ml's); None leaves one unset."""
+        unknown = sorted(set(params) - {p.name for p in self.params})
+        if unknown:
+            raise TypeError(f"unknown parameter(s) {', '.join(unknown)} for {type(self).__name__}")
+        return self._set(**{name: value for name, value in params.items() if value is not None})
+
+
+class SharedMixtureParams:
+    """Getters of the Params that every mixture's Params declare (from an options table)."""
+
+    def getK(self) -> int:
+        return self.getOrDefault(self.k)
+
+    def getRegCovar(self) -> float:
+        return self.getOrDefault(self.regCovar)
+
+    def getCovarianceType(self) -> str:
+        return self.getOrDefault(self.covarianceType)
+
+    def getNInit(self) -> int:
+        return self.getOrDefault(self.nInit)
+
+
 class GaussianMixtureParams(
+    SharedMixtureParams,
     HasFeaturesCol,
     HasPredictionCol,
     HasProbabilityCol,
@@ -49,14 +78,14 @@ class GaussianMixtureParams(
 ):
     """Columns and settings of a Gaussian mixture fit, with pyspark.ml's getters."""
 
-    k = _declared("k")
-    regCovar = _declared("regCovar")
-    covarianceType = _declared("covarianceType")
-    initMode = _declared("initMode")
-    nInit = _declared("nInit")
-    reseedComponents = _declared("reseedComponents")
-    engine = _declared("engine")
-    dtype = _declared("dtype")
+    k = declared("k")
+    regCovar = declared("regCovar")
+    covarianceType = declared("covarianceType")
+    initMode = declared("initMode")
+    nInit = declared("nInit")
+    reseedComponents = declared("reseedComponents")
+    engine = declared("engine")
+    dtype = declared("dtype")
     checkpointDir = Param(
         Params._dummy(),
         "checkpointDir",
@@ -75,20 +104,9 @@ class GaussianMixtureParams(
         super().__init__(*args)
         self._setDefault(**{name: option.default for name, option in OPTIONS.items()})
 
-    def getK(self) -> int:
-        return self.getOrDefault(self.k)
-
-    def getRegCovar(self) -> float:
-        return self.getOrDefault(self.regCovar)
-
-    def getCovarianceType(self) -> str:
-        return self.getOrDefault(self.covarianceType)
-
     def getInitMode(self) -> str:
         return self.getOrDefault(self.initMode)
 
-    def getNInit(self) -> int:
-        return self.getOrDefault(self.nInit)
 
     def getReseedComponents(self) -> bool:
         return self.getOrDefault(self.reseedComponents)
