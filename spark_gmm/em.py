@@ -131,13 +131,17 @@ class _Candidate:
         return [s.mixture] + [c[0] for c in self.challengers]
 
     def _challenge(self, evaluated: list, total_weight: float):
-        """Take the pass's statistics of the refined challengers: if the best beats the converged
-        mixture by more than `tol` per row (less is what the stop rule calls converged) it becomes
-        the current one (its statistics are returned); else the `KEPT` best go one more EM step, up
-        to `CHALLENGE_STEPS`, after which the fit has converged."""
+        """Take the pass's statistics of the refined challengers: if the best that leaves no
+        component underdetermined beats the converged mixture by more than `tol` per row (less is
+        what the stop rule calls converged) it becomes the current one (its statistics are
+        returned); else the `KEPT` best go one more EM step, up to `CHALLENGE_STEPS`, after which
+        the fit has converged."""
         s, settings = self.state, self.settings
         refined, self.refined = self.refined, []
-        value = [self.family.objective(each, model) for each, (model, *_) in zip(evaluated, refined)]
+        value = [
+            -np.inf if self.family.underdetermined(each, total_weight, settings) else self.family.objective(each, model)
+            for each, (model, *_) in zip(evaluated, refined)
+        ]
         order = sorted((i for i in range(len(refined)) if np.isfinite(value[i])), key=lambda i: -value[i])
         gain = value[order[0]] - s.history[-1] if order else 0.0
         if gain > max(settings.tol * total_weight, ROUNDOFF[settings.dtype] * abs(s.history[-1])):

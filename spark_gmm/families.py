@@ -26,6 +26,7 @@ from .mixture import (
     gaussians_from_moments,
     m_step,
     regularisation_allowance,
+    rows_to_determine,
     split_component,
 )
 
@@ -73,6 +74,10 @@ class ModelFamily(Protocol):
     def challengers(self, model, settings: "FitSettings") -> list[tuple]:
         """[(model, (a, b), what)]: alternatives to a converged `model` changing components a and
         b, worth one pass to rank (see `mixture.challengers`); [] if the family offers none."""
+
+    def underdetermined(self, stats, total_weight: float, settings: "FitSettings") -> bool:
+        """Whether a component of the model behind `stats` holds too few rows to determine its
+        parameters: a challenger that leaves one is a spurious optimum, not taken."""
 
 
 @dataclass(frozen=True)
@@ -123,3 +128,10 @@ class GaussianFamily:
         if not settings.reg_covar > 0:
             return []
         return challengers(model, settings.covariance_type, settings.reg_covar, DONORS, PAIRS)
+
+    def underdetermined(self, stats: ComponentStatistics, total_weight: float, settings: "FitSettings") -> bool:
+        """A full covariance needs d + 1 rows to be non-singular without `regCovar`; fewer, and
+        the likelihood grows only because the regulariser bounds a collapsed covariance."""
+        row_weight = total_weight / max(stats.hard_counts.sum(), 1.0)
+        needed = rows_to_determine(stats.first.shape[1], settings.covariance_type)
+        return bool((stats.resp < needed * row_weight).any())

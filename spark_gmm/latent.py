@@ -362,3 +362,6 @@ class LatentFamily:
 
     def challengers(self, model: LatentClassModel, settings) -> list:
         return []
+
+    def underdetermined(self, stats, total_weight: float, settings) -> bool:
+        return False

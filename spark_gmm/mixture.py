@@ -187,6 +187,12 @@ def challengers(mixture: "Mixture", covariance_type: str, reg_covar: float, dono
     return found
 
 
+def rows_to_determine(d: int, covariance_type: str) -> int:
+    """Rows a component needs for its own covariance to be non-singular without a regulariser:
+    d + 1 for a full covariance, 2 for diag and spherical, 1 for tied (shared by all)."""
+    return {"full": d + 1, "diag": 2, "spherical": 2, "tied": 1}[covariance_type]
+
+
 def information_criterion(criterion: str, log_likelihood: float, parameters: int, n: float) -> float:
     """BIC or AIC (lower is better) of a total log-likelihood over n rows (or total weight), as
     scikit-learn defines them."""

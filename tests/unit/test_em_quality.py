@@ -5,13 +5,14 @@ start over all rows, the stopping rule with a regulariser, the refusal of a real
 dead components restarted."""
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from spark_gmm import em, initialisation, kernels
+from spark_gmm import em, families, initialisation, kernels
 from spark_gmm.local import local_reduce
 from spark_gmm.mixture import Mixture, resplit_pair
 
@@ -246,3 +247,37 @@ def test_where_em_converges_re_splitting_a_pair_reaches_the_elongated_clusters()
     joint = kernels.weighted_log_joint(x - reduce.shift, result.mixture)
     assert adjusted_rand_score(labels, joint.argmax(1)) > adjusted_rand_score(labels, reference.predict(x)) - 0.01
     np.testing.assert_allclose(np.sort(found.weights), np.sort(reference.weights_), atol=1e-3)
+
+
+@dataclass(frozen=True)
+class _OntoFarRows(families.GaussianFamily):
+    """The Gaussian family whose only challenger moves component 2 onto `target` (shifted)."""
+
+    target: tuple = ()
+
+    def challengers(self, model, settings):
+        means, covariances = model.means.copy(), model.covariances.copy()
+        means[2], covariances[2] = self.target, np.eye(model.d)
+        moved = Mixture.from_covariances(model.weights, means, covariances, settings.reg_covar)
+        return [(moved, (2, 2), "moving component 2 onto the far rows")]
+
+
+def test_a_challenger_that_leaves_a_component_underdetermined_is_not_taken():
+    """Three rows in 6-D cannot determine a full covariance: a component on them gains
+    likelihood only as far as regCovar lets its covariance collapse (a spurious optimum, which on
+    digits-like data trades the classes for tiny components), so where EM converges it is not
+    taken; on twelve rows it is."""
+    rng = np.random.default_rng(3)
+    a, b, far = np.zeros(6), np.r_[10.0, np.zeros(5)], np.r_[10.0, 60.0, np.zeros(4)]
+    half = np.r_[0.8, np.zeros(5)]
+    for rows, taken in ((3, False), (12, True)):
+        x = np.vstack([rng.normal(size=(600, 6)) + a, rng.normal(size=(600, 6)) + b,
+                       far + 0.5 * rng.normal(size=(rows, 6))])
+        reduce = local_reduce(x, block_rows=300)
+        start = Mixture.from_covariances(
+            np.array([0.5, 0.25, 0.25]), np.stack([b, a - half, a + half]) - reduce.shift, [np.eye(6)] * 3, 1e-6
+        )
+        family = _OntoFarRows(target=tuple(far - reduce.shift))
+        result = fit(reduce, x, k=3, start=start, family=family)
+        assert bool(result.reseeded) == taken
+        assert (sorted(result.cluster_sizes)[0] == rows) == taken
