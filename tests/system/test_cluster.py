@@ -3,7 +3,9 @@
 than installed: both run a throwaway interpreter that has numpy/pyarrow/pandas/pyspark but cannot
 import spark_gmm on its own.
 
-Slow (~1 min: the cluster, then two spark-submits each starting a driver and two executor JVMs).
+Slow (~1 min: the cluster, then a spark-submit starting a driver and two executor JVMs). The fit
+job's --predictions-out applies the model on the cluster as the score job would (the score job
+itself runs under spark-submit in test_job.py).
 """
 
 import json
@@ -173,7 +175,7 @@ def test_jobs_on_standalone_cluster_with_shipped_package(cluster, bare_python, p
     url, state = cluster
     python, probes, cwd = bare_python
     package = _zip_package(tmp_path / "spark_gmm.zip")
-    model, predictions, scored = tmp_path / "model", tmp_path / "predictions", tmp_path / "scored"
+    model, predictions = tmp_path / "model", tmp_path / "predictions"
     env = _clean_env(PYSPARK_PYTHON=str(python), PYSPARK_DRIVER_PYTHON=str(python), SPARK_LOCAL_IP="127.0.0.1")
     submit = [VENV / "bin" / "spark-submit", "--master", url, "--py-files", package,
               "--conf", "spark.executor.memory=1g", "--conf", "spark.ui.enabled=false"]
@@ -194,26 +196,15 @@ def test_jobs_on_standalone_cluster_with_shipped_package(cluster, bare_python, p
     assert executors, f"no executor ran the throwaway interpreter: {ran_in}"
     assert all((p / "spark_gmm.zip").is_file() for p in executors)  # fetched into the executor's dir
 
-    score = _check(_run(submit + [ROOT / "jobs" / "score_gmm.py", "--input", points, "--model", model,
-                                  "--predictions-out", scored],
-                        env=env, cwd=cwd), "score job")
-    t2 = time.monotonic()
-    assert _summary(score, "score job")["command"] == "score"
     workers = sorted({p.relative_to(state).parts[0] for p in _probes(probes) if p.is_relative_to(state)})
-    print(f"fit job {t1 - t0:.1f}s, score job {t2 - t1:.1f}s; executor Python ran on {workers}")
+    print(f"fit job {t1 - t0:.1f}s; executor Python ran on {workers}")
 
     loaded = GaussianMixtureModel.load(str(model))
     means = np.asarray(loaded.means)
     np.testing.assert_allclose(means[np.argsort(means[:, 0])], CENTERS, atol=0.3)
 
-    for path in (predictions, scored):
-        out = spark.read.parquet(str(path))
-        assert {"id", "x", "y", "prediction"} <= set(out.columns)
-        rows = out.select("id", "prediction").collect()
-        assert sorted(r.id for r in rows) == list(range(2 * ROWS_PER_BLOB))
-        # each blob is one component, and the two blobs are different components
-        by_blob = [{r.prediction for r in rows if (r.id >= ROWS_PER_BLOB) == blob} for blob in (False, True)]
-        assert all(len(s) == 1 for s in by_blob) and by_blob[0] != by_blob[1], by_blob
-    fitted = {r.id: r.prediction for r in spark.read.parquet(str(predictions)).select("id", "prediction").collect()}
-    rescored = {r.id: r.prediction for r in spark.read.parquet(str(scored)).select("id", "prediction").collect()}
-    assert fitted == rescored
+    rows = spark.read.parquet(str(predictions)).select("id", "x", "y", "prediction").collect()
+    assert sorted(r.id for r in rows) == list(range(2 * ROWS_PER_BLOB))
+    # each blob is one component, and the two blobs are different components
+    by_blob = [{r.prediction for r in rows if (r.id >= ROWS_PER_BLOB) == blob} for blob in (False, True)]
+    assert all(len(s) == 1 for s in by_blob) and by_blob[0] != by_blob[1], by_blob

@@ -158,10 +158,11 @@ def noise(stderr: str) -> list[str]:
     return [line[:200] for line in stderr.splitlines() if NOISE.search(line)]
 
 
-def test_console_script_stderr_has_no_stack_trace_or_progress_bar(table, tmp_path):
-    """`spark-gmm` (its entry point, run from this checkout) with a checkpoint directory, a model
-    directory and predictions that do not exist yet: Spark's file listing used to print a
-    FileNotFoundException trace for each, and the progress bar interleaved with the log."""
+def test_console_script_and_spark_submit_stderr_have_no_stack_trace_or_progress_bar(table, tmp_path):
+    """`spark-gmm fit` (its entry point, run from this checkout) with a checkpoint directory, a
+    model directory and predictions that do not exist yet: Spark's file listing used to print a
+    FileNotFoundException trace for each, and the progress bar interleaved with the log. Then the
+    score job under spark-submit applies the saved model, as quietly."""
     console = [sys.executable, "-c", "import sys; from spark_gmm.cli import main; sys.exit(main())"]
     fit = subprocess.run(
         console + ["fit", "--input", table, "--features", "x,y", "--k", "2", "--model-out", "model",
@@ -169,37 +170,18 @@ def test_console_script_stderr_has_no_stack_trace_or_progress_bar(table, tmp_pat
         capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path,
     )
     assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
-    assert "iteration 0: log-likelihood" in fit.stderr and "model saved to model" in fit.stderr
+    assert summary_line(fit.stdout)["status"] == "ok"
+    assert "iteration 1: log-likelihood" in fit.stderr and "model saved to model" in fit.stderr
     assert noise(fit.stderr) == []
+    spark_submit = Path(sys.executable).parent / "spark-submit"
     score = subprocess.run(
-        console + ["score", "--input", table, "--model", "model", "--predictions-out", "./scored"],
+        [str(spark_submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+         str(ROOT / "jobs" / "score_gmm.py"), "--input", table, "--model", "model", "--predictions-out", "scored"],
         capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path,
     )
     assert score.returncode == 0, score.stdout[-2000:] + score.stderr[-2000:]
-    assert summary_line(score.stdout)["rowsScored"] == 1000
-    assert noise(score.stderr) == []
-
-
-def test_fit_and_score_under_spark_submit(table, tmp_path):
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    model_dir = str(tmp_path / "model")
-    common = [str(spark_submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
-    fit = subprocess.run(
-        common + [str(ROOT / "jobs" / "fit_gmm.py"), "--input", table, "--features", "x,y", "--k", "2",
-                  "--model-out", model_dir, "--checkpoint-dir", str(tmp_path / "ckpt")],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )
-    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
-    assert summary_line(fit.stdout)["status"] == "ok"
-    assert "iteration 1: log-likelihood" in fit.stderr  # the per-iteration log line
-    assert noise(fit.stderr) == []
-    score = subprocess.run(
-        common + [str(ROOT / "jobs" / "score_gmm.py"), "--input", table, "--model", model_dir,
-                  "--predictions-out", str(tmp_path / "scored")],
-        capture_output=True, text=True, env=_env(), timeout=300,
-    )
-    assert score.returncode == 0, score.stdout[-2000:] + score.stderr[-2000:]
-    assert summary_line(score.stdout)["predictionsPath"].endswith("scored")
+    summary = summary_line(score.stdout)
+    assert summary["rowsScored"] == 1000 and summary["predictionsPath"].endswith("scored")
     assert noise(score.stderr) == []
 
 
@@ -213,7 +195,7 @@ def big_table(spark, tmp_path_factory):
     return path
 
 
-def test_killed_fit_job_resumes_to_the_same_model(big_table, tmp_path):
+def test_killed_fit_job_resumes_to_the_same_model(spark, big_table, tmp_path, capsys):
     """kill -9 a fit job (driver and JVM) after a few checkpoints; the rerun with the same arguments
     resumes and saves the model an uninterrupted job saves."""
     def job(model_dir, checkpoint_dir):
@@ -239,15 +221,14 @@ def test_killed_fit_job_resumes_to_the_same_model(big_table, tmp_path):
     summary = summary_line(resumed.stdout)
     assert summary["resumedFromIteration"] >= 1  # slot-1 holds iteration 1 (then 3, 5, ...)
 
-    fresh = subprocess.run(job(str(tmp_path / "fresh"), str(tmp_path / "fresh-ckpt")), capture_output=True,
-                           text=True, env=_env(), timeout=300)
-    assert fresh.returncode == 0 and summary_line(fresh.stdout)["resumedFromIteration"] == 0
+    code, fresh = run(capsys, "fit", *job(str(tmp_path / "fresh"), str(tmp_path / "fresh-ckpt"))[2:])
+    assert code == 0 and fresh["resumedFromIteration"] == 0  # uninterrupted, in this process
     a = GaussianMixtureModel.load(str(tmp_path / "resumed"))
     b = GaussianMixtureModel.load(str(tmp_path / "fresh"))
     np.testing.assert_array_equal(a.means, b.means)
     np.testing.assert_array_equal(a.covariances, b.covariances)
     np.testing.assert_array_equal(a.weights, b.weights)
-    assert summary["logLikelihood"] == summary_line(fresh.stdout)["logLikelihood"]
+    assert summary["logLikelihood"] == fresh["logLikelihood"]
 
 
 def test_select_chooses_k_by_bic(spark, table, tmp_path, capsys):
