@@ -4,6 +4,8 @@
 """
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--spread", type=float, default=3.0, help="scale of the true centres")
     args = parser.parse_args()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors run this interpreter
     spark = SparkSession.builder.master(args.master).config("spark.ui.enabled", "false").getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     rng = np.random.default_rng(0)

@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=5)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the executors run this interpreter
     spark = (
         SparkSession.builder.master("local[2]")
         .config("spark.driver.memory", "6g")
