@@ -141,22 +141,22 @@ def render_mixed_report(model, dataset: DataFrame, run: dict | None = None, hist
         counts = dict(scored.groupBy(named_column(model.getPredictionCol())).agg(F.count(F.lit(1))).collect())
         sizes = [counts.get(j, 0) for j in range(k)]
     figures.append(sizes_figure(weights, sizes, in_sample=False))
-    if model.getBernoulliCols():
+    types = model.featureTypes
+    if types["bernoulli"]:
         figures.append(bernoulli_figure(model.bernoulliProbabilities, model.bernoulliValues))
-    if model.getCategoricalCols():
+    if types["categorical"]:
         figures.append(categorical_figure(model.categoricalProbabilities, weights))
 
     sections = ""
-    if model.getGaussianCols():
+    if types["gaussian"]:
         means = model.means
         stds = pd.DataFrame([np.sqrt(np.diag(c.to_numpy())) for c in model.covariances], columns=means.columns)
         sections += "<h2>Gaussian columns: class means</h2>" + _class_table(means, weights, stds)
-    if model.getPoissonCols():
+    if types["poisson"]:
         sections += "<h2>Count columns: class rates</h2>" + _class_table(model.poissonRates, weights, what=("rate",))
-    columns = {kind: ", ".join(model.getOrDefault(f"{kind}Cols")) or "—"
-               for kind in ("gaussian", "bernoulli", "categorical", "poisson")}
     settings = {
-        "k": k, "covarianceType": model.getCovarianceType(), **{f"{kind} columns": v for kind, v in columns.items()},
+        "k": k, "covarianceType": model.getCovarianceType(),
+        **{f"{kind} columns": ", ".join(names) or "—" for kind, names in types.items()},
         "smoothing": model.getSmoothing(), "handleInvalid": model.getHandleInvalid(), "rows": sum(sizes),
         "spark_gmm": __version__, "Spark": spark_version,
         **({"iterations": summary["numIter"], "converged": summary["converged"],

@@ -123,7 +123,7 @@ def estimator(args, df) -> tuple[MixedMixture, dict[str, list[str]]]:
 
 def model_columns(model) -> list[str]:
     """The input columns a saved `MixedMixtureModel` reads, in its order."""
-    return [name for kind in KINDS for name in model.getOrDefault(f"{kind}Cols")]
+    return [name for names in model.featureTypes.values() for name in names]
 
 
 def check_model_columns(model, df, names: list[str] | None) -> None:
