@@ -16,7 +16,7 @@ from .inputs import named_column, weight_column
 from .latent import LatentClassModel
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
-from .mixed_input import UNUSABLE, MixedSchema, coded, coded_rows, first_problem
+from .mixed_input import KINDS, UNUSABLE, MixedSchema, coded, coded_rows, first_problem
 from .mixture import information_criterion
 
 SCORES_SCHEMA = "prediction int, probability array<double>, logDensity double, problem int"
@@ -93,6 +93,11 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         if not names:
             return []
         return [pd.DataFrame(c, index=names, columns=names) for c in self._latent.gaussian.covariances]
+
+    @property
+    def featureTypes(self) -> dict[str, list[str]]:
+        """The input columns by kind (gaussian, bernoulli, categorical, poisson), in the model's order."""
+        return {kind: self._schema.names(kind) for kind in KINDS}
 
     @property
     def bernoulliValues(self) -> dict:

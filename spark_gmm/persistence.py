@@ -135,6 +135,17 @@ def read_metadata(path: str, expected_class: str) -> dict:
     return _parse_metadata(lines, path, expected_class)
 
 
+def saved_class(path: str) -> str | None:
+    """The class a saved directory holds ('spark_gmm.MixedMixtureModel', ...); None when it holds
+    no readable metadata (loading it then says why)."""
+    try:
+        lines = [r[0] for r in _session().read.text(f"{path}/metadata").collect()]
+        found = json.loads(lines[0]) if lines else None
+    except (AnalysisException, ValueError):
+        return None
+    return found.get("class") if isinstance(found, dict) else None
+
+
 def _unreadable(path: str, error: Exception) -> ModelFormatError:
     """Missing, truncated or foreign data files: one clear line, not a JVM trace."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -2,7 +2,8 @@
 the log-likelihood per iteration, the data and the components in the two leading principal
 components, weights and cluster sizes, per-component means and standard deviations, the model
 selection curve, and the run's settings. Every picture has alt text and a caption that says how to
-read it, for a reader who has not met EM before. Needs matplotlib (`pip install spark-gmm[report]`);
+read it, for a reader who has not met EM before (a `MixedMixtureModel`'s report is
+`report_mixed`'s, on the same page). Needs matplotlib (`pip install spark-gmm[report]`);
 the figures are drawn on `matplotlib.figure.Figure` objects, so pyplot's global state is untouched."""
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def selection_figure(selection: list[dict], criterion: str):
     return figure, alt, caption
 
 
-def _embed(figure, alt: str, caption: str) -> str:
+def embed(figure, alt: str, caption: str) -> str:
     """The figure as a PNG inside <figure> with its alt text and caption."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -268,7 +269,7 @@ def _embed(figure, alt: str, caption: str) -> str:
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def html_table(header: list[str], rows: list[list]) -> str:
     cells = lambda tag, row: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in row)  # noqa: E731
     return "<table><tr>" + cells("th", header) + "</tr>" + "".join(
         f"<tr>{cells('td', row)}</tr>" for row in rows
@@ -287,7 +288,7 @@ def drift_table(alignment: dict) -> str:
             for c in alignment["components"]]
     rows += [["—", f"{r['previousId']} (retired)", "0", figure(-r["previousWeight"], "+.4f"), "—", "—", "—"]
              for r in alignment["retired"]]
-    return _table(["id", "previous id", "weight", "weight change", "mean shift (σ)", "divergence",
+    return html_table(["id", "previous id", "weight", "weight change", "mean shift (σ)", "divergence",
                    "rows relabelled"], rows)
 
 
@@ -300,7 +301,12 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
     from pyspark import __version__ as spark_version
 
     from . import __version__
+    from .mixed_model import MixedMixtureModel
 
+    if isinstance(model, MixedMixtureModel):
+        from .report_mixed import render_mixed_report
+
+        return render_mixed_report(model, dataset, run, history, total_weight)
     began = time.perf_counter()
     summary = model.trainingFigures  # also on a loaded model
     x = model.featureColumn(dataset)
@@ -333,7 +339,7 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
         figures.append(selection_figure(selection, criterion))
 
     stds = np.sqrt(np.diagonal(model.covariances, axis1=1, axis2=2))
-    components = _table(
+    components = html_table(
         ["component", "weight"] + [f"mean {name}" for name in names] + [f"std {name}" for name in names],
         [[j, f"{model.weights[j]:.4f}"] + [f"{v:.4g}" for v in means[j]] + [f"{v:.4g}" for v in stds[j]]
          for j in range(k)],
@@ -345,19 +351,27 @@ def render_report(model, dataset: DataFrame, selection: list[dict] | None = None
             "logLikelihood": summary["logLikelihood"]} if summary else {}),
         **(run or {}), "report seconds": round(time.perf_counter() - began, 2),
     }
-    candidates = _table(list(selection[0]), [list(r.values()) for r in selection]) if selection else ""
+    candidates = html_table(list(selection[0]), [list(r.values()) for r in selection]) if selection else ""
     drift = drift_table(model.alignment) if model.alignment else ""
+    return page(
+        "Gaussian mixture report",
+        "".join(embed(*figure) for figure in figures)
+        + "<h2>Components</h2>" + components
+        + ("<h2>Candidates</h2>" + candidates if candidates else "")
+        + ("<h2>Drift from the previous model</h2>" + drift if drift else ""),
+        settings,
+    )
+
+
+def page(title: str, body: str, settings: dict) -> str:
+    """The report's self-contained HTML page: `body`, then the run's settings."""
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>spark-gmm report</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
         "figure{margin:1.5em 0}figcaption{max-width:50em;color:#333;font-size:0.95em}"
-        "</style></head><body><h1>spark-gmm: Gaussian mixture report</h1>"
-        + "".join(_embed(*figure) for figure in figures)
-        + "<h2>Components</h2>" + components
-        + ("<h2>Candidates</h2>" + candidates if candidates else "")
-        + ("<h2>Drift from the previous model</h2>" + drift if drift else "")
-        + "<h2>Run</h2>" + _table(["setting", "value"], [[key, value] for key, value in settings.items()])
+        f"</style></head><body><h1>spark-gmm: {html.escape(title)}</h1>" + body
+        + "<h2>Run</h2>" + html_table(["setting", "value"], [[key, value] for key, value in settings.items()])
         + "</body></html>"
     )
 

@@ -15,6 +15,7 @@ from spark_gmm.clustering import GaussianMixture
 from spark_gmm.options import COVARIANCE_TYPES, CRITERIA, DTYPES, ENGINES, HANDLE_INVALID, INIT_MODES
 from spark_gmm.selection import GaussianMixtureSelection
 
+from . import mixed
 from .errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -60,10 +61,7 @@ def output_kind(name: str) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """No abbreviated flags (a scheduled job must not guess), and one-line errors instead of usage."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
+    """One-line errors instead of usage (and, as built, no abbreviated flags: a job must not guess)."""
 
     def error(self, message):
         raise UsageError(message)
@@ -129,7 +127,7 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
     selection = GaussianMixtureSelection(api)
     fitting = command in ("fit", "select")
     parser = _Parser(
-        prog=prog,
+        prog=prog, allow_abbrev=False,
         description=COMMANDS[command],
         epilog="Flags can also come from --config FILE (TOML; see docs/jobs.md). The last stdout line "
         "is a JSON summary; progress is logged to stderr. Exit code 0: done; 1: the job cannot run; "
@@ -143,12 +141,15 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
                       help="format of a path input: parquet (default), csv, json, orc, delta or any Spark source")
     data.add_argument("--features", type=_columns, metavar="COLS",
                       help="comma-separated numeric columns, or one vector / numeric-array column"
-                      + (" (required)" if fitting else " (default: the model's)"))
+                      + (" (required for a Gaussian mixture)" if fitting else " (default: the model's)"))
     if fitting:
         data.add_argument("--weight-col", metavar="COL", help="numeric column of non-negative row weights")
         data.add_argument("--handle-invalid", choices=HANDLE_INVALID, default=api.getHandleInvalid(),
-                          help="rows with null/NaN/infinite features or bad weights: error fails the job, "
-                          f"skip or keep leaves them out of the fit (default: {api.getHandleInvalid()})")
+                          help="null/NaN/infinite values or bad weights: error fails the job; skip leaves their "
+                          f"rows out; keep too, but a mixed fit marginalises missing values (default: {api.getHandleInvalid()})")
+        if command == "fit":
+            mixed.add_flags(parser.add_argument_group("mixed feature types, instead of --features (docs/mixed.md)"),
+                            _columns, _bounded(int, 2, "an integer >= 2"))
         _model_flags(parser.add_argument_group("model"), command, api, selection)
         _recurring_flags(parser.add_argument_group("recurring fits (docs/recurring.md)"), command)
     out = parser.add_argument_group("output")
@@ -349,6 +350,7 @@ def parse_args(command: str, argv: list[str], prog: str | None = None) -> argpar
     tokens, notes = _config_argv(config, command) if config else ([], [])
     args = parser.parse_args(tokens + list(argv))
     args.command, args.notes = command, notes
+    mixed.check(args, parser)
     _check(args)
     return args
 
@@ -361,6 +363,8 @@ def _check(args: argparse.Namespace) -> None:
         "score": ["input", "model", "predictions_out"],
         "report": ["input", "model", "report"],
     }[args.command]
+    if args.mixed:
+        required.remove("features")
     if args.command == "fit" and (args.initial_model or args.warm_start_from):
         required.remove("k")  # the model's, or --k for a first cold fit (checked when it is known)
     missing = [f"--{name.replace('_', '-')}" for name in required if getattr(args, name) is None]

@@ -10,85 +10,17 @@ import time
 import traceback
 import warnings
 
-from .arguments import COMMANDS, output_kind, parse_args
-from .errors import JobError, UsageError, short_message
 from spark_gmm.inputs import named_column
 
+from . import mixed
+from .arguments import COMMANDS, output_kind, parse_args
+from .columns import check_output_columns, is_mixed, resolve_features, saved_model_on
+from .errors import JobError, UsageError, short_message
 from .logs import job_logging, error_stream, job_session, log_warning
 from .recurring import DRIFT_EXIT_CODE, align, log_to_mlflow, previous_models
 from .storage import check_outputs, read_input, write_local_file, write_predictions
 
 log = logging.getLogger("spark_gmm.job")
-
-
-# -- columns -------------------------------------------------------------------------------------
-
-
-def resolve_features(df, names: list[str]) -> dict:
-    """Estimator params for the feature columns: {'inputCols': [...]} or {'featuresCol': name}."""
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql.types import ArrayType, NumericType
-
-    fields = {f.name: f.dataType for f in df.schema.fields}
-    missing = [n for n in names if n not in fields]
-    if missing:
-        what = "column" if len(missing) == 1 else "columns"
-        raise JobError(
-            f"feature {what} {', '.join(repr(m) for m in missing)} not found in the input; "
-            f"available columns: {', '.join(fields) or '(none)'}"
-        )
-    if len(names) == 1:
-        kind = fields[names[0]]
-        if isinstance(kind, VectorUDT) or (isinstance(kind, ArrayType) and isinstance(kind.elementType, NumericType)):
-            return {"featuresCol": names[0]}
-        if isinstance(kind, NumericType):
-            return {"inputCols": names}
-        raise JobError(
-            f"feature column '{names[0]}' has type {kind.simpleString()}; --features needs numeric "
-            "columns or one vector / numeric-array column"
-        )
-    wrong = [f"'{n}' ({fields[n].simpleString()})" for n in names if not isinstance(fields[n], NumericType)]
-    if wrong:
-        raise JobError(f"feature columns must be numeric: {', '.join(wrong)}")
-    return {"inputCols": names}
-
-
-def model_features(model, df, names: list[str] | None) -> dict:
-    """Estimator-style feature params for scoring `df` with `model`, checked against the model."""
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.ml.linalg import VectorUDT
-    from pyspark.sql import functions as F
-
-    if names is None:  # the columns the model was fitted on
-        names = model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()]
-    features = resolve_features(df, names)
-    if "inputCols" in features:
-        count = len(features["inputCols"])
-    else:
-        column = named_column(features['featuresCol'])
-        if isinstance(df.schema[features["featuresCol"]].dataType, VectorUDT):
-            column = vector_to_array(column)
-        first = df.where(column.isNotNull()).select(F.size(column)).first()
-        count = first[0] if first else model.numFeatures
-    if count != model.numFeatures:
-        raise JobError(f"the model has {model.numFeatures} features but --features {', '.join(names)} gives {count}")
-    return features
-
-
-def _check_output_columns(args, input_columns: list[str]) -> None:
-    """The columns the predictions add must not clash with the input's; --partition-by must exist."""
-    if not getattr(args, "predictions_out", None):
-        return
-    added = [args.prediction_col, args.probability_col, args.log_likelihood_col]
-    clash = [c for c in added if c and c in input_columns]
-    if clash:
-        raise JobError(
-            f"the input already has a column named '{clash[0]}'; choose another name with "
-            "--prediction-col / --probability-col / --log-likelihood-col"
-        )
-    missing = [c for c in args.partition_by or [] if c not in input_columns]
-    if missing:
-        raise JobError(f"--partition-by column '{missing[0]}' is not in the input")
 
 
 # -- fit and select ------------------------------------------------------------------------------
@@ -97,7 +29,7 @@ def _check_output_columns(args, input_columns: list[str]) -> None:
 def run_fit(spark, args) -> dict:
     """Fit k components; save, score and report as asked."""
     def fit(estimator, df):
-        if estimator.getInitialModel() is None:
+        if args.mixed or estimator.getInitialModel() is None:
             estimator.setK(args.k)
         return estimator.setCovarianceType(args.covariance_type).fit(df), {}
 
@@ -127,15 +59,20 @@ def _fit_and_write(spark, args, fit) -> dict:
     from spark_gmm import GaussianMixture, InvalidInputError
 
     df, kind = read_input(spark, args.input, args.format)
-    features = resolve_features(df, args.features)
-    _check_output_columns(args, df.columns)
-    log.info("input %s '%s': features %s", kind, args.input, ", ".join(args.features))
-    estimator = GaussianMixture(
-        maxIter=args.max_iter, tol=args.tol, seed=args.seed, weightCol=args.weight_col, regCovar=args.reg_covar,
-        initMode=args.init_mode, nInit=args.n_init, handleInvalid=args.handle_invalid, engine=args.engine,
-        dtype=args.dtype, reseedComponents=args.reseed_components, checkpointDir=getattr(args, "checkpoint_dir", None),
-        checkpointInterval=getattr(args, "checkpoint_interval", None), **features,
-    )
+    check_output_columns(args, df.columns)
+    if args.mixed:
+        estimator, by_kind = mixed.estimator(args, df)
+        names = [name for columns in by_kind.values() for name in columns]
+        log.info("input %s '%s': %s", kind, args.input, "; ".join(f"{t} {', '.join(c)}" for t, c in by_kind.items()))
+    else:
+        names, by_kind = args.features, {}
+        log.info("input %s '%s': features %s", kind, args.input, ", ".join(names))
+        estimator = GaussianMixture(
+            maxIter=args.max_iter, tol=args.tol, seed=args.seed, weightCol=args.weight_col, regCovar=args.reg_covar,
+            initMode=args.init_mode, nInit=args.n_init, handleInvalid=args.handle_invalid, engine=args.engine,
+            dtype=args.dtype, reseedComponents=args.reseed_components, checkpointDir=getattr(args, "checkpoint_dir", None),
+            checkpointInterval=getattr(args, "checkpoint_interval", None), **resolve_features(df, names),
+        )
     initial, previous, recurring = previous_models(spark, args)
     if initial is not None:
         estimator.setInitialModel(initial)
@@ -166,11 +103,12 @@ def _fit_and_write(spark, args, fit) -> dict:
         "iterations": summary.numIter,
         "converged": summary.converged,
         "logLikelihood": summary.logLikelihood,
-        "resumedFromIteration": summary.resumedFromIteration,
+        **({"featureTypes": by_kind, "invalidRowsSkipped": summary.invalidRowsSkipped} if args.mixed
+           else {"resumedFromIteration": summary.resumedFromIteration}),
         "modelPath": args.model_out,
         "predictionsPath": args.predictions_out,
         "rows": int(sum(summary.clusterSizes)),
-        "features": args.features,
+        "features": names,
         "clusterSizes": summary.clusterSizes,
         "weights": model.weights,
         "covarianceType": model.getCovarianceType(),
@@ -187,29 +125,10 @@ def _fit_and_write(spark, args, fit) -> dict:
 # -- score and report ----------------------------------------------------------------------------
 
 
-def _saved_model_on(spark, args):
-    """(saved model set to score `args.input`'s features, input DataFrame, 'path' or 'table')."""
-    from spark_gmm import GaussianMixtureModel, ModelFormatError
-
-    try:
-        model = GaussianMixtureModel.load(args.model)
-    except ModelFormatError as error:
-        raise JobError(short_message(error)) from None
-    df, kind = read_input(spark, args.input, args.format)
-    features = model_features(model, df, args.features)
-    model = model.copy()
-    if "inputCols" in features:
-        model.setInputCols(features["inputCols"])
-    else:
-        model.clear(model.inputCols)
-        model.setFeaturesCol(features["featuresCol"])
-    return model, df, kind
-
-
 def run_score(spark, args) -> dict:
     """Write every input row with its prediction; the summary gives figures of the rows scored."""
-    model, df, kind = _saved_model_on(spark, args)
-    _check_output_columns(args, df.columns)
+    model, df, kind = saved_model_on(spark, args)
+    check_output_columns(args, df.columns)
     log.info("scoring input %s '%s' with %s (k=%d)", kind, args.input, args.model, model.getK())
     scored = _scored(model, df, args)
     _write(spark, scored, args)
@@ -217,14 +136,15 @@ def run_score(spark, args) -> dict:
         "k": model.getK(),
         "modelPath": args.model,
         "predictionsPath": args.predictions_out,
-        "features": model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()],
+        "features": mixed.model_columns(model) if is_mixed(model) else
+        model.getInputCols() if model.isDefined(model.inputCols) else [model.getFeaturesCol()],
         **_scoring_figures(spark, args, scored, model.getK()),
     }
 
 
 def run_report(spark, args) -> dict:
     """The HTML report of a saved model on an input."""
-    model, df, _ = _saved_model_on(spark, args)
+    model, df, _ = saved_model_on(spark, args)
     _write_report(args.report, model, df, {"input": args.input, "model": args.model})
     return {"k": model.getK(), "modelPath": args.model, "reportPath": args.report}
 
@@ -237,11 +157,13 @@ def _scored(model, df, args):
     probability = args.probability_col or "__spark_gmm_probability"
     model = model.copy()
     model.setPredictionCol(args.prediction_col).setProbabilityCol(probability)
-    if args.log_likelihood_col:
+    if is_mixed(model):  # it always adds each row's log density
+        model.setLogDensityCol(args.log_likelihood_col or "__spark_gmm_log_density")
+    elif args.log_likelihood_col:
         model.setLogLikelihoodCol(args.log_likelihood_col)
     else:
         model.clear(model.logLikelihoodCol)
-    out = model.transform(df)
+    out = model.transform(df).drop("__spark_gmm_log_density")
     if not args.probability_col:
         return out.drop(probability)
     column = named_column(probability)

@@ -185,6 +185,50 @@ def test_console_script_and_spark_submit_stderr_have_no_stack_trace_or_progress_
     assert noise(score.stderr) == []
 
 
+def test_mixed_fit_under_spark_submit_then_scored(spark, tmp_path, capsys):
+    """Typed columns (one of each kind) with missing values kept: a MixedMixture fitted by the job
+    under spark-submit, its predictions and summary line; then the saved model scored by `score`."""
+    import pandas as pd
+
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 300)
+    frame = pd.DataFrame({
+        "id": np.arange(300), "x": rng.normal(size=300) + 6.0 * labels, "member": rng.random(300) < 0.1 + 0.8 * labels,
+        "plan": np.where(labels == 1, "pro", "free"), "visits": rng.poisson(1.0 + 5.0 * labels),
+    }).astype({"x": object})
+    frame.loc[::6, "x"] = None
+    table = str(tmp_path / "people.parquet")
+    spark.createDataFrame(frame, "id long, x double, member boolean, plan string, visits long").write.parquet(table)
+    model_dir, predictions = str(tmp_path / "model"), str(tmp_path / "predictions")
+    fit = subprocess.run(
+        [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
+         str(ROOT / "jobs" / "fit_gmm.py"), "--input", table, "--k", "2", "--gaussian-cols", "x",
+         "--bernoulli-cols", "member", "--categorical-cols", "plan", "--poisson-cols", "visits",
+         "--handle-invalid", "keep", "--max-iter", "20", "--model-out", model_dir, "--predictions-out", predictions,
+         "--probability-col", "p"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
+    summary = summary_line(fit.stdout)
+    assert summary["status"] == "ok" and summary["features"] == ["x", "member", "plan", "visits"]
+    assert summary["featureTypes"] == {"gaussian": ["x"], "bernoulli": ["member"], "categorical": ["plan"],
+                                       "poisson": ["visits"]}
+    assert summary["rows"] == 300 and sum(summary["clusterSizes"]) == 300 and summary["invalidRowsSkipped"] == 0
+    assert noise(fit.stderr) == []
+    out = spark.read.parquet(predictions).toPandas().sort_values("id")
+    assert list(out.columns) == ["id", "x", "member", "plan", "visits", "prediction", "p"]
+    np.testing.assert_allclose([sum(p) for p in out["p"]], 1.0, rtol=1e-12)
+    agreement = np.mean(out["prediction"].to_numpy() == labels)
+    assert max(agreement, 1 - agreement) == 1.0  # "plan" alone separates the two classes
+    assert np.bincount(out["prediction"], minlength=2).tolist() == summary["clusterSizes"]
+
+    code, scored = run(capsys, "score", "--model", model_dir, "--input", table,
+                       "--predictions-out", str(tmp_path / "scored"))
+    assert code == 0 and scored["rowsScored"] == 300 and scored["clusterSizes"] == summary["clusterSizes"]
+    again = spark.read.parquet(str(tmp_path / "scored")).toPandas().sort_values("id")
+    assert again["prediction"].tolist() == out["prediction"].tolist()
+
+
 @pytest.fixture(scope="module")
 def big_table(spark, tmp_path_factory):
     rng = np.random.default_rng(8)
