@@ -185,9 +185,10 @@ def test_console_script_and_spark_submit_stderr_have_no_stack_trace_or_progress_
     assert noise(score.stderr) == []
 
 
-def test_mixed_fit_under_spark_submit_then_scored(spark, tmp_path, capsys):
-    """Typed columns (one of each kind) with missing values kept: a MixedMixture fitted by the job
-    under spark-submit, its predictions and summary line; then the saved model scored by `score`."""
+def test_mixed_fit_then_scored(spark, tmp_path, capsys):
+    """Typed columns (one of each kind) with missing values kept: a MixedMixture fitted by the job,
+    its predictions and summary line; then the saved model scored by `score`. (The jobs' entry
+    points under spark-submit are the Gaussian tests' and the cluster test's.)"""
     import pandas as pd
 
     rng = np.random.default_rng(6)
@@ -200,21 +201,15 @@ def test_mixed_fit_under_spark_submit_then_scored(spark, tmp_path, capsys):
     table = str(tmp_path / "people.parquet")
     spark.createDataFrame(frame, "id long, x double, member boolean, plan string, visits long").write.parquet(table)
     model_dir, predictions = str(tmp_path / "model"), str(tmp_path / "predictions")
-    fit = subprocess.run(
-        [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-         str(ROOT / "jobs" / "fit_gmm.py"), "--input", table, "--k", "2", "--gaussian-cols", "x",
-         "--bernoulli-cols", "member", "--categorical-cols", "plan", "--poisson-cols", "visits",
-         "--handle-invalid", "keep", "--max-iter", "20", "--model-out", model_dir, "--predictions-out", predictions,
-         "--probability-col", "p"],
-        capture_output=True, text=True, env=_env(), timeout=300,
+    code, summary = run(
+        capsys, "fit", "--input", table, "--k", "2", "--gaussian-cols", "x", "--bernoulli-cols", "member",
+        "--categorical-cols", "plan", "--poisson-cols", "visits", "--handle-invalid", "keep", "--max-iter", "20",
+        "--model-out", model_dir, "--predictions-out", predictions, "--probability-col", "p",
     )
-    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
-    summary = summary_line(fit.stdout)
-    assert summary["status"] == "ok" and summary["features"] == ["x", "member", "plan", "visits"]
+    assert code == 0 and summary["status"] == "ok" and summary["features"] == ["x", "member", "plan", "visits"]
     assert summary["featureTypes"] == {"gaussian": ["x"], "bernoulli": ["member"], "categorical": ["plan"],
                                        "poisson": ["visits"]}
     assert summary["rows"] == 300 and sum(summary["clusterSizes"]) == 300 and summary["invalidRowsSkipped"] == 0
-    assert noise(fit.stderr) == []
     out = spark.read.parquet(predictions).toPandas().sort_values("id")
     assert list(out.columns) == ["id", "x", "member", "plan", "visits", "prediction", "p"]
     np.testing.assert_allclose([sum(p) for p in out["p"]], 1.0, rtol=1e-12)
