@@ -148,7 +148,8 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
         data.add_argument("--weight-col", metavar="COL", help="numeric column of non-negative row weights")
         data.add_argument("--handle-invalid", choices=HANDLE_INVALID, default=api.getHandleInvalid(),
                           help="rows with null/NaN/infinite features or bad weights: error fails the job, "
-                          f"skip or keep leaves them out of the fit (default: {api.getHandleInvalid()})")
+                          "skip leaves them out, keep marginalises the missing features (rows with none "
+                          f"finite, or a bad weight, left out) (default: {api.getHandleInvalid()})")
         _model_flags(parser.add_argument_group("model"), command, api, selection)
         _recurring_flags(parser.add_argument_group("recurring fits (docs/recurring.md)"), command)
     out = parser.add_argument_group("output")
