@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, functions as F
 
 from .codec import binary_views as _binary_views
 from .kernels import mix64
-from .rows import feature_rows, lengths_of, usable_weights
+from .rows import batch_rows
 
 #: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
 BLOCK_BYTES = 1 << 19
@@ -34,11 +34,13 @@ TREE_THRESHOLD_BYTES = 32 << 20
 
 BLOCK_SCHEMA = (
     "pid int, seq int, n int, d int, x binary, w binary, wsum double, xmin binary, xmax binary, "
-    "null_rows long, nonfinite_rows long, bad_weight_rows long, dmin int, dmax int, digest long"
+    "null_rows long, nonfinite_rows long, bad_weight_rows long, incomplete_rows long, dmin int, dmax int, digest long"
 )
+#: The counts of a block row that reports none (see `block_batch`).
+NO_COUNTS = [0, 0, 0, 0]
 SUMMARY_COLUMNS = [
     "pid", "n", "d", "wsum", "xmin", "xmax",
-    "null_rows", "nonfinite_rows", "bad_weight_rows", "dmin", "dmax", "digest",
+    "null_rows", "nonfinite_rows", "bad_weight_rows", "incomplete_rows", "dmin", "dmax", "digest",
 ]
 _U64 = (1 << 64) - 1
 PARTIAL_SCHEMA = "pid int, part binary"
@@ -90,7 +92,9 @@ def block_values(data: np.ndarray, n: int, d: int, dtype=np.float64) -> np.ndarr
 
 
 def block_batch(pid, seq, x, w, counts, dims, digest=0):
-    """One output row: a block of valid rows plus what the driver needs to validate the input."""
+    """One output row: a block of valid rows plus what the driver needs to validate the input:
+    `counts` of rows [null, non-finite, bad weight, kept with missing values], per-feature ranges
+    over the observed (not NaN) values."""
     n, d = x.shape if x is not None else (0, -1)
     finite = x if x is not None else np.empty((0, 0))
     return pa.RecordBatch.from_pydict(
@@ -102,33 +106,17 @@ def block_batch(pid, seq, x, w, counts, dims, digest=0):
             "x": pa.array([stored_values(finite)], pa.binary()),
             "w": pa.array([b"" if w is None else w.tobytes()], pa.binary()),
             "wsum": pa.array([float(n if w is None else w.sum())], pa.float64()),
-            "xmin": pa.array([finite.min(axis=0).tobytes() if n else b""], pa.binary()),
-            "xmax": pa.array([finite.max(axis=0).tobytes() if n else b""], pa.binary()),
+            "xmin": pa.array([np.fmin.reduce(finite, axis=0).tobytes() if n else b""], pa.binary()),
+            "xmax": pa.array([np.fmax.reduce(finite, axis=0).tobytes() if n else b""], pa.binary()),
             "null_rows": pa.array([counts[0]], pa.int64()),
             "nonfinite_rows": pa.array([counts[1]], pa.int64()),
             "bad_weight_rows": pa.array([counts[2]], pa.int64()),
+            "incomplete_rows": pa.array([counts[3]], pa.int64()),
             "dmin": pa.array([dims[0]], pa.int32()),
             "dmax": pa.array([dims[1]], pa.int32()),
             "digest": pa.array(np.array([digest], np.uint64).view(np.int64)),
         }
     )
-
-
-def _rows_of_batch(batch: pa.RecordBatch, has_weight: bool):
-    """(x, w, [null, nonfinite, bad-weight] counts, (dmin, dmax)) of the valid rows of a batch
-    (the rule of `rows`); x is None when the batch holds vectors of different lengths."""
-    dims = lengths_of(batch.column(0))
-    if dims[0] != dims[1]:
-        return None, None, [0, 0, 0], dims
-    x, missing, nonfinite = feature_rows(batch.column(0), max(dims[0], 0))
-    bad_weight = np.zeros(len(x), bool)
-    w = None
-    if has_weight:
-        w = batch.column(1).to_numpy(zero_copy_only=False).astype(np.float64)
-        bad_weight = ~missing & ~nonfinite & ~usable_weights(w)
-    keep = ~(missing | nonfinite | bad_weight)
-    counts = [int(missing.sum()), int(nonfinite.sum()), int(bad_weight.sum())]
-    return x[keep], (w[keep] if has_weight else None), counts, dims
 
 
 class RowBlocker:
@@ -162,14 +150,15 @@ class RowBlocker:
         self.pending = len(x) - stop
 
 
-def make_packer(has_weight: bool):
-    """The `mapInArrow` function that turns input rows into blocks (and invalid-row counts)."""
+def make_packer(has_weight: bool, keep_missing: bool = False):
+    """The `mapInArrow` function that turns input rows into blocks (and invalid-row counts); with
+    `keep_missing`, rows with some finite feature are kept, NaN marking the others (`rows.batch_rows`)."""
 
     def pack(batches):
         pid, block_rows, seq, blocker = partition_id(), None, 0, RowBlocker(has_weight)
-        counts, dims, digest = np.zeros(3, np.int64), (-1, -1), 0
+        counts, dims, digest = np.zeros(4, np.int64), (-1, -1), 0
         for batch in batches:
-            x, w, c, batch_dims = _rows_of_batch(batch, has_weight)
+            x, w, c, batch_dims = batch_rows(batch, has_weight, keep_missing)
             counts += c
             if batch_dims[0] >= 0:
                 dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
@@ -182,10 +171,10 @@ def make_packer(has_weight: bool):
             digest = (digest + content_digest(x, w)) & _U64
             block_rows = block_rows or block_rows_for(x.shape[1])
             for bx, bw in blocker.add(x, w, block_rows):
-                yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+                yield block_batch(pid, seq, bx, bw, NO_COUNTS, (bx.shape[1],) * 2)
                 seq += 1
         for bx, bw in blocker.rest(block_rows):
-            yield block_batch(pid, seq, bx, bw, [0, 0, 0], (bx.shape[1],) * 2)
+            yield block_batch(pid, seq, bx, bw, NO_COUNTS, (bx.shape[1],) * 2)
             seq += 1
         # Counts of invalid rows and the digest travel on a row of their own.
         yield block_batch(pid, seq, None, None, counts.tolist(), dims, digest)
@@ -298,10 +287,11 @@ class InputSummary:
     total_weight: float
     d: int
     shift: np.ndarray
-    span: np.ndarray  # max − min of each feature over the valid rows
-    null_rows: int
+    span: np.ndarray  # max − min of each feature over the valid rows (NaN if never observed)
+    null_rows: int  # with handleInvalid='keep': rows with no finite feature
     nonfinite_rows: int
     bad_weight_rows: int
+    incomplete_rows: int  # rows kept with missing values (handleInvalid='keep')
     dims: tuple[int, int]
     partitions: int
     content: str  # 16 hex digits: `content_digest` of all valid rows, whatever their order
@@ -311,14 +301,14 @@ class BlockCache:
     """The input packed into cached blocks (float64 rows, or float32 shifted rows after `store_as_float32`);
     `reduce` runs a pass over all of them."""
 
-    def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2):
+    def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2, keep_missing: bool = False):
         has_weight = weight_col is not None
         columns = [x_col.alias("x")] + ([weight_col.alias("w")] if has_weight else [])
         self.has_weight = has_weight
         self.aggregation_depth = aggregation_depth
         self.blocks = (
             df.select(*columns)
-            .mapInArrow(make_packer(has_weight), BLOCK_SCHEMA)
+            .mapInArrow(make_packer(has_weight, keep_missing), BLOCK_SCHEMA)
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
         self.shift = None
@@ -340,8 +330,8 @@ class BlockCache:
             keep = np.flatnonzero(n > 0)
             xmin = _binary_views(table.column("xmin").combine_chunks())
             xmax = _binary_views(table.column("xmax").combine_chunks())
-            lo = np.min([xmin[i].view(np.float64) for i in keep], axis=0)
-            hi = np.max([xmax[i].view(np.float64) for i in keep], axis=0)
+            lo = np.fmin.reduce([xmin[i].view(np.float64) for i in keep], axis=0)  # NaN: never observed
+            hi = np.fmax.reduce([xmax[i].view(np.float64) for i in keep], axis=0)
             shift, span = lo / 2 + hi / 2, hi - lo
         self.shift = shift
         self.partitions = int(table.column("pid").to_numpy().max()) + 1 if len(table) else 0
@@ -354,6 +344,7 @@ class BlockCache:
             null_rows=int(table.column("null_rows").to_numpy().sum()),
             nonfinite_rows=int(table.column("nonfinite_rows").to_numpy().sum()),
             bad_weight_rows=int(table.column("bad_weight_rows").to_numpy().sum()),
+            incomplete_rows=int(table.column("incomplete_rows").to_numpy().sum()),
             dims=dims,
             partitions=self.partitions,
             content=f"{int(table.column('digest').to_numpy().view(np.uint64).sum(dtype=np.uint64)):016x}",

@@ -3,8 +3,9 @@
 The Spark side of a fit, in data-flow order: the input packed into cached blocks (`blocks`) and
 refused, naming the column, when it cannot be fitted; the initial model moved into the fit's
 shifted coordinates; the engine chosen (`barrier.reducer`); restarts (nInit) or several candidates
-run in shared passes (`em.fit`); checkpoints wired; the result moved back to the data's
-coordinates. `GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results
+run in shared passes (`em.fit`), or, when handleInvalid='keep' finds rows with missing values,
+the exact EM over their observed values (`marginal.fit`); checkpoints wired; the result moved back
+to the data's coordinates. `GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results
 into models.
 """
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from pyspark.sql import DataFrame, functions as F
 
-from . import barrier, codec, em
+from . import barrier, codec, em, marginal
 from .blocks import BlockCache, InputSummary, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
@@ -79,6 +80,8 @@ class Fitted:
     skipped: int  # invalid rows left out (handleInvalid='skip' or 'keep')
     total_weight: float  # rows fitted, or their total weight with weightCol
     feature_names: list[str] | None
+    incomplete: int = 0  # rows fitted with missing values marginalised (handleInvalid='keep')
+    all_missing: int = 0  # rows with no finite feature, left out (handleInvalid='keep'; in `skipped`)
 
 
 def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings] | None = None) -> list[Fitted]:
@@ -90,7 +93,10 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
     cache, summary, skipped = _prepare(dataset, request, largest_k)
     spark = dataset.sparkSession
     try:
-        if candidates is None:
+        if summary.incomplete_rows:
+            results = _fit_marginal(cache, summary, request, candidates)
+            candidates = candidates or [request.settings]
+        elif candidates is None:
             candidates = [request.settings]
             results = [_fit_one(cache, summary, spark, request)]
         else:
@@ -103,7 +109,9 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
         _release(cache)
     names = feature_names(dataset, request.features_col, request.input_cols)
     names = names if names and len(names) == summary.d else None
-    return [_fitted(result, settings, summary, skipped, names) for result, settings in zip(results, candidates)]
+    all_missing = summary.null_rows if request.handle_invalid == "keep" else 0
+    return [_fitted(result, settings, summary, skipped, names, all_missing)
+            for result, settings in zip(results, candidates)]
 
 
 def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCache, InputSummary, int]:
@@ -111,7 +119,7 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCach
     features = feature_array(dataset, request.features_col, request.input_cols)
     weights = weight_column(dataset, request.weight_col)
     _check_size_before_packing(dataset, request, features, k)
-    cache = BlockCache(dataset, features, weights, request.aggregation_depth)
+    cache = BlockCache(dataset, features, weights, request.aggregation_depth, request.handle_invalid == "keep")
     try:
         log.info("reading and validating the input into cached blocks")
         began = time.perf_counter()
@@ -124,7 +132,7 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCach
             summary.rows, summary.d, summary.partitions,
             f", {skipped} invalid rows left out" if skipped else "", seconds, summary.rows / max(seconds, 1e-9),
         )
-        if request.settings.dtype == "float32":
+        if request.settings.dtype == "float32" and not summary.incomplete_rows:
             cache.store_as_float32()
     except BaseException:
         _release(cache)
@@ -169,7 +177,10 @@ def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
             )
         raise InvalidInputError("; ".join(problems) + " (set handleInvalid='skip' to drop them)")
     if invalid:
-        log.warning("handleInvalid='%s': left out %d invalid rows", request.handle_invalid, invalid)
+        log.warning("handleInvalid='%s': left out %d invalid rows%s", request.handle_invalid, invalid,
+                    " (no finite feature, or a bad weight)" if request.handle_invalid == "keep" else "")
+    if summary.incomplete_rows:
+        log.info("handleInvalid='keep': %d rows with missing values, marginalised", summary.incomplete_rows)
     if summary.rows == 0:
         raise InvalidInputError(f"no rows to fit in '{column}': the input is empty" + (
             f" after skipping {invalid} invalid rows" if invalid else ""))
@@ -179,6 +190,8 @@ def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
         raise InvalidInputError(f"weight column '{request.weight_col}': all weights are zero")
     if k > summary.rows:
         raise InvalidInputError(f"k={k} is larger than the number of rows ({summary.rows})")
+    for i in np.flatnonzero(np.isnan(summary.span)):
+        raise InvalidInputError(f"feature {request.feature_label(i)} has no finite value: it cannot be fitted")
     extreme = np.maximum(np.abs(summary.shift) + summary.span / 2, summary.span)
     for i in np.flatnonzero(extreme > LARGEST_FEATURE):
         raise InvalidInputError(
@@ -227,7 +240,11 @@ def _best_restart(reduce, cache: BlockCache, summary: InputSummary, settings: em
                   n_init: int) -> em.FitResult:
     """`n_init` fits from seeds seed, seed+1, ... in shared passes; the best one."""
     candidates = [replace(settings, seed=settings.seed + i) for i in range(n_init)]
-    results = em.fit(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe)
+    return _best(em.fit(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe), candidates)
+
+
+def _best(results: list[em.FitResult], candidates: list[em.FitSettings]) -> em.FitResult:
+    """The restart with the highest log-likelihood (logged with the others)."""
     best = max(range(len(results)), key=lambda i: results[i].log_likelihood)
     log.info(
         "nInit=%d: kept restart %d (seed %d), log-likelihood %.10g; others: %s",
@@ -235,6 +252,25 @@ def _best_restart(reduce, cache: BlockCache, summary: InputSummary, settings: em
         ", ".join(f"{r.log_likelihood:.10g}" for i, r in enumerate(results) if i != best),
     )
     return results[best]
+
+
+def _fit_marginal(cache: BlockCache, summary: InputSummary, request: FitRequest,
+                  candidates: list[em.FitSettings] | None) -> list[em.FitResult]:
+    """handleInvalid='keep' with rows missing some values: `marginal.fit` (the exact EM over each
+    row's observed values) on the driver engine, nInit restarts in shared passes; no checkpoints."""
+    if request.checkpoint_dir:
+        raise InvalidInputError(
+            f"checkpointDir cannot be used when handleInvalid='keep' marginalises missing values "
+            f"({summary.incomplete_rows} rows have some); unset checkpointDir or use handleInvalid='skip'"
+        )
+    log.info("engine: driver (missing values are marginalised on the driver engine)")
+    settings = [_with_start(request, c, summary) for c in candidates or [request.settings]]
+    restarts = candidates is None and request.n_init > 1 and settings[0].start is None
+    if restarts:
+        settings = [replace(settings[0], seed=settings[0].seed + i) for i in range(request.n_init)]
+    complete = summary.rows - summary.incomplete_rows
+    results = marginal.fit(cache.reduce, summary.d, summary.total_weight, settings, complete, cache.describe)
+    return [_best(results, settings)] if restarts else results
 
 
 def _checkpointer(spark, summary: InputSummary, request: FitRequest) -> Checkpointer | None:
@@ -286,7 +322,7 @@ def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSum
 
 
 def _fitted(result: em.FitResult, settings: em.FitSettings, summary: InputSummary, skipped: int,
-            names: list[str] | None) -> Fitted:
+            names: list[str] | None, all_missing: int) -> Fitted:
     """`result` in the data's coordinates, with a warning for each component the regulariser shapes."""
     final = result.mixture.shifted(summary.shift)
     for j, variance in thin_components(final.covariances, settings.reg_covar, summary.span > 0):
@@ -301,4 +337,4 @@ def _fitted(result: em.FitResult, settings: em.FitSettings, summary: InputSummar
         "fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
         final.k, result.iterations, result.converged, result.log_likelihood,
     )
-    return Fitted(final, result, skipped, summary.total_weight, names)
+    return Fitted(final, result, skipped, summary.total_weight, names, summary.incomplete_rows, all_missing)

@@ -168,6 +168,19 @@ def _gaussian_terms(x: np.ndarray, gaussian: Mixture):
     return log_density, patterns
 
 
+def gaussian_posterior(x: np.ndarray, gaussian: Mixture) -> tuple[np.ndarray, np.ndarray]:
+    """(log p(x_o) (n,), P(j | x_o) (n, k)) of the rows `x` (n, d), NaN marking missing
+    coordinates, under the Gaussian mixture `gaussian` (same coordinates): the exact marginal over
+    each row's observed coordinates, rows grouped by missingness pattern (the Gaussian block of
+    `posterior`, for scoring a `GaussianMixtureModel`). Rows with nothing observed: NaN and 0."""
+    terms, _ = _gaussian_terms(x, gaussian)
+    seen = ~np.isnan(x).all(axis=1)
+    log_density, resp = np.full(len(x), np.nan), np.zeros((len(x), gaussian.k))
+    if seen.any():
+        log_density[seen], resp[seen] = normalize_log(terms[seen] + np.log(gaussian.weights))
+    return log_density, resp
+
+
 def _bernoulli_terms(block: MixedBlock, probabilities: np.ndarray) -> np.ndarray:
     """(n, k) Σ over observed columns of log P(x | class)."""
     observed, ones = block.bernoulli_masks

@@ -21,7 +21,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import BooleanType, DoubleType, FloatType, IntegralType, NumericType, StringType
 
-from .blocks import BLOCK_SCHEMA, BlockCache, RowBlocker, block_batch, block_rows_for, partition_id
+from .blocks import BLOCK_SCHEMA, NO_COUNTS, BlockCache, RowBlocker, block_batch, block_rows_for, partition_id
 from .exceptions import InvalidInputError
 from .inputs import named_column
 from .latent import Columns
@@ -306,12 +306,12 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
                 keep &= np.isfinite(w) & (w >= 0)
                 w = w[keep]
             for bx, bw in blocker.add(rows[keep], w, limit):
-                yield block_batch(pid, seq, bx, bw, [0, 0, 0], (width, width))
+                yield block_batch(pid, seq, bx, bw, NO_COUNTS, (width, width))
                 seq += 1
         for bx, bw in blocker.rest(limit):
-            yield block_batch(pid, seq, bx, bw, [0, 0, 0], (width, width))
+            yield block_batch(pid, seq, bx, bw, NO_COUNTS, (width, width))
             seq += 1
-        yield block_batch(pid, seq, None, None, [0, 0, 0], (width, width))  # marks the partition
+        yield block_batch(pid, seq, None, None, NO_COUNTS, (width, width))  # marks the partition
 
     return pack
 

@@ -7,7 +7,7 @@ The MLflow model holds the mixture as JSON (floats written exactly) plus the spa
 itself (`code_paths`), so `mlflow.pyfunc.load_model` and `mlflow models serve` need numpy, pandas and
 pyspark installed (spark_gmm imports pyspark) but no Spark session and no spark-gmm install. Its
 predictions are those of `transform`: `prediction` (position; `componentId` gives the stable id) and
-`probability`; a row with a missing or non-finite feature gets nulls, as handleInvalid='keep'.
+`probability`; a row with a missing or non-finite feature gets nulls (it is not scored).
 """
 
 from __future__ import annotations

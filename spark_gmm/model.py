@@ -18,6 +18,7 @@ from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
 from .inputs import feature_count, named_column
 from .kernels import posterior
+from .latent_estep import gaussian_posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
 from .params import GaussianMixtureParams
 from .scoring import (
@@ -212,16 +213,24 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
 
     def scoreArray(self, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(prediction (n,), probability (n, k), log density (n,)) of the rows of the n×d array `x`,
-        in numpy on the driver (no Spark), computed as `transform` computes them."""
+        in numpy on the driver (no Spark), computed as `transform` computes them: with
+        handleInvalid='keep', a row with NaN or ±inf values on its finite ones (a row with none:
+        prediction -1, probabilities 0, log density NaN)."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.numFeatures:
             raise ValueError(f"expected an array of shape (n, {self.numFeatures}), got {x.shape}")
         log_density, probability = self._posterior(x)
-        return probability.argmax(axis=1), probability, log_density
+        missing = ~np.isfinite(x).all(axis=1)
+        if not (self._marginalise() and missing.any()):
+            return probability.argmax(axis=1), probability, log_density
+        partial = np.where(np.isfinite(x[missing]), x[missing], np.nan) - self._center
+        log_density[missing], probability[missing] = gaussian_posterior(partial, self._centred)
+        return np.where(np.isnan(log_density), -1, probability.argmax(axis=1)), probability, log_density
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         """Adds prediction, probability (and logLikelihoodCol). A row that cannot be scored fails
-        the query (handleInvalid='error', as MLlib), is dropped ('skip') or gets nulls ('keep')."""
+        the query (handleInvalid='error', as MLlib), is dropped ('skip'), or ('keep') is scored on
+        its finite features by their marginal density (nulls if it has none)."""
         self._check_feature_count(dataset)
         scores = F.col("__spark_gmm_scores")
         scored = dataset.withColumn("__spark_gmm_scores", self._scores(dataset))
@@ -242,7 +251,11 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         return scored.select(*out)
 
     def _scores(self, dataset: DataFrame):
-        return scoring_udf(self._centred, self._center)(self.featureColumn(dataset))
+        return scoring_udf(self._centred, self._center, self._marginalise())(self.featureColumn(dataset))
+
+    def _marginalise(self) -> bool:
+        """Whether rows with missing features are scored on their observed ones (handleInvalid='keep')."""
+        return self.getHandleInvalid() == "keep"
 
     def _features_label(self) -> str:
         return ", ".join(self.getInputCols()) if self.isDefined(self.inputCols) else self.getFeaturesCol()
@@ -262,7 +275,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         weight a fit would refuse, are refused (or, with handleInvalid 'skip' or 'keep', left out)."""
         self._check_feature_count(dataset)
         weight = self.weightColumn(dataset)
-        scores = weighted_log_likelihood_udf(self._centred, self._center)(
+        scores = weighted_log_likelihood_udf(self._centred, self._center, self._marginalise())(
             self.featureColumn(dataset), F.lit(1.0) if weight is None else weight
         )
         total, mass, bad = log_likelihood_sums(dataset, scores)
@@ -372,5 +385,6 @@ def fitted_model(fitted: "Fitted", dataset: DataFrame, estimator) -> GaussianMix
     model._feature_names = fitted.feature_names
     estimator._copyValues(model)
     model._resetUid(estimator.uid)
-    model._summary = GaussianMixtureSummary(model, dataset, fitted.result, fitted.skipped, fitted.total_weight)
+    model._summary = GaussianMixtureSummary(model, dataset, fitted.result, fitted.skipped, fitted.total_weight,
+                                            fitted.incomplete, fitted.all_missing)
     return model

@@ -86,7 +86,10 @@ OPTIONS: dict[str, Option] = {
         "error", str,
         "Rows with null, NaN or infinite features, other than the model's feature count, or a bad "
         "weight: 'error' refuses them (fit, transform and score), 'skip' leaves them out (counted "
-        "in the fit), 'keep' leaves them out of the fit and gives them null outputs in transform.",
+        "in the fit), 'keep' marginalises each null, NaN or infinite feature out of its row's "
+        "likelihood (fit: exact EM over the observed features; transform and score: the marginal "
+        "density of the observed part) and leaves out rows with no finite feature (counted; null "
+        "outputs in transform).",
         choices=HANDLE_INVALID,
     ),
     "engine": Option(

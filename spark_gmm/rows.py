@@ -2,7 +2,9 @@
 the report's moments). No Spark here: it works on Arrow list columns and numpy arrays.
 
 A row's features are usable when they are present, have the expected count, and are all finite
-(a null element counts as missing); a weight is usable when it is finite and non-negative.
+(a null element counts as missing); a weight is usable when it is finite and non-negative. With
+handleInvalid='keep' a row with some finite features is kept and the others are marked missing
+(NaN), to be marginalised: `observed_rows`.
 """
 
 from __future__ import annotations
@@ -12,26 +14,42 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def feature_rows(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x (n, d) float64 with zeros in unusable rows, missing (n,), nonfinite (n,)) of an Arrow
-    list column: `missing` marks rows that are null, hold a null, or have other than d values;
-    `nonfinite` rows that are complete but hold NaN or ±inf."""
+def _values(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (n, d) float64, NaN for null elements and in rows that are null or have other than d
+    values; whole (n,): rows of d values; holes (n,): whole rows holding a null)."""
     n = len(column)
     lengths = pc.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False)
     whole = lengths == d
-    x = np.zeros((n, d))
+    x = np.full((n, d), np.nan)
+    holes = np.zeros(n, bool)
     if whole.any():
         values = pc.list_flatten(column.filter(pa.array(whole)))
         flat = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)  # nulls → NaN
         x[whole] = flat.reshape(-1, d) if d else np.empty((int(whole.sum()), 0))
-        holes = np.zeros(n, bool)
         if values.null_count:
             holes[np.flatnonzero(whole)] = values.is_null().to_numpy(zero_copy_only=False).reshape(-1, d).any(axis=1)
-        whole &= ~holes
+    return x, whole, holes
+
+
+def feature_rows(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x (n, d) float64 with zeros in unusable rows, missing (n,), nonfinite (n,)) of an Arrow
+    list column: `missing` marks rows that are null, hold a null, or have other than d values;
+    `nonfinite` rows that are complete but hold NaN or ±inf."""
+    x, whole, holes = _values(column, d)
+    whole &= ~holes
     finite = np.isfinite(x).all(axis=1)
     nonfinite = whole & ~finite
     x[~(whole & finite)] = 0.0
     return x, ~whole, nonfinite
+
+
+def observed_rows(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x (n, d) float64 with NaN for every value that is missing — null, NaN, ±inf, or in a row
+    that is null or has other than d values —, observed (n, d): the finite values)."""
+    x, _, _ = _values(column, d)
+    observed = np.isfinite(x)
+    x[~observed] = np.nan
+    return x, observed
 
 
 def usable_weights(w: np.ndarray) -> np.ndarray:
@@ -43,3 +61,30 @@ def lengths_of(column: pa.Array) -> tuple[int, int]:
     """(smallest, largest) length of the non-null lists of an Arrow list column; (-1, -1) if none."""
     lengths = pc.list_value_length(column).drop_null().to_numpy(zero_copy_only=False)
     return (int(lengths.min()), int(lengths.max())) if len(lengths) else (-1, -1)
+
+
+def batch_rows(batch: pa.RecordBatch, has_weight: bool, keep_missing: bool = False):
+    """(x, w, [null, nonfinite, bad-weight, incomplete] counts, (dmin, dmax)) of the rows of a
+    batch (features in column 0, weights in column 1) that a fit uses; x is None when the batch
+    holds vectors of different lengths. Without `keep_missing` the rows with every feature usable;
+    with it (handleInvalid='keep') also the rows with some finite feature, NaN marking the others
+    (`incomplete` counts them), and `null` counts the rows with none."""
+    dims = lengths_of(batch.column(0))
+    if dims[0] != dims[1]:
+        return None, None, [0, 0, 0, 0], dims
+    d = max(dims[0], 0)
+    if keep_missing and d:
+        x, observed = observed_rows(batch.column(0), d)
+        missing, nonfinite = ~observed.any(axis=1), np.zeros(len(x), bool)
+        incomplete = ~missing & ~observed.all(axis=1)
+    else:
+        x, missing, nonfinite = feature_rows(batch.column(0), d)
+        incomplete = np.zeros(len(x), bool)
+    bad_weight = np.zeros(len(x), bool)
+    w = None
+    if has_weight:
+        w = batch.column(1).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad_weight = ~missing & ~nonfinite & ~usable_weights(w)
+    keep = ~(missing | nonfinite | bad_weight)
+    counts = [int(missing.sum()), int(nonfinite.sum()), int(bad_weight.sum()), int((incomplete & keep).sum())]
+    return x[keep], (w[keep] if has_weight else None), counts, dims

@@ -5,6 +5,9 @@ evaluated here on the same numpy arrays as when a fit packs its blocks.
 Scores go from Arrow to numpy and back without a Python object per row: the feature lists are
 flattened into an (n, d) array, the compiled kernel (`kernels.posterior`) fills the log densities
 and an (n, k) array of probabilities, which becomes the values buffer of the output list column.
+With handleInvalid='keep' (`marginalise`), a row with missing values (null, NaN, ±inf) is scored
+by the marginal density of its observed features (`latent_estep.gaussian_posterior`, rows grouped
+by missingness pattern); only batches that hold such rows pay for it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import pyarrow as pa
 from pyspark.sql import Column, DataFrame, functions as F
 
 from .kernels import posterior, row_uniforms
+from .latent_estep import gaussian_posterior
 from .mixture import Mixture
-from .rows import feature_rows, usable_weights
+from .rows import feature_rows, observed_rows, usable_weights
 
 SCORES_SCHEMA = "prediction int, probability array<double>, logLikelihood double"
 WEIGHTED_SCHEMA = "logLikelihood double, weight double"
@@ -27,17 +31,24 @@ def unscorable(d: int) -> str:
     return f"null, NaN or infinite features, or other than {d} features (the model's)"
 
 
-def _scored(features: pa.Array, mixture: Mixture, center: np.ndarray):
-    """(unusable (n,), log p(x) (n,), probabilities (n, k)) of an Arrow list<double> array."""
+def _scored(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalise: bool):
+    """(unusable (n,), log p(x) (n,), probabilities (n, k)) of an Arrow list<double> array; with
+    `marginalise`, rows with some finite feature are scored on those (unusable: none finite)."""
     x, missing, nonfinite = feature_rows(features, mixture.d)
+    unusable = missing | nonfinite
     x -= center
-    return (missing | nonfinite, *posterior(x, mixture))
+    log_density, probability = posterior(x, mixture)
+    if marginalise and unusable.any():
+        partial, _ = observed_rows(features.filter(pa.array(unusable)), mixture.d)
+        log_density[unusable], probability[unusable] = gaussian_posterior(partial - center, mixture)
+        unusable = np.isnan(log_density)
+    return unusable, log_density, probability
 
 
-def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray) -> pa.StructArray:
+def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalise: bool = False) -> pa.StructArray:
     """SCORES_SCHEMA of each row (nulls for unusable rows); the probabilities (n, k) are the values
     buffer of the list column, with no copy per row."""
-    unusable, log_density, probability = _scored(features, mixture, center)
+    unusable, log_density, probability = _scored(features, mixture, center, marginalise)
     n, k = probability.shape
     offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
     return pa.StructArray.from_arrays(
@@ -51,10 +62,10 @@ def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray) -> pa
 
 
 def weighted_log_density_arrow(features: pa.Array, weights: pa.Array, mixture: Mixture,
-                               center: np.ndarray) -> pa.StructArray:
+                               center: np.ndarray, marginalise: bool = False) -> pa.StructArray:
     """WEIGHTED_SCHEMA of each row: its log density and weight, both null when the row cannot be
     scored or its weight is not usable (`rows.usable_weights`, the rule a fit applies)."""
-    unusable, log_density, _ = _scored(features, mixture, center)
+    unusable, log_density, _ = _scored(features, mixture, center, marginalise)
     w = np.asarray(weights.to_numpy(zero_copy_only=False), dtype=np.float64)  # null → NaN: not usable
     left_out = unusable | ~usable_weights(w)
     return pa.StructArray.from_arrays(
@@ -84,18 +95,19 @@ def _columns_udf(compute, schema: str):
     return arrow_udf(via_arrow, schema)
 
 
-def scoring_udf(mixture: Mixture, center: np.ndarray):
+def scoring_udf(mixture: Mixture, center: np.ndarray, marginalise: bool = False):
     """UDF of an array<double> column: prediction, probability (k,) and log density of each row
-    (null for unusable rows). `mixture` (k components, d features) is in coordinates shifted by
-    `center` (d,)."""
-    return _columns_udf(lambda features: scores_arrow(features, mixture, center), SCORES_SCHEMA)
+    (null for unusable rows; with `marginalise`, for rows with no finite feature). `mixture` (k
+    components, d features) is in coordinates shifted by `center` (d,)."""
+    return _columns_udf(lambda features: scores_arrow(features, mixture, center, marginalise), SCORES_SCHEMA)
 
 
-def weighted_log_likelihood_udf(mixture: Mixture, center: np.ndarray):
+def weighted_log_likelihood_udf(mixture: Mixture, center: np.ndarray, marginalise: bool = False):
     """UDF of (features array<double>, weight double): `weighted_log_density_arrow` of each row.
     `mixture` (k components, d features) is in coordinates shifted by `center` (d,)."""
     return _columns_udf(
-        lambda features, weights: weighted_log_density_arrow(features, weights, mixture, center), WEIGHTED_SCHEMA
+        lambda features, weights: weighted_log_density_arrow(features, weights, mixture, center, marginalise),
+        WEIGHTED_SCHEMA,
     )
 
 

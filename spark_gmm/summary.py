@@ -20,7 +20,7 @@ class GaussianMixtureSummary:
 
     def __init__(
         self, model: "GaussianMixtureModel", dataset: DataFrame, result: FitResult, skipped: int,
-        total_weight: float,
+        total_weight: float, incomplete: int = 0, all_missing: int = 0,
     ):
         self._model, self._dataset = model, dataset
         self.k = model.getK()
@@ -34,6 +34,10 @@ class GaussianMixtureSummary:
         self.reseeded = [tuple(int(v) for v in item) for item in result.reseeded]
         self.iterationSeconds = [float(v) for v in result.iteration_seconds]
         self.invalidRowsSkipped = int(skipped)
+        # handleInvalid='keep': rows fitted with missing values marginalised, and rows with no
+        # finite feature (left out, also in invalidRowsSkipped)
+        self.rowsWithMissingValues = int(incomplete)
+        self.rowsAllMissing = int(all_missing)
         self.resumedFromIteration = int(result.resumed_from)
         self.totalWeight = float(total_weight)  # rows fitted, or their total weight with weightCol
         self.featuresCol = model.getFeaturesCol()
@@ -79,6 +83,8 @@ class GaussianMixtureSummary:
             "reseeded": [list(item) for item in self.reseeded],
             "iterationSeconds": self.iterationSeconds,
             "invalidRowsSkipped": self.invalidRowsSkipped,
+            "rowsWithMissingValues": self.rowsWithMissingValues,
+            "rowsAllMissing": self.rowsAllMissing,
             "resumedFromIteration": self.resumedFromIteration,
             "totalWeight": self.totalWeight,
         }

@@ -145,8 +145,9 @@ def build_parser(command: str, prog: str | None = None) -> argparse.ArgumentPars
     if fitting:
         data.add_argument("--weight-col", metavar="COL", help="numeric column of non-negative row weights")
         data.add_argument("--handle-invalid", choices=HANDLE_INVALID, default=api.getHandleInvalid(),
-                          help="null/NaN/infinite values or bad weights: error fails the job; skip leaves their "
-                          f"rows out; keep too, but a mixed fit marginalises missing values (default: {api.getHandleInvalid()})")
+                          help="rows with null/NaN/infinite features or bad weights: error fails the job, "
+                          "skip leaves them out, keep marginalises the missing features (rows with none "
+                          f"finite, or a bad weight, left out) (default: {api.getHandleInvalid()})")
         if command == "fit":
             mixed.add_flags(parser.add_argument_group("mixed feature types, instead of --features (docs/mixed.md)"),
                             _columns, _bounded(int, 2, "an integer >= 2"))

@@ -469,15 +469,16 @@ def unusable_rows(spark, column):
 
 @pytest.mark.parametrize("column", ["vector", "array"])
 def test_transform_follows_handle_invalid_for_unusable_rows(spark, column):
-    """As MLlib, a row that cannot be scored fails the query by default; 'keep' scores it null,
-    'skip' drops it."""
+    """As MLlib, a row that cannot be scored fails the query by default; 'skip' drops it; 'keep'
+    scores a row with a finite feature on its finite features (row 2: x₁ = 1 is nearer component
+    0) and gives nulls to the others."""
     model = GaussianMixtureModel.fromArrays([0.5, 0.5], [[0.0, 0.0], [5.0, 5.0]], [np.eye(2)] * 2)
     df = unusable_rows(spark, column)
     with pytest.raises(Exception, match=r"cannot be scored \(null, NaN or infinite features, or other than 2"):
         model.transform(df).collect()
     kept = model.copy({model.handleInvalid: "keep"}).transform(df).orderBy("id").collect()
-    assert [r["prediction"] for r in kept] == [0, None, None, 1, None]
-    assert all(kept[i]["probability"] is None for i in (1, 2, 4))
+    assert [r["prediction"] for r in kept] == [0, None, 0, 1, None]
+    assert all(kept[i]["probability"] is None for i in (1, 4))
     skipped = model.copy({model.handleInvalid: "skip"}).transform(df).orderBy("id").collect()
     assert [(r["id"], r["prediction"]) for r in skipped] == [(0, 0), (3, 1)]
 

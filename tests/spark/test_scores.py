@@ -192,7 +192,7 @@ def test_transform_and_score_equal_sklearn_through_either_udf(spark, model, skle
     if udf_kind == "pandas":
         monkeypatch.delattr("pyspark.sql.functions.arrow_udf")
     bad = points[:60].copy()
-    bad[[4, 7], 2] = np.inf
+    bad[[4, 7]] = np.inf  # nothing finite: unusable even with 'keep' (which marginalises what is not finite)
     keeping = model.copy().setHandleInvalid("keep").setLogLikelihoodCol("ll")
     out = keeping.transform(frame(spark, bad, i=np.arange(60))).orderBy("i").select(
         "prediction", F.when(F.col("probability").isNotNull(), vector_to_array("probability")).alias("p"), "ll"
