@@ -292,6 +292,8 @@ class MixedStartPass(SumPass):
 
     def __init__(self, k: int, seeds: list[int], levels: tuple[int, ...], columns: Columns):
         self.k, self.seeds, self.levels, self.columns = k, seeds, levels, columns
+        layout = Layout(k, columns.d, columns.m, levels, columns.q)
+        self.partial_bytes = 8 * len(seeds) * (k + 3 * k * columns.d + sum(layout.discrete_sizes()))
 
     def map_block(self, raw, x, w):
         block = self.columns.block(raw, x, w)
