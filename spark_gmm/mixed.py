@@ -224,10 +224,37 @@ class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Per
     def setCheckpointInterval(self, value: int):
         return self._set(checkpointInterval=value)
 
+    #: Params that may differ between candidates fitted together in shared passes (the others set
+    #: the packed rows or the model family, which candidates share).
+    CANDIDATE_PARAMS = ("k", "covarianceType", "seed", "maxIter", "tol", "regCovar")
+
     def _fit(self, dataset: DataFrame):
+        (model,) = self._fit_together(dataset, [self])
+        return model
+
+    def fitMultiple(self, dataset: DataFrame, paramMaps):
+        """One model per param map. When the maps change only `CANDIDATE_PARAMS` (and nInit is 1,
+        without checkpointDir), the input is surveyed and packed once and the candidates share
+        every EM pass (each takes exactly the steps it takes alone); otherwise one by one."""
+        estimators = [self.copy(param_map) for param_map in paramMaps]
+        shared = all(param.name in self.CANDIDATE_PARAMS for param_map in paramMaps for param in param_map)
+        if not shared or len(estimators) < 2 or self.getCheckpointDir() or any(e.getNInit() > 1 for e in estimators):
+            return super().fitMultiple(dataset, paramMaps)
+        return iter(list(enumerate(self._fit_together(dataset, estimators))))
+
+    def _em_settings(self, levels: tuple[int, ...]) -> EMSettings:
+        return EMSettings(self.getK(), self.getCovarianceType(), self.getRegCovar(), self.getSmoothing(),
+                          self.getMaxIter(), self.getTol(), tuple(self.getSeed() + i for i in range(self.getNInit())),
+                          levels)
+
+    def _fit_together(self, dataset: DataFrame, estimators: list["MixedMixture"]) -> list:
+        """The models of `estimators` (this one, or copies differing in `CANDIDATE_PARAMS` only)
+        from one survey and one packing; several share every pass."""
         from .mixed_model import MixedMixtureModel
 
-        check_options({p.name: self.getOrDefault(p) for p in self.params if self.isDefined(p)}, MIXED_OPTIONS)
+        for estimator in estimators:
+            values = {p.name: estimator.getOrDefault(p) for p in estimator.params if estimator.isDefined(p)}
+            check_options(values, MIXED_OPTIONS)
         if self.getNInit() > 1 and self.getCheckpointDir():
             raise ValueError("checkpointDir needs nInit=1 (restarts are not checkpointed)")
         kinds = {"gaussian": self.getGaussianCols(), "bernoulli": self.getBernoulliCols(),
@@ -244,31 +271,40 @@ class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Per
             packed = cache.summarize()
             log.info("input: %d rows × %d columns in %d partitions%s", packed.rows, len(features), packed.partitions,
                      f", {skipped} rows left out" if skipped else "")
-            if packed.rows < self.getK():
-                raise InvalidInputError(f"k={self.getK()} is larger than the number of rows to fit ({packed.rows})")
+            largest = max(e.getK() for e in estimators)
+            if packed.rows < largest:
+                raise InvalidInputError(f"k={largest} is larger than the number of rows to fit ({packed.rows})")
             if not packed.total_weight > 0:
                 raise InvalidInputError(f"weight column '{self.weightName()}': all weights are zero")
-            settings = EMSettings(self.getK(), self.getCovarianceType(), self.getRegCovar(), self.getSmoothing(),
-                                  self.getMaxIter(), self.getTol(),
-                                  tuple(self.getSeed() + i for i in range(self.getNInit())), schema.levels)
+            settings = [e._em_settings(schema.levels) for e in estimators]
             checkpointer = None
             if self.getCheckpointDir():
                 checkpointer = Checkpointer(dataset.sparkSession, self.getCheckpointDir(), self.getCheckpointInterval(),
-                                            settings.fingerprint(packed, schema), settings.candidates(schema.columns)[0])
+                                            settings[0].fingerprint(packed, schema),
+                                            settings[0].candidates(schema.columns)[0])
             # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
             spare = 1 if checkpointer else 0
             with barrier.reducer(self.getEngine(), cache, packed, dataset.sparkSession, spare) as reduce:
-                result = _run_em(reduce, schema.columns, packed.total_weight, settings, cache.describe, checkpointer)
+                if len(settings) == 1:
+                    results = [_run_em(reduce, schema.columns, packed.total_weight, settings[0], cache.describe,
+                                       checkpointer)]
+                else:
+                    candidates = [s.candidates(schema.columns)[0] for s in settings]
+                    results = em.fit(reduce, schema.columns.d, packed.total_weight, candidates,
+                                     describe=cache.describe)
         finally:
             cache.describe(None)
             cache.unpersist()
-        model = MixedMixtureModel(result.mixture, schema)
-        self._copyValues(model)
-        model._resetUid(self.uid)
-        model.attach_summary(dataset, result, skipped, packed.total_weight)
-        log.info("fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
-                 self.getK(), result.iterations, result.converged, result.log_likelihood)
-        return model
+        models = []
+        for estimator, result in zip(estimators, results):
+            model = MixedMixtureModel(result.mixture, schema)
+            estimator._copyValues(model)
+            model._resetUid(estimator.uid)
+            model.attach_summary(dataset, result, skipped, packed.total_weight)
+            log.info("fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
+                     estimator.getK(), result.iterations, result.converged, result.log_likelihood)
+            models.append(model)
+        return models
 
     def _validate(self, found: Survey, features) -> int:
         """Refuse what cannot be fitted, naming the column, the count and a value; returns the

@@ -90,3 +90,16 @@ def test_a_checkpoint_of_other_settings_or_data_is_refused(holes, tmp_path):
         fit(holes.limit(500), maxIter=4, checkpointDir=directory, engine="driver")
     with pytest.raises(ValueError, match="checkpointDir needs nInit=1"):
         fit(holes, checkpointDir=directory, nInit=2)
+
+
+def test_fit_multiple_in_shared_passes_equals_fits_one_by_one(holes, engine_log):
+    estimator = MixedMixture(seed=4, tol=0.0, maxIter=4, handleInvalid="keep", **COLUMNS)
+    maps = [{estimator.k: 2, estimator.covarianceType: "full"}, {estimator.k: 3, estimator.covarianceType: "diag"},
+            {estimator.k: 3, estimator.seed: 9, estimator.regCovar: 1e-3}]
+    together = dict(estimator.fitMultiple(holes, maps))
+    assert len(engine_log("surveying the input")) == 1  # one survey, one packing, shared passes
+    assert engine_log("initialisation (3 candidates)")
+    for i, param_map in enumerate(maps):
+        alone = estimator.copy(param_map).fit(holes)
+        assert together[i].getK() == param_map[estimator.k]
+        assert_same(together[i], alone)
