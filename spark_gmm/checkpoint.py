@@ -1,14 +1,17 @@
 """EM checkpoints: the state after an M-step, saved so a killed fit resumes to the same model.
 
 Checkpoints go into one of two slots, alternately, so a fit killed while writing one slot still has
-the other. A slot holds ``arrays/`` (the current and the previous mixture, in the fit's shifted
-coordinates, as exact float64 payloads of `codec`) and ``state/`` (one JSON line: the iteration, the
-log-likelihood history, the fingerprint and the write's id), written last. A slot whose arrays were
-not written by the write its state names — a kill between the two writes — is skipped.
+the other. A slot holds ``arrays/`` (the current and the previous model, in the fit's shifted
+coordinates, as the exact float64 arrays of its family's `to_arrays`, payloads of `codec`) and
+``state/`` (one JSON line: the iteration, the objective history, the arrays' shapes, the fingerprint
+and the write's id), written last. A slot whose arrays were not written by the write its state
+names — a kill between the two writes — is skipped. Any model family checkpoints this way
+(`families.ModelFamily.to_arrays`, `from_arrays`): Gaussian mixtures and latent class models.
 
 The fingerprint names the data (row count, total weight and the packing pass's content digest, which
-ignores row order and partitioning) and every setting that changes the model (k, regCovar, tol,
-seed, initMode, the initial model's digest, dtype, covarianceType). A checkpoint whose fingerprint
+ignores row order and partitioning) and every setting that changes the model (for a Gaussian fit k,
+regCovar, tol, seed, initMode, the initial model's digest, dtype, covarianceType; the estimator
+chooses the keys). A checkpoint whose fingerprint
 differs is refused, naming the differing keys. `maxIter` only says where EM stops, not where it
 goes: a checkpoint at iteration i lies on the path of any fit with maxIter ≥ i, so a larger maxIter
 continues a finished fit; a maxIter below the checkpoint's iteration is refused.
@@ -25,16 +28,15 @@ from pyspark.sql import SparkSession
 from pyspark.sql.utils import AnalysisException
 
 from . import codec
-from .em import EMState
-from .mixture import Mixture, precision_cholesky
+from .em import EMState, FitSettings
 
 log = logging.getLogger("spark_gmm")
 
 SLOTS = ("slot-0", "slot-1")
-_MIXTURES = ("mixture.", "previous.")
+_MODELS = ("mixture.", "previous.")
 _STATE_KEYS = {
-    "writeId", "fingerprint", "iteration", "k", "numFeatures", "hasPrevious", "history", "seconds", "empty",
-    "reseeded", "finishing",
+    "writeId", "fingerprint", "iteration", "shapes", "hasPrevious", "history", "seconds", "empty", "reseeded",
+    "finishing",
 }
 
 
@@ -43,14 +45,13 @@ class CheckpointMismatchError(ValueError):
 
 
 class Checkpointer:
-    """Saves every `interval`-th EM state under `directory`; `latest()` reads the newest back."""
+    """Saves every `interval`-th EM state of the fit `settings` describes under `directory`;
+    `latest()` reads the newest back."""
 
-    def __init__(
-        self, spark: SparkSession, directory: str, interval: int, fingerprint: dict, max_iter: int,
-    ):
+    def __init__(self, spark: SparkSession, directory: str, interval: int, fingerprint: dict, settings: FitSettings):
         self.spark, self.directory, self.interval = spark, directory.rstrip("/"), interval
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back
-        self.max_iter = max_iter
+        self.settings, self.max_iter = settings, settings.max_iter
 
     def save(self, state: EMState) -> None:
         if self.interval < 1 or state.iteration % self.interval:
@@ -58,17 +59,16 @@ class Checkpointer:
         slot = f"{self.directory}/{SLOTS[(state.iteration // self.interval) % 2]}"
         write_id = uuid.uuid4().hex
         arrays = {}
-        for prefix, m in zip(_MIXTURES, (state.mixture, state.previous)):
-            if m is not None:
-                arrays.update(codec.mixture_arrays(m.weights, m.means, m.covariances, prefix))
+        for prefix, model in zip(_MODELS, (state.mixture, state.previous)):
+            if model is not None:
+                arrays.update({prefix + name: a for name, a in self.settings.family.to_arrays(model).items()})
         codec.write(self.spark, f"{slot}/arrays", arrays, write_id, overwrite=True)
         record = {
             "writeId": write_id,
             "fingerprint": self.fingerprint,
             "maxIter": self.max_iter,
             "iteration": state.iteration,
-            "k": state.mixture.k,
-            "numFeatures": state.mixture.d,
+            "shapes": {name: list(a.shape) for name, a in arrays.items()},
             "hasPrevious": state.previous is not None,
             "history": state.history,
             "seconds": state.seconds,
@@ -115,10 +115,8 @@ class Checkpointer:
         records = [r for r in (self._record(slot) for slot in SLOTS) if r is not None]
         for record in sorted(records, key=lambda r: r["iteration"], reverse=True):
             self._check(record)
-            prefixes = _MIXTURES if record["hasPrevious"] else _MIXTURES[:1]
-            shapes = {}
-            for prefix in prefixes:
-                shapes.update(codec.mixture_shapes(record["k"], record["numFeatures"], prefix))
+            prefixes = _MODELS if record["hasPrevious"] else _MODELS[:1]
+            shapes = {name: tuple(shape) for name, shape in record["shapes"].items()}
             path = f"{self.directory}/{record['slot']}/arrays"
             try:
                 arrays = codec.read(self.spark, path, shapes, record["writeId"], f"{record['slot']}/state")
@@ -129,11 +127,11 @@ class Checkpointer:
             if record.get("maxIter") != self.max_iter:
                 log.info("checkpoint written with maxIter=%s; continuing to maxIter=%d",
                          record.get("maxIter"), self.max_iter)
-            mixtures = [self._mixture(arrays, prefix) for prefix in prefixes]
+            models = [self._model(arrays, prefix) for prefix in prefixes]
             return EMState(
                 iteration=record["iteration"],
-                mixture=mixtures[0],
-                previous=mixtures[1] if record["hasPrevious"] else None,
+                mixture=models[0],
+                previous=models[1] if record["hasPrevious"] else None,
                 history=record["history"],
                 seconds=record["seconds"],
                 empty=record["empty"],
@@ -142,11 +140,6 @@ class Checkpointer:
             )
         return None
 
-    def _mixture(self, arrays: dict[str, np.ndarray], prefix: str) -> Mixture:
-        covariances = arrays[f"{prefix}covariances"]
-        return Mixture(
-            weights=arrays[f"{prefix}weights"],
-            means=arrays[f"{prefix}means"],
-            covariances=covariances,
-            precisions_cholesky=precision_cholesky(covariances),
-        )
+    def _model(self, arrays: dict[str, np.ndarray], prefix: str):
+        own = {name[len(prefix):]: a for name, a in arrays.items() if name.startswith(prefix)}
+        return self.settings.family.from_arrays(own, self.settings)

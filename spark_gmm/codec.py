@@ -1,7 +1,8 @@
 """Mixtures as exact binary payloads: the one codec of saved models and checkpoints.
 
 A payload is a set of named float64 arrays — a mixture's ``weights`` (k), ``means`` (k×d) and
-``covariances`` (k×d×d), under a prefix when one payload holds several mixtures. Each array is cut
+``covariances`` (k×d×d), a latent class model's tables, or a checkpoint's two models under
+prefixes. Each array is cut
 into chunks of at most `CHUNK_VALUES` values, one row of `PAYLOAD_SCHEMA` each:
 
 - ``writeId`` (string): the write the row belongs to, matched against the caller's metadata;
@@ -58,12 +59,12 @@ class PayloadError(ValueError):
     """Payload rows that do not make up the arrays expected (missing, foreign or torn)."""
 
 
-def mixture_arrays(weights, means, covariances, prefix: str = "") -> dict[str, np.ndarray]:
-    return {f"{prefix}weights": weights, f"{prefix}means": means, f"{prefix}covariances": covariances}
+def mixture_arrays(weights, means, covariances) -> dict[str, np.ndarray]:
+    return {"weights": weights, "means": means, "covariances": covariances}
 
 
-def mixture_shapes(k: int, d: int, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}weights": (k,), f"{prefix}means": (k, d), f"{prefix}covariances": (k, d, d)}
+def mixture_shapes(k: int, d: int) -> dict[str, tuple[int, ...]]:
+    return {"weights": (k,), "means": (k, d), "covariances": (k, d, d)}
 
 
 def digest(arrays: dict[str, np.ndarray]) -> str:

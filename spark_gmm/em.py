@@ -337,11 +337,6 @@ def fit(
     family = candidates[0].family
     if any(c.family != family for c in candidates):
         raise ValueError("candidates fitted together must share one model family (the data's layout)")
-    if (resume is not None or on_state is not None) and not family.checkpoints:
-        raise ValueError(
-            f"checkpoints (resume, on_state) are not supported for {type(family).__name__} fits yet; "
-            "fit without a checkpoint directory"
-        )
     if resume is not None:
         if len(candidates) != 1:
             raise ValueError("only a single fit resumes from a checkpoint")

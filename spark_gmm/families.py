@@ -25,6 +25,7 @@ from .mixture import (
     challengers,
     gaussians_from_moments,
     m_step,
+    precision_cholesky,
     regularisation_allowance,
     rows_to_determine,
     split_component,
@@ -42,9 +43,6 @@ class ModelFamily(Protocol):
     """The interface; `stats` are what `estep_pass(...).split` returns for one model: they have
     `log_likelihood` (Σw·log p), `resp` ((k,) Σwγ, per component) and `hard_counts` ((k,) rows
     whose most probable component is j)."""
-
-    #: Whether `em.fit` may save (`on_state`) and resume its states (`checkpoint` stores them).
-    checkpoints: bool
 
     def estep_pass(self, models: list):
         """One pass (see `kernels`) evaluating every model; its `split(flat)` gives their stats."""
@@ -79,13 +77,17 @@ class ModelFamily(Protocol):
         """Whether a component of the model behind `stats` holds too few rows to determine its
         parameters: a challenger that leaves one is a spurious optimum, not taken."""
 
+    def to_arrays(self, model) -> dict[str, np.ndarray]:
+        """`model` as named non-empty float64 arrays, exactly (what a checkpoint stores)."""
+
+    def from_arrays(self, arrays: dict[str, np.ndarray], settings: "FitSettings"):
+        """The model `to_arrays` gave `arrays` for, bit for bit (a checkpoint read back)."""
+
 
 @dataclass(frozen=True)
 class GaussianFamily:
     """Gaussian mixtures (`mixture.Mixture`, shifted coordinates) over every column of the cached
     blocks; the objective is the log-likelihood."""
-
-    checkpoints = True
 
     def estep_pass(self, models: list[Mixture]) -> kernels.EStepPass:
         return kernels.EStepPass(models)
@@ -135,3 +137,11 @@ class GaussianFamily:
         row_weight = total_weight / max(stats.hard_counts.sum(), 1.0)
         needed = rows_to_determine(stats.first.shape[1], settings.covariance_type)
         return bool((stats.resp < needed * row_weight).any())
+
+    def to_arrays(self, model: Mixture) -> dict[str, np.ndarray]:
+        return {"weights": model.weights, "means": model.means, "covariances": model.covariances}
+
+    def from_arrays(self, arrays: dict[str, np.ndarray], settings: "FitSettings") -> Mixture:
+        """The precision factors recomputed as every step computes them from the covariances."""
+        covariances = arrays["covariances"]
+        return Mixture(arrays["weights"], arrays["means"], covariances, precision_cholesky(covariances))

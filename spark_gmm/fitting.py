@@ -292,7 +292,7 @@ def _checkpointer(spark, summary: InputSummary, request: FitRequest) -> Checkpoi
         "covarianceType": settings.covariance_type,
         "reseedComponents": settings.reseed,
     }
-    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint, settings.max_iter)
+    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint, settings)
 
 
 def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSummary) -> em.FitSettings:

@@ -40,6 +40,7 @@ from .mixture import (
     Mixture,
     m_step as gaussian_m_step,
     packed_size,
+    precision_cholesky,
     regularisation_allowance,
 )
 
@@ -53,7 +54,8 @@ class LatentClassModel:
     """Class weights and each class's per-block parameters."""
 
     weights: np.ndarray  # (k,)
-    gaussian: Mixture | None  # (k, d) means in shifted coordinates; its weights are `weights`
+    gaussian: Mixture | None  # (k, d) means in shifted coordinates; its weights (unused by the E-step)
+    # are each class's share of the mass with a Gaussian value observed, after an M-step
     covariance_type: str
     bernoulli: np.ndarray  # (k, m) P(x = 1 | class)
     categorical: tuple[np.ndarray, ...]  # per categorical column, (k, levels) P(level | class)
@@ -113,6 +115,34 @@ class LatentClassModel:
         covariance = {"full": k * packed_size(d), "diag": k * d, "spherical": k, "tied": packed_size(d)}
         gaussian = covariance[self.covariance_type] + k * d if d else 0
         return k - 1 + gaussian + k * (self.m + self.q) + k * sum(n - 1 for n in self.levels)
+
+
+def model_arrays(model: LatentClassModel) -> dict[str, np.ndarray]:
+    """The model's non-empty arrays by name (saves and checkpoints): weights, means, covariances
+    and gaussianWeights (with a Gaussian block), bernoulli, poisson, categorical0, categorical1, ..."""
+    arrays = {"weights": model.weights, "bernoulli": model.bernoulli, "poisson": model.poisson,
+              **{f"categorical{i}": t for i, t in enumerate(model.categorical)}}
+    if model.d:
+        g = model.gaussian
+        arrays.update(means=g.means, covariances=g.covariances, gaussianWeights=g.weights)
+    return {name: a for name, a in arrays.items() if a.size}
+
+
+def model_of_arrays(arrays: dict[str, np.ndarray], covariance_type: str) -> LatentClassModel:
+    """The model `model_arrays` gave `arrays` for, bit for bit (no validation, no normalisation:
+    `LatentClassModel.create` is for models from elsewhere)."""
+    weights = arrays["weights"]
+    k = len(weights)
+    gaussian = None
+    if "means" in arrays:
+        covariances = arrays["covariances"]
+        gaussian = Mixture(arrays["gaussianWeights"], arrays["means"], covariances, precision_cholesky(covariances))
+    tables = []
+    while f"categorical{len(tables)}" in arrays:
+        tables.append(arrays[f"categorical{len(tables)}"])
+    empty = np.zeros((k, 0))
+    return LatentClassModel(weights, gaussian, covariance_type, arrays.get("bernoulli", empty), tuple(tables),
+                            arrays.get("poisson", empty))
 
 
 # -- rows in cached blocks, and the E-step pass ---------------------------------------------------
@@ -204,8 +234,8 @@ def m_step(stats: LatentStatistics, current: LatentClassModel, reg_covar: float,
     gaussian = current.gaussian
     if gaussian is not None and stats.gaussian.resp.sum() > 0:
         gaussian = gaussian_m_step(stats.gaussian, gaussian, reg_covar, current.covariance_type)[0]
-    if gaussian is not None:
-        gaussian = replace(gaussian, weights=weights)
+    if gaussian is not None:  # the regulariser's N_j (`LatentFamily.decrease_allowance`)
+        gaussian = replace(gaussian, weights=stats.gaussian.resp / total)
     keep = empty[:, None]
     bernoulli = smoothed(stats.bernoulli_ones, stats.bernoulli_observed, 2, smoothing, current.bernoulli)
     bernoulli = np.where(keep, current.bernoulli, bernoulli)
@@ -292,6 +322,8 @@ class MixedStartPass(SumPass):
 
     def __init__(self, k: int, seeds: list[int], levels: tuple[int, ...], columns: Columns):
         self.k, self.seeds, self.levels, self.columns = k, seeds, levels, columns
+        layout = Layout(k, columns.d, columns.m, levels, columns.q)
+        self.partial_bytes = 8 * len(seeds) * (k + 3 * k * columns.d + sum(layout.discrete_sizes()))
 
     def map_block(self, raw, x, w):
         block = self.columns.block(raw, x, w)
@@ -312,14 +344,11 @@ class LatentFamily:
     """Latent class models over rows packed by `columns`, its categorical columns having `levels`
     levels. EM increases log-likelihood + `log_prior`. Starts are random responsibilities
     (`MixedStartPass`; `initMode` is not read). Not offered yet: restarts of dead classes and
-    challengers (a class split must perturb the discrete tables too, not only the means), and
-    checkpoints."""
+    challengers (a class split must perturb the discrete tables too, not only the means)."""
 
     columns: Columns
     levels: tuple[int, ...] = ()
     smoothing: float = SMOOTHING
-
-    checkpoints = False
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))  # hashable, comparable
@@ -335,15 +364,13 @@ class LatentFamily:
     def objective(self, stats: LatentStatistics, model: LatentClassModel) -> float:
         return stats.log_likelihood + log_prior(model, self.smoothing)
 
-    def decrease_allowance(self, previous, current: LatentClassModel, stats: LatentStatistics, settings) -> float:
-        """`mixture.regularisation_allowance` of the Gaussian block, with its own masses (its rows
-        with a Gaussian value observed, from `stats`) in place of the class weights: those are
-        the N_j of the penalty its M-step maximises against."""
+    def decrease_allowance(self, previous, current: LatentClassModel, stats, settings) -> float:
+        """`mixture.regularisation_allowance` of the Gaussian block, whose weights the M-step set
+        to its own masses (rows with a Gaussian value observed), the N_j of the penalty it
+        maximises against; `stats` are not needed, so a resumed fit tests the same bound."""
         if current.gaussian is None:
             return 0.0
-        shares = stats.gaussian.resp / stats.resp.sum()
-        block = replace(current.gaussian, weights=shares)
-        return regularisation_allowance(previous.gaussian, block, settings.reg_covar)
+        return regularisation_allowance(previous.gaussian, current.gaussian, settings.reg_covar)
 
     def start_steps(self, d: int, settings):
         """`settings.start`, or the start of hashed random responsibilities for `settings.seed`."""
@@ -365,3 +392,9 @@ class LatentFamily:
 
     def underdetermined(self, stats, total_weight: float, settings) -> bool:
         return False
+
+    def to_arrays(self, model: LatentClassModel) -> dict[str, np.ndarray]:
+        return model_arrays(model)
+
+    def from_arrays(self, arrays: dict[str, np.ndarray], settings) -> LatentClassModel:
+        return model_of_arrays(arrays, settings.covariance_type)

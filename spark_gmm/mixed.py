@@ -20,11 +20,21 @@ from pyspark.ml.param.shared import (
 )
 from pyspark.sql import DataFrame
 
-from . import em, persistence
+from . import barrier, em, persistence
+from .checkpoint import Checkpointer
 from .exceptions import InvalidInputError
 from .inputs import weight_column
 from .latent import Columns, LatentFamily
-from .mixed_input import UNUSABLE, MixedBlockCache, Survey, schema_of, survey, typed_features
+from .mixed_input import (
+    UNUSABLE,
+    MixedBlockCache,
+    MixedSchema,
+    PackedSummary,
+    Survey,
+    schema_of,
+    survey,
+    typed_features,
+)
 from .options import MIXED_OPTIONS, check_options
 from .params import KeywordParams, SharedMixtureParams, declared
 
@@ -47,6 +57,7 @@ class MixedMixtureParams(SharedMixtureParams, HasPredictionCol, HasProbabilityCo
     regCovar = _declared("regCovar")
     covarianceType = _declared("covarianceType")
     nInit = _declared("nInit")
+    engine = _declared("engine")
     smoothing = _declared("smoothing")
     maxLevels = _declared("maxLevels")
     gaussianCols = _columns_param("gaussian", "one multivariate Gaussian per class (numeric)")
@@ -118,22 +129,37 @@ class EMSettings:
     levels: tuple[int, ...]
 
 
-def _run_em(reduce, columns: Columns, total_weight: float, settings: EMSettings, describe=None) -> em.FitResult:
+    def candidates(self, columns: Columns) -> list[em.FitSettings]:
+        """One `em.FitSettings` per seed, of the latent class family over `columns`."""
+        family = LatentFamily(columns, self.levels, self.smoothing)
+        return [
+            em.FitSettings(k=self.k, max_iter=self.max_iter, tol=self.tol, reg_covar=self.reg_covar, seed=seed,
+                           covariance_type=self.covariance_type, family=family)
+            for seed in self.seeds
+        ]
+
+    def fingerprint(self, summary: PackedSummary, schema: MixedSchema) -> dict:
+        """What a checkpoint of this fit must match: the data and every setting that changes the
+        model (maxIter: see `checkpoint.Checkpointer`)."""
+        return {"k": self.k, "rows": summary.rows, "totalWeight": summary.total_weight, "content": summary.content,
+                "schema": schema.to_dict(), "regCovar": self.reg_covar, "tol": self.tol, "seed": self.seeds[0],
+                "covarianceType": self.covariance_type, "smoothing": self.smoothing}
+
+
+def _run_em(reduce, columns: Columns, total_weight: float, settings: EMSettings, describe=None,
+            checkpointer: Checkpointer | None = None) -> em.FitResult:
     """EM from each seed's random start, all in shared passes of the one EM loop (`em.fit` with
     `latent.LatentFamily`); the fit with the highest objective. `total_weight` is the weight of
-    the rows with something observed."""
-    s = settings
-    family = LatentFamily(columns, s.levels, s.smoothing)
-    candidates = [
-        em.FitSettings(k=s.k, max_iter=s.max_iter, tol=s.tol, reg_covar=s.reg_covar, seed=seed,
-                       covariance_type=s.covariance_type, family=family)
-        for seed in s.seeds
-    ]
-    results = em.fit(reduce, columns.d, total_weight, candidates, describe=describe)
+    the rows with something observed. With a `checkpointer` (one seed), resumed from its latest
+    checkpoint and saved to it."""
+    candidates = settings.candidates(columns)
+    resume = checkpointer.latest() if checkpointer else None
+    results = em.fit(reduce, columns.d, total_weight, candidates, resume=resume,
+                     on_state=checkpointer.save if checkpointer else None, describe=describe)
     best = max(range(len(results)), key=lambda i: results[i].history[-1])
     if len(results) > 1:
         others = ", ".join(f"{r.history[-1]:.10g}" for i, r in enumerate(results) if i != best)
-        log.info("nInit=%d: kept seed %d, objective %.10g; others: %s", len(results), s.seeds[best],
+        log.info("nInit=%d: kept seed %d, objective %.10g; others: %s", len(results), settings.seeds[best],
                  results[best].history[-1], others)
     return results[best]
 
@@ -189,10 +215,48 @@ class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Per
     def setNInit(self, value: int):
         return self._set(nInit=value)
 
+    def setEngine(self, value: str):
+        return self._set(engine=value)
+
+    def setCheckpointDir(self, value: str):
+        return self._set(checkpointDir=value)
+
+    def setCheckpointInterval(self, value: int):
+        return self._set(checkpointInterval=value)
+
+    #: Params that may differ between candidates fitted together in shared passes (the others set
+    #: the packed rows or the model family, which candidates share).
+    CANDIDATE_PARAMS = ("k", "covarianceType", "seed", "maxIter", "tol", "regCovar")
+
     def _fit(self, dataset: DataFrame):
+        (model,) = self._fit_together(dataset, [self])
+        return model
+
+    def fitMultiple(self, dataset: DataFrame, paramMaps):
+        """One model per param map. When the maps change only `CANDIDATE_PARAMS` (and nInit is 1,
+        without checkpointDir), the input is surveyed and packed once and the candidates share
+        every EM pass (each takes exactly the steps it takes alone); otherwise one by one."""
+        estimators = [self.copy(param_map) for param_map in paramMaps]
+        shared = all(param.name in self.CANDIDATE_PARAMS for param_map in paramMaps for param in param_map)
+        if not shared or len(estimators) < 2 or self.getCheckpointDir() or any(e.getNInit() > 1 for e in estimators):
+            return super().fitMultiple(dataset, paramMaps)
+        return iter(list(enumerate(self._fit_together(dataset, estimators))))
+
+    def _em_settings(self, levels: tuple[int, ...]) -> EMSettings:
+        return EMSettings(self.getK(), self.getCovarianceType(), self.getRegCovar(), self.getSmoothing(),
+                          self.getMaxIter(), self.getTol(), tuple(self.getSeed() + i for i in range(self.getNInit())),
+                          levels)
+
+    def _fit_together(self, dataset: DataFrame, estimators: list["MixedMixture"]) -> list:
+        """The models of `estimators` (this one, or copies differing in `CANDIDATE_PARAMS` only)
+        from one survey and one packing; several share every pass."""
         from .mixed_model import MixedMixtureModel
 
-        check_options({p.name: self.getOrDefault(p) for p in self.params if self.isDefined(p)}, MIXED_OPTIONS)
+        for estimator in estimators:
+            values = {p.name: estimator.getOrDefault(p) for p in estimator.params if estimator.isDefined(p)}
+            check_options(values, MIXED_OPTIONS)
+        if self.getNInit() > 1 and self.getCheckpointDir():
+            raise ValueError("checkpointDir needs nInit=1 (restarts are not checkpointed)")
         kinds = {"gaussian": self.getGaussianCols(), "bernoulli": self.getBernoulliCols(),
                  "categorical": self.getCategoricalCols(), "poisson": self.getPoissonCols()}
         features = typed_features(dataset, kinds)
@@ -204,27 +268,43 @@ class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Per
         cache = MixedBlockCache(dataset, schema, weight, self.getHandleInvalid())
         try:
             cache.describe("reading the input into cached blocks")
-            rows, total_weight = cache.summarize()
-            log.info("input: %d rows × %d columns in %d partitions%s", rows, len(features), cache.partitions,
+            packed = cache.summarize()
+            log.info("input: %d rows × %d columns in %d partitions%s", packed.rows, len(features), packed.partitions,
                      f", {skipped} rows left out" if skipped else "")
-            if rows < self.getK():
-                raise InvalidInputError(f"k={self.getK()} is larger than the number of rows to fit ({rows})")
-            if not total_weight > 0:
+            largest = max(e.getK() for e in estimators)
+            if packed.rows < largest:
+                raise InvalidInputError(f"k={largest} is larger than the number of rows to fit ({packed.rows})")
+            if not packed.total_weight > 0:
                 raise InvalidInputError(f"weight column '{self.weightName()}': all weights are zero")
-            settings = EMSettings(self.getK(), self.getCovarianceType(), self.getRegCovar(), self.getSmoothing(),
-                                  self.getMaxIter(), self.getTol(),
-                                  tuple(self.getSeed() + i for i in range(self.getNInit())), schema.levels)
-            result = _run_em(cache.reduce, schema.columns, total_weight, settings, cache.describe)
+            settings = [e._em_settings(schema.levels) for e in estimators]
+            checkpointer = None
+            if self.getCheckpointDir():
+                checkpointer = Checkpointer(dataset.sparkSession, self.getCheckpointDir(), self.getCheckpointInterval(),
+                                            settings[0].fingerprint(packed, schema),
+                                            settings[0].candidates(schema.columns)[0])
+            # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
+            spare = 1 if checkpointer else 0
+            with barrier.reducer(self.getEngine(), cache, packed, dataset.sparkSession, spare) as reduce:
+                if len(settings) == 1:
+                    results = [_run_em(reduce, schema.columns, packed.total_weight, settings[0], cache.describe,
+                                       checkpointer)]
+                else:
+                    candidates = [s.candidates(schema.columns)[0] for s in settings]
+                    results = em.fit(reduce, schema.columns.d, packed.total_weight, candidates,
+                                     describe=cache.describe)
         finally:
             cache.describe(None)
             cache.unpersist()
-        model = MixedMixtureModel(result.mixture, schema)
-        self._copyValues(model)
-        model._resetUid(self.uid)
-        model.attach_summary(dataset, result, skipped, total_weight)
-        log.info("fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
-                 self.getK(), result.iterations, result.converged, result.log_likelihood)
-        return model
+        models = []
+        for estimator, result in zip(estimators, results):
+            model = MixedMixtureModel(result.mixture, schema)
+            estimator._copyValues(model)
+            model._resetUid(estimator.uid)
+            model.attach_summary(dataset, result, skipped, packed.total_weight)
+            log.info("fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",
+                     estimator.getK(), result.iterations, result.converged, result.log_likelihood)
+            models.append(model)
+        return models
 
     def _validate(self, found: Survey, features) -> int:
         """Refuse what cannot be fitted, naming the column, the count and a value; returns the

@@ -21,7 +21,16 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import BooleanType, DoubleType, FloatType, IntegralType, NumericType, StringType
 
-from .blocks import BLOCK_SCHEMA, NO_COUNTS, BlockCache, RowBlocker, block_batch, block_rows_for, partition_id
+from .blocks import (
+    BLOCK_SCHEMA,
+    NO_COUNTS,
+    BlockCache,
+    RowBlocker,
+    block_batch,
+    block_rows_for,
+    content_digest,
+    partition_id,
+)
 from .exceptions import InvalidInputError
 from .inputs import named_column
 from .latent import Columns
@@ -291,12 +300,13 @@ def schema_of(df: DataFrame, features: list[Feature], found: Survey, max_levels:
 
 def _packer(schema: MixedSchema, handle: str, has_weight: bool):
     """`mapInArrow` function: coded rows into blocks of `blocks.BLOCK_SCHEMA` (rows that are not
-    kept, or have a bad weight, are left out: the survey counted them)."""
+    kept, or have a bad weight, are left out: the survey counted them), and the
+    `blocks.content_digest` of the kept rows (one NaN bit pattern) on the partition's last row."""
     width = len(schema.features)
 
     def pack(batches):
         pid, limit = partition_id(), block_rows_for(width)
-        seq, blocker = 0, RowBlocker(has_weight)
+        seq, blocker, digest = 0, RowBlocker(has_weight), 0
         for batch in batches:
             columns = [batch.column(j).to_numpy(zero_copy_only=False).astype(np.float64) for j in range(width)]
             rows, keep = coded_rows(columns, schema, handle)
@@ -305,13 +315,15 @@ def _packer(schema: MixedSchema, handle: str, has_weight: bool):
                 w = batch.column(width).to_numpy(zero_copy_only=False).astype(np.float64)
                 keep &= np.isfinite(w) & (w >= 0)
                 w = w[keep]
-            for bx, bw in blocker.add(rows[keep], w, limit):
+            kept = rows[keep]
+            digest = (digest + content_digest(np.where(np.isnan(kept), np.nan, kept), w)) % (1 << 64)
+            for bx, bw in blocker.add(kept, w, limit):
                 yield block_batch(pid, seq, bx, bw, NO_COUNTS, (width, width))
                 seq += 1
         for bx, bw in blocker.rest(limit):
             yield block_batch(pid, seq, bx, bw, NO_COUNTS, (width, width))
             seq += 1
-        yield block_batch(pid, seq, None, None, NO_COUNTS, (width, width))  # marks the partition
+        yield block_batch(pid, seq, None, None, NO_COUNTS, (width, width), digest)  # marks the partition
 
     return pack
 
@@ -336,8 +348,21 @@ class MixedBlockCache(BlockCache):
         self.dtype = np.float64
         self.partitions = 0
 
-    def summarize(self) -> tuple[int, float]:
-        """Materialise the cache; (rows kept, their total weight)."""
-        t = self.blocks.select("pid", "n", "wsum").toArrow()
+    def summarize(self) -> "PackedSummary":
+        """Materialise the cache and describe it."""
+        t = self.blocks.select("pid", "n", "wsum", "digest").toArrow()
         self.partitions = int(t.column("pid").to_numpy().max()) + 1 if len(t) else 0
-        return int(t.column("n").to_numpy().sum()), float(t.column("wsum").to_numpy().sum())
+        content = int(t.column("digest").to_numpy().view(np.uint64).sum(dtype=np.uint64))
+        return PackedSummary(int(t.column("n").to_numpy().sum()), float(t.column("wsum").to_numpy().sum()),
+                             len(self.shift), self.partitions, f"{content:016x}")
+
+
+@dataclass(frozen=True)
+class PackedSummary:
+    """The cached mixed rows as the engines (`engine_choice`, `barrier`) and checkpoints see them."""
+
+    rows: int
+    total_weight: float  # of the rows kept
+    d: int  # packed values per row
+    partitions: int
+    content: str  # 16 hex digits: `blocks.content_digest` of the kept rows, whatever their order

@@ -13,7 +13,7 @@ from pyspark.sql.functions import pandas_udf
 from . import codec, persistence
 from .exceptions import InvalidInputError
 from .inputs import named_column, weight_column
-from .latent import LatentClassModel
+from .latent import LatentClassModel, model_arrays
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
 from .mixed_input import KINDS, UNUSABLE, MixedSchema, coded, coded_rows, first_problem
@@ -242,19 +242,12 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         """The training summary's figures, also on a loaded model."""
         return self._summary.to_dict() if self._summary is not None else self._training
 
-    def _arrays(self) -> dict[str, np.ndarray]:
-        m = self._latent
-        arrays = {"weights": m.weights, "bernoulli": m.bernoulli, "poisson": m.poisson,
-                  **{f"categorical{i}": t for i, t in enumerate(m.categorical)}}
-        if m.d:
-            arrays.update(means=m.gaussian.means, covariances=m.gaussian.covariances)
-        return {name: a for name, a in arrays.items() if a.size}
-
     def _save(self, path: str, overwrite: bool) -> str:
-        shapes = {name: list(a.shape) for name, a in self._arrays().items()}
+        arrays = model_arrays(self._latent)
+        shapes = {name: list(a.shape) for name, a in arrays.items()}
         extra = {"k": self.getK(), "schema": self._schema.to_dict(), "covarianceType": self._latent.covariance_type,
                  "shapes": shapes, "summary": self.trainingFigures}
-        return persistence.write_directory(self, path, overwrite, extra, arrays=self._arrays())
+        return persistence.write_directory(self, path, overwrite, extra, arrays=arrays)
 
     @classmethod
     def _load(cls, path: str) -> "MixedMixtureModel":
@@ -282,7 +275,8 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
 
 
 class MixedMixtureSummary:
-    """Training summary: log-likelihood, iterations, convergence, class sizes, rows left out."""
+    """Training summary: log-likelihood, iterations, convergence, class sizes, rows left out, the
+    checkpoint's iteration a resumed fit started from."""
 
     def __init__(self, model: MixedMixtureModel, dataset: DataFrame, result, skipped: int, total_weight: float):
         self._model, self._dataset, self._predictions = model, dataset, None
@@ -293,6 +287,7 @@ class MixedMixtureSummary:
         self.converged = bool(result.converged)
         self.clusterSizes = list(result.cluster_sizes)
         self.iterationSeconds = list(result.iteration_seconds)
+        self.resumedFromIteration = int(result.resumed_from)  # 0: not resumed from a checkpoint
         self.invalidRowsSkipped = int(skipped)
         self.totalWeight = float(total_weight)
 

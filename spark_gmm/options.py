@@ -115,7 +115,8 @@ OPTIONS: dict[str, Option] = {
 
 #: The settings of `MixedMixture` (the latent class model): the shared ones, plus its own.
 MIXED_OPTIONS: dict[str, Option] = {
-    **{name: OPTIONS[name] for name in ("k", "maxIter", "seed", "regCovar", "covarianceType", "nInit")},
+    **{name: OPTIONS[name] for name in
+       ("k", "maxIter", "seed", "regCovar", "covarianceType", "nInit", "engine", "checkpointInterval")},
     "tol": Option(
         1e-6, float,
         "Convergence threshold on the change of the objective (log-likelihood + log prior of the "

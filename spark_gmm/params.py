@@ -46,8 +46,17 @@ class KeywordParams:
         return self._set(**{name: value for name, value in params.items() if value is not None})
 
 
-class SharedMixtureParams:
-    """Getters of the Params that every mixture's Params declare (from an options table)."""
+class SharedMixtureParams(HasCheckpointInterval):
+    """Getters of the Params that every mixture's Params declare (from an options table), and
+    checkpointDir, which they share."""
+
+    checkpointDir = Param(
+        Params._dummy(),
+        "checkpointDir",
+        "If set, the EM state is saved here every checkpointInterval iterations, and a fit started "
+        "again with the same data and settings resumes from the latest one.",
+        TypeConverters.toString,
+    )
 
     def getK(self) -> int:
         return self.getOrDefault(self.k)
@@ -60,6 +69,12 @@ class SharedMixtureParams:
 
     def getNInit(self) -> int:
         return self.getOrDefault(self.nInit)
+
+    def getEngine(self) -> str:
+        return self.getOrDefault(self.engine)
+
+    def getCheckpointDir(self) -> str | None:
+        return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
 
 
 class GaussianMixtureParams(
@@ -74,7 +89,6 @@ class GaussianMixtureParams(
     HasWeightCol,
     HasInputCols,
     HasHandleInvalid,
-    HasCheckpointInterval,
 ):
     """Columns and settings of a Gaussian mixture fit, with pyspark.ml's getters."""
 
@@ -86,13 +100,6 @@ class GaussianMixtureParams(
     reseedComponents = declared("reseedComponents")
     engine = declared("engine")
     dtype = declared("dtype")
-    checkpointDir = Param(
-        Params._dummy(),
-        "checkpointDir",
-        "If set, the EM state is saved here every checkpointInterval iterations, and a fit started "
-        "again with the same data and settings resumes from the latest one.",
-        TypeConverters.toString,
-    )
     logLikelihoodCol = Param(
         Params._dummy(),
         "logLikelihoodCol",
@@ -111,14 +118,8 @@ class GaussianMixtureParams(
     def getReseedComponents(self) -> bool:
         return self.getOrDefault(self.reseedComponents)
 
-    def getEngine(self) -> str:
-        return self.getOrDefault(self.engine)
-
     def getDtype(self) -> str:
         return self.getOrDefault(self.dtype)
-
-    def getCheckpointDir(self) -> str | None:
-        return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
 
     def getLogLikelihoodCol(self) -> str | None:
         return self.getOrDefault(self.logLikelihoodCol) if self.isDefined(self.logLikelihoodCol) else None

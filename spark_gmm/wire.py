@@ -3,7 +3,7 @@
 A pass travels as its class name, which must be registered here, and its attributes (`vars`): each
 None, a bool, an int, a float, a short string, a float64 array (laid out in memory as pickle would
 keep it), a list or tuple of those, or another registered object (the passes of a `ConcatPass`, the
-`Mixture`s of an `EStepPass`). The receiver
+`Mixture`s of an `EStepPass`, the `LatentClassModel`s of a `latent.MixedEStepPass`). The receiver
 rebuilds the object from those values without calling its constructor, so a message can create
 nothing but registered classes holding plain numbers, and the rebuilt pass is the sender's exactly.
 
@@ -22,7 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from . import kernels
+from . import kernels, latent
+from .latent_estep import Layout
 from .mixture import ComponentStatistics, Mixture
 
 
@@ -70,6 +71,13 @@ register(kernels.CostPass, lambda p, partitions, rows: partitions)
 register(kernels.ClosestWeightPass, lambda p, partitions, rows: partitions * len(p.centers))
 register(kernels.SamplePass, lambda p, partitions, rows: rows * p.width)
 register(kernels.SmallestUniformPass, lambda p, partitions, rows: min(partitions * p.count, rows) * p.width)
+# The latent class model's passes (`latent`): one flat statistics vector per model (or seed) and
+# partition, of the size its `partial_bytes` says.
+register(latent.LatentClassModel)
+register(latent.Columns)
+register(Layout)
+register(latent.MixedEStepPass, lambda p, partitions, rows: partitions * (p.partial_bytes // 8))
+register(latent.MixedStartPass, lambda p, partitions, rows: partitions * (p.partial_bytes // 8))
 register(
     kernels.ConcatPass,
     lambda p, partitions, rows: partitions * len(p.passes)

@@ -11,7 +11,7 @@ from pyspark.sql import functions as F
 
 from spark_gmm import GaussianMixture, GaussianMixtureModel
 from spark_gmm.checkpoint import Checkpointer, CheckpointMismatchError
-from spark_gmm.em import EMState
+from spark_gmm.em import EMState, FitSettings
 from spark_gmm.mixture import Mixture
 from support import assert_identical
 
@@ -148,7 +148,8 @@ def test_a_large_state_checkpoints_exactly(spark, tmp_path, monkeypatch):
         return Mixture.from_covariances(rng.random(k), rng.normal(size=(k, d)), covariances)
 
     state = EMState(7, mixture(), mixture(), [-3.5, -2.25], [0.5, 0.25], [1])
-    checkpointer = Checkpointer(spark, str(tmp_path / "ckpt"), 1, {"content": "x"}, max_iter=10)
+    settings = FitSettings(k=k, max_iter=10, tol=0.0, reg_covar=0.0, seed=0)
+    checkpointer = Checkpointer(spark, str(tmp_path / "ckpt"), 1, {"content": "x"}, settings)
     checkpointer.save(state)
     back = checkpointer.latest()
     assert (back.iteration, back.history, back.seconds, back.empty) == (7, [-3.5, -2.25], [0.5, 0.25], [1])

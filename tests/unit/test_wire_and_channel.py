@@ -74,6 +74,40 @@ def test_partials_stay_within_the_bound_the_driver_accepts(rng, index):
     assert len(wire.encode_partials(parts)) <= wire.reply_limit(pass_, partitions=3, rows=171)
 
 
+def mixed_passes(rng, n=200):
+    """The latent class model's passes over packed mixed rows with missing values (NaN), and the rows."""
+    from spark_gmm import latent
+
+    columns, levels = latent.Columns(2, 2, 1, 1), (3,)
+    rows = columns.pack(
+        rng.normal(size=(n, 2)), (rng.random((n, 2)) < 0.4).astype(float), rng.integers(0, 3, (n, 1)),
+        rng.poisson(3.0, (n, 1)).astype(float),
+    )
+    rows[rng.random(rows.shape) < 0.15] = np.nan
+    start = latent.MixedStartPass(3, [4, 5], levels, columns)
+    layout = latent.Layout(3, 2, 2, levels, 1)
+    models = [
+        latent.initial_model(part, layout, kind, 1e-6)
+        for part, kind in zip(start.split(start.map_block(rows, rows, None)), ("full", "diag"))
+    ]
+    singles = [start, latent.MixedEStepPass(models, columns)]
+    return singles + [kernels.ConcatPass(singles)], rows
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_a_mixed_pass_survives_the_wire_exactly_within_its_bound(rng, index):
+    passes, rows = mixed_passes(rng)
+    pass_ = cloudpickle.loads(cloudpickle.dumps(passes[index]))
+    decoded = wire.decode_pass(wire.encode_pass(pass_))
+    assert_same_attributes(decoded, pass_)
+    blocks = list(zip(np.split(rows, [60, 61]), np.split(rng.random(len(rows)), [60, 61])))
+    parts = [(p, pass_.map_block(b, b - 0.5, w)) for p, (b, w) in enumerate(blocks)]
+    for (b, w), (_, part) in zip(blocks, parts):
+        np.testing.assert_array_equal(decoded.map_block(b, b - 0.5, w), part)
+    assert len(wire.encode_partials(parts)) <= wire.reply_limit(pass_, partitions=3, rows=len(rows))
+    assert sum(len(a) for _, a in parts) == wire.partial_bound(pass_, partitions=3, rows=len(rows))
+
+
 def test_unregistered_classes_and_values_are_refused(rng):
     class Foreign(kernels.SumPass):
         def __init__(self):
