@@ -103,8 +103,8 @@ def _fit_and_write(spark, args, fit) -> dict:
         "iterations": summary.numIter,
         "converged": summary.converged,
         "logLikelihood": summary.logLikelihood,
-        **({"featureTypes": by_kind, "invalidRowsSkipped": summary.invalidRowsSkipped} if args.mixed
-           else {"resumedFromIteration": summary.resumedFromIteration}),
+        "resumedFromIteration": summary.resumedFromIteration,
+        **({"featureTypes": by_kind, "invalidRowsSkipped": summary.invalidRowsSkipped} if args.mixed else {}),
         "modelPath": args.model_out,
         "predictionsPath": args.predictions_out,
         "rows": int(sum(summary.clusterSizes)),

@@ -17,9 +17,8 @@ log = logging.getLogger("spark_gmm.job")
 #: categorical; with more, Gaussian.
 INTEGER_LEVELS = 20
 #: Flags of a Gaussian fit that a mixed fit does not take (their argparse dest).
-GAUSSIAN_ONLY = ("features", "init_mode", "engine", "dtype", "reseed_components", "checkpoint_dir",
-                 "checkpoint_interval", "initial_model", "warm_start_from", "align_to", "max_divergence",
-                 "label_changes", "max_drift", "mlflow_experiment")
+GAUSSIAN_ONLY = ("features", "init_mode", "dtype", "reseed_components", "initial_model", "warm_start_from",
+                 "align_to", "max_divergence", "label_changes", "max_drift", "mlflow_experiment")
 TYPED = tuple(f"{kind}_cols" for kind in KINDS)
 
 
@@ -116,7 +115,9 @@ def estimator(args, df) -> tuple[MixedMixture, dict[str, list[str]]]:
     mixture = MixedMixture(
         k=args.k, covarianceType=args.covariance_type, maxIter=args.max_iter, tol=args.tol, seed=args.seed,
         regCovar=args.reg_covar, nInit=args.n_init, handleInvalid=args.handle_invalid, weightCol=args.weight_col,
-        maxLevels=args.max_levels, **{f"{kind}Cols": names for kind, names in by_kind.items()},
+        maxLevels=args.max_levels, engine=args.engine, checkpointInterval=args.checkpoint_interval,
+        **({"checkpointDir": args.checkpoint_dir} if args.checkpoint_dir else {}),
+        **{f"{kind}Cols": names for kind, names in by_kind.items()},
     )
     return mixture, {kind: names for kind, names in by_kind.items() if names}
 

@@ -42,8 +42,8 @@ def test_typed_flags_and_config_keys_make_a_mixed_fit(tmp_path):
     "extra, message",
     [
         (["--features", "x"], "--features is for a Gaussian mixture fit, not a mixed one"),
-        (["--engine", "barrier"], "--engine is for a Gaussian mixture fit"),
-        (["--checkpoint-dir", "ckpt"], "--checkpoint-dir is for a Gaussian mixture fit"),
+        (["--dtype", "float32"], "--dtype is for a Gaussian mixture fit"),
+        (["--init-mode", "random"], "--init-mode is for a Gaussian mixture fit"),
         (["--align-to", "m"], "--align-to is for a Gaussian mixture fit"),
         (["--bernoulli-cols", "x"], "column 'x' is in both --gaussian-cols and --bernoulli-cols"),
         (["--infer-types", "z,x"], "column 'x' is in both --gaussian-cols and --infer-types"),
@@ -141,11 +141,13 @@ def test_inferred_fit_with_missing_values_scored_and_reported(spark, mixed_table
     model_dir, report = str(tmp_path / "model"), tmp_path / "report.html"
     code, summary, err = run(capsys, "fit", "--input", mixed_table, "--k", "2", "--infer-types", "x,member,plan",
                              "--poisson-cols", "visits", "--handle-invalid", "keep", "--max-iter", "30",
-                             "--model-out", model_dir, "--report", str(report))
+                             "--model-out", model_dir, "--report", str(report),
+                             "--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-interval", "1")
     assert code == 0, summary
     assert summary["featureTypes"] == {"gaussian": ["x"], "bernoulli": ["member"], "categorical": ["plan"],
                                        "poisson": ["visits"]}
-    assert summary["rows"] == 400 and summary["invalidRowsSkipped"] == 0 and "resumedFromIteration" not in summary
+    assert summary["rows"] == 400 and summary["invalidRowsSkipped"] == 0 and summary["resumedFromIteration"] == 0
+    assert (tmp_path / "ckpt" / "slot-0" / "state" / "_SUCCESS").exists()  # checkpoints as for a Gaussian fit
     assert "inferred types: gaussian x; bernoulli member; categorical plan" in err
     page = report.read_text()
     assert page.count("<img") == 4
