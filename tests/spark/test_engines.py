@@ -67,11 +67,11 @@ def test_float32_blocks_on_both_engines(blobs):
 def test_restarts_and_candidates_on_the_resident_engine(blobs, engine_log):
     df = blobs.repartition(3)
     restarts = {
-        engine: GaussianMixture(k=3, seed=5, nInit=3, maxIter=10, engine=engine).fit(df)
+        engine: GaussianMixture(k=3, seed=5, nInit=3, maxIter=6, engine=engine).fit(df)
         for engine in ("driver", "barrier")
     }
     assert_identical(restarts["barrier"], restarts["driver"])
-    est = GaussianMixture(seed=2, maxIter=10)
+    est = GaussianMixture(seed=2, maxIter=6)
     maps = [{est.k: k, est.covarianceType: t} for k in (2, 4) for t in ("full", "diag")]
     fitted = {
         engine: dict(est.copy({est.engine: engine}).fitMultiple(df, maps)) for engine in ("driver", "barrier")
@@ -91,9 +91,9 @@ def test_checkpoints_and_resuming_on_the_resident_engine(blobs, tmp_path, engine
     assert glob.glob(os.path.join(directory, "slot-*", "state", "part-*"))
     resumed = GaussianMixture(maxIter=6, checkpointDir=directory, **settings).fit(df)
     assert resumed.summary.resumedFromIteration == 3
-    unbroken = GaussianMixture(maxIter=6, **{**settings, "engine": "driver"}).fit(df)
-    assert_identical(resumed, unbroken)
-    assert_identical(stopped, GaussianMixture(maxIter=3, **{**settings, "engine": "driver"}).fit(df))
+    # Without checkpoints the stage has 2 tasks: the partials still combine in partition order.
+    assert_identical(resumed, GaussianMixture(maxIter=6, **settings).fit(df))
+    assert_identical(stopped, GaussianMixture(maxIter=3, **settings).fit(df))
 
 
 def test_tree_reduction_gives_the_same_model_on_both_engines(blobs, monkeypatch):

@@ -1,5 +1,5 @@
 """The jobs (`spark-gmm fit|score`, jobs/*.py): in-process for outputs and errors, and as real
-processes for spark-submit and for a killed-and-restarted fit."""
+processes (spark-submit, the console entry point) for a killed-and-restarted fit."""
 
 import json
 import os
@@ -158,33 +158,6 @@ def noise(stderr: str) -> list[str]:
     return [line[:200] for line in stderr.splitlines() if NOISE.search(line)]
 
 
-def test_console_script_and_spark_submit_stderr_have_no_stack_trace_or_progress_bar(table, tmp_path):
-    """`spark-gmm fit` (its entry point, run from this checkout) with a checkpoint directory, a
-    model directory and predictions that do not exist yet: Spark's file listing used to print a
-    FileNotFoundException trace for each, and the progress bar interleaved with the log. Then the
-    score job under spark-submit applies the saved model, as quietly."""
-    console = [sys.executable, "-c", "import sys; from spark_gmm.cli import main; sys.exit(main())"]
-    fit = subprocess.run(
-        console + ["fit", "--input", table, "--features", "x,y", "--k", "2", "--model-out", "model",
-                   "--checkpoint-dir", "ckpt", "--checkpoint-interval", "1", "--predictions-out", "./fitted"],
-        capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path,
-    )
-    assert fit.returncode == 0, fit.stdout[-2000:] + fit.stderr[-2000:]
-    assert summary_line(fit.stdout)["status"] == "ok"
-    assert "iteration 1: log-likelihood" in fit.stderr and "model saved to model" in fit.stderr
-    assert noise(fit.stderr) == []
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    score = subprocess.run(
-        [str(spark_submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false",
-         str(ROOT / "jobs" / "score_gmm.py"), "--input", table, "--model", "model", "--predictions-out", "scored"],
-        capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path,
-    )
-    assert score.returncode == 0, score.stdout[-2000:] + score.stderr[-2000:]
-    summary = summary_line(score.stdout)
-    assert summary["rowsScored"] == 1000 and summary["predictionsPath"].endswith("scored")
-    assert noise(score.stderr) == []
-
-
 def test_mixed_fit_then_scored(spark, tmp_path, capsys):
     """Typed columns (one of each kind) with missing values kept: a MixedMixture fitted by the job,
     its predictions and summary line; then the saved model scored by `score`. (The jobs' entry
@@ -234,35 +207,44 @@ def big_table(spark, tmp_path_factory):
     return path
 
 
-def test_killed_fit_job_resumes_to_the_same_model(spark, big_table, tmp_path, capsys):
-    """kill -9 a fit job (driver and JVM) after a few checkpoints; the rerun with the same arguments
-    resumes and saves the model an uninterrupted job saves."""
-    def job(model_dir, checkpoint_dir):
-        return [sys.executable, str(ROOT / "jobs" / "fit_gmm.py"), "--input", big_table,
-                "--features", ",".join(f"f{i}" for i in range(6)), "--k", "6", "--tol", "0",
-                "--max-iter", "12", "--model-out", model_dir, "--checkpoint-dir", checkpoint_dir,
-                "--checkpoint-interval", "1"]
-
-    checkpoints = tmp_path / "ckpt"
-    proc = subprocess.Popen(job(str(tmp_path / "killed"), str(checkpoints)), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env=_env(), start_new_session=True)
+def test_a_killed_spark_submit_fit_resumes_quietly_from_the_console_script(spark, big_table, tmp_path, capsys):
+    """kill -9 a fit job under spark-submit (driver and JVM) after a few checkpoints; `spark-gmm fit`
+    (the console entry point, run from this checkout) with the same arguments resumes and saves the
+    model an uninterrupted fit saves. Neither prints a stack trace or the progress bar: Spark's file
+    listing used to print a FileNotFoundException trace for each of the checkpoint, model and
+    predictions directories that do not exist yet."""
+    args = ["--input", big_table, "--features", ",".join(f"f{i}" for i in range(6)), "--k", "6", "--tol", "0",
+            "--max-iter", "6", "--model-out", "model", "--checkpoint-dir", "ckpt", "--checkpoint-interval", "1",
+            "--predictions-out", "./fitted"]
+    spark_submit = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
+                    "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "fit_gmm.py")]
+    with open(tmp_path / "killed.err", "w") as stderr:
+        proc = subprocess.Popen(spark_submit + args, stdout=subprocess.DEVNULL, stderr=stderr, env=_env(),
+                                cwd=tmp_path, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (checkpoints / "slot-1" / "state" / "_SUCCESS").exists() and time.monotonic() < deadline:
+        while not (tmp_path / "ckpt" / "slot-1" / "state" / "_SUCCESS").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "the job ended before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    resumed = subprocess.run(job(str(tmp_path / "resumed"), str(checkpoints)), capture_output=True,
-                             text=True, env=_env(), timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-2000:]
-    summary = summary_line(resumed.stdout)
-    assert summary["resumedFromIteration"] >= 1  # slot-1 holds iteration 1 (then 3, 5, ...)
+    killed = (tmp_path / "killed.err").read_text()  # the last lines may die in the JVM's pipe from Python
+    assert "reading and validating the input" in killed and noise(killed) == []
 
-    code, fresh = run(capsys, "fit", *job(str(tmp_path / "fresh"), str(tmp_path / "fresh-ckpt"))[2:])
-    assert code == 0 and fresh["resumedFromIteration"] == 0  # uninterrupted, in this process
-    a = GaussianMixtureModel.load(str(tmp_path / "resumed"))
+    console = [sys.executable, "-c", "import sys; from spark_gmm.cli import main; sys.exit(main())"]
+    resumed = subprocess.run(console + ["fit", *args], capture_output=True, text=True, env=_env(), timeout=300,
+                             cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    summary = summary_line(resumed.stdout)
+    assert summary["status"] == "ok" and summary["resumedFromIteration"] >= 1  # slot-1 holds iteration 1, 3, 5
+    assert "model saved to model" in resumed.stderr and noise(resumed.stderr) == []
+    assert spark.read.parquet(str(tmp_path / "fitted")).count() == 30_000
+
+    uninterrupted = args[:args.index("--model-out")] + ["--model-out", str(tmp_path / "fresh")]
+    code, fresh = run(capsys, "fit", *uninterrupted)  # in this process, without checkpoints
+    assert code == 0 and fresh["resumedFromIteration"] == 0
+    a = GaussianMixtureModel.load(str(tmp_path / "model"))
     b = GaussianMixtureModel.load(str(tmp_path / "fresh"))
     np.testing.assert_array_equal(a.means, b.means)
     np.testing.assert_array_equal(a.covariances, b.covariances)
