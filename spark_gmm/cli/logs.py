@@ -92,7 +92,8 @@ def job_session(app_name: str):
     as a shell, for which Spark turns the bar on, and it would interleave with the
     one-line-per-iteration log. (Under spark-submit the bar is off unless the user's --conf or
     properties file turns it on, and that is left alone; so is a Spark Connect server.) In any
-    session, the loggers that print stack traces for harmless missing paths are limited to errors.
+    session, the loggers that print stack traces for harmless missing paths are limited to errors,
+    and Spark's INFO chatter is turned down where nobody configured Spark's logging.
     """
     from pyspark.sql import SparkSession
     from pyspark.sql.utils import is_remote
@@ -113,6 +114,25 @@ def _quiet_noisy_loggers(spark) -> None:
         jvm = spark.sparkContext._jvm
     except Exception:  # noqa: BLE001 - Spark Connect: no JVM here, the server logs
         return
-    error = jvm.org.apache.logging.log4j.Level.ERROR
+    log4j = jvm.org.apache.logging.log4j
+    configurator = log4j.core.config.Configurator
     for name in _NOISY_LOGGERS:
-        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, error)
+        configurator.setLevel(name, log4j.Level.ERROR)
+    if _uses_sparks_default_profile(log4j):
+        root = log4j.LogManager.getRootLogger()
+        if root.getLevel().isLessSpecificThan(log4j.Level.WARN):  # INFO under spark-submit
+            configurator.setRootLevel(log4j.Level.WARN)
+
+
+def _uses_sparks_default_profile(log4j) -> bool:
+    """Whether log4j runs Spark's built-in profile, i.e. nobody configured logging for this job.
+
+    Under spark-submit that profile logs every task at INFO (hundreds of lines for one fit); a job
+    then drops Spark to WARN, as Spark's own shells do, once its session is up. A log4j2
+    configuration of the user's own (`-Dlog4j2.configurationFile`, `$SPARK_CONF_DIR`) is left alone.
+    """
+    try:
+        source = log4j.LogManager.getContext(False).getConfiguration().getConfigurationSource()
+        return str(source.getLocation() or "").endswith("org/apache/spark/log4j2-defaults.properties")
+    except Exception:  # noqa: BLE001 - another logging backend: leave it as it is
+        return False

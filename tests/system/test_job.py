@@ -210,9 +210,9 @@ def big_table(spark, tmp_path_factory):
 def test_a_killed_spark_submit_fit_resumes_quietly_from_the_console_script(spark, big_table, tmp_path, capsys):
     """kill -9 a fit job under spark-submit (driver and JVM) after a few checkpoints; `spark-gmm fit`
     (the console entry point, run from this checkout) with the same arguments resumes and saves the
-    model an uninterrupted fit saves. Neither prints a stack trace or the progress bar: Spark's file
+    model an uninterrupted fit saves. Neither prints a stack trace or the progress bar (Spark's file
     listing used to print a FileNotFoundException trace for each of the checkpoint, model and
-    predictions directories that do not exist yet."""
+    predictions directories that do not exist yet), nor, once the job runs, Spark's INFO lines."""
     args = ["--input", big_table, "--features", ",".join(f"f{i}" for i in range(6)), "--k", "6", "--tol", "0",
             "--max-iter", "6", "--model-out", "model", "--checkpoint-dir", "ckpt", "--checkpoint-interval", "1",
             "--predictions-out", "./fitted"]
@@ -231,6 +231,8 @@ def test_a_killed_spark_submit_fit_resumes_quietly_from_the_console_script(spark
         proc.wait()
     killed = (tmp_path / "killed.err").read_text()  # the last lines may die in the JVM's pipe from Python
     assert "reading and validating the input" in killed and noise(killed) == []
+    after_start = killed[killed.index("spark_gmm"):].splitlines()
+    assert [line for line in after_start if " INFO " in line and "spark_gmm" not in line] == []  # Spark at WARN
 
     console = [sys.executable, "-c", "import sys; from spark_gmm.cli import main; sys.exit(main())"]
     resumed = subprocess.run(console + ["fit", *args], capture_output=True, text=True, env=_env(), timeout=300,
