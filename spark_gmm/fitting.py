@@ -94,7 +94,7 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
     spark = dataset.sparkSession
     try:
         if summary.incomplete_rows:
-            results = _fit_marginal(cache, summary, request, candidates)
+            results = _fit_marginal(cache, summary, spark, request, candidates)
             candidates = candidates or [request.settings]
         elif candidates is None:
             candidates = [request.settings]
@@ -254,22 +254,22 @@ def _best(results: list[em.FitResult], candidates: list[em.FitSettings]) -> em.F
     return results[best]
 
 
-def _fit_marginal(cache: BlockCache, summary: InputSummary, request: FitRequest,
+def _fit_marginal(cache: BlockCache, summary: InputSummary, spark, request: FitRequest,
                   candidates: list[em.FitSettings] | None) -> list[em.FitResult]:
     """handleInvalid='keep' with rows missing some values: `marginal.fit` (the exact EM over each
-    row's observed values) on the driver engine, nInit restarts in shared passes; no checkpoints."""
+    row's observed values) on the chosen engine, nInit restarts in shared passes; no checkpoints."""
     if request.checkpoint_dir:
         raise InvalidInputError(
             f"checkpointDir cannot be used when handleInvalid='keep' marginalises missing values "
             f"({summary.incomplete_rows} rows have some); unset checkpointDir or use handleInvalid='skip'"
         )
-    log.info("engine: driver (missing values are marginalised on the driver engine)")
     settings = [_with_start(request, c, summary) for c in candidates or [request.settings]]
     restarts = candidates is None and request.n_init > 1 and settings[0].start is None
     if restarts:
         settings = [replace(settings[0], seed=settings[0].seed + i) for i in range(request.n_init)]
     complete = summary.rows - summary.incomplete_rows
-    results = marginal.fit(cache.reduce, summary.d, summary.total_weight, settings, complete, cache.describe)
+    with barrier.reducer(request.engine, cache, summary, spark) as reduce:
+        results = marginal.fit(reduce, summary.d, summary.total_weight, settings, complete, cache.describe)
     return [_best(results, settings)] if restarts else results
 
 

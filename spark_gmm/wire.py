@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import kernels, latent
+from . import kernels, latent, marginal
 from .latent_estep import Layout
 from .mixture import ComponentStatistics, Mixture
 
@@ -78,6 +78,7 @@ register(latent.Columns)
 register(Layout)
 register(latent.MixedEStepPass, lambda p, partitions, rows: partitions * (p.partial_bytes // 8))
 register(latent.MixedStartPass, lambda p, partitions, rows: partitions * (p.partial_bytes // 8))
+register(marginal.CompleteRowsPass, lambda p, partitions, rows: partial_bound(p.inner, partitions, rows))
 register(
     kernels.ConcatPass,
     lambda p, partitions, rows: partitions * len(p.passes)

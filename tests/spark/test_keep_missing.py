@@ -3,6 +3,8 @@ to the in-memory fit of the same rows), the rows counted, the generating means r
 dropping the rows biases them, and transform scoring partially missing rows by their marginal
 density; without missing values, 'keep' is 'error' bit for bit."""
 
+import logging
+
 import numpy as np
 import pytest
 from pyspark.ml.functions import vector_to_array
@@ -94,6 +96,20 @@ def test_keep_marginalises_missing_values_in_fit_and_transform(spark):
         checked += int(np.isnan(row).any())
     assert unscored == 25 and checked == partial.sum()
     assert model.score(df) == pytest.approx(s.logLikelihood / observed.sum(), rel=1e-9)
+
+
+def test_keep_fits_the_same_model_on_both_engines(spark, caplog):
+    """The marginal EM's passes, the start over the complete rows included, run on the resident
+    engine as on the driver engine, bit for bit, nInit restarts too."""
+    rng = np.random.default_rng(21)
+    x, _ = missing_at_random(rng, 1500)
+    df = array_frame(spark, x, partitions=3).cache()
+    settings = dict(k=2, seed=4, maxIter=8, nInit=2, handleInvalid="keep")
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    resident = GaussianMixture(engine="barrier", **settings).fit(df)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine: resident")]
+    assert resident.summary.rowsWithMissingValues > 0
+    assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(df))
 
 
 def test_keep_without_missing_values_is_error_bit_for_bit(spark):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pyspark import cloudpickle
 
-from spark_gmm import channel, kernels, wire
+from spark_gmm import channel, kernels, marginal, wire
 from spark_gmm.mixture import Mixture
 
 
@@ -32,7 +32,10 @@ def every_pass(rng, d=4):
         kernels.SamplePass(centers, cost=3.0, oversampling=40.0, seed=5, stream=2),
         kernels.SmallestUniformPass(d, 7, seed=5, stream=0),
     ]
-    return singles + [kernels.ConcatPass([singles[0], singles[4], kernels.ConcatPass(singles[1:3])])]
+    return singles + [
+        kernels.ConcatPass([singles[0], singles[4], kernels.ConcatPass(singles[1:3])]),
+        marginal.CompleteRowsPass(kernels.ConcatPass([singles[0], singles[1]])),  # handleInvalid='keep' starts
+    ]
 
 
 def assert_same_attributes(a, b):
@@ -51,7 +54,7 @@ def assert_same_attributes(a, b):
         assert type(a) is type(b) and a == b
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_a_pass_survives_the_wire_exactly(rng, index):
     # The driver engine's tasks get the pass through pickle: the wire gives them the same arrays.
     pass_ = cloudpickle.loads(cloudpickle.dumps(every_pass(rng)[index]))
@@ -65,7 +68,7 @@ def test_a_pass_survives_the_wire_exactly(rng, index):
     np.testing.assert_array_equal(decoded.combine(a.copy(), b), pass_.combine(a.copy(), b))
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_partials_stay_within_the_bound_the_driver_accepts(rng, index):
     pass_ = every_pass(rng)[index]
     blocks = [rng.normal(size=(n, 4)) for n in (50, 1, 120)]
