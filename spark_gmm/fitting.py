@@ -257,23 +257,27 @@ def _best(results: list[em.FitResult], candidates: list[em.FitSettings]) -> em.F
 def _fit_marginal(cache: BlockCache, summary: InputSummary, spark, request: FitRequest,
                   candidates: list[em.FitSettings] | None) -> list[em.FitResult]:
     """handleInvalid='keep' with rows missing some values: `marginal.fit` (the exact EM over each
-    row's observed values) on the chosen engine, nInit restarts in shared passes; no checkpoints."""
-    if request.checkpoint_dir:
-        raise InvalidInputError(
-            f"checkpointDir cannot be used when handleInvalid='keep' marginalises missing values "
-            f"({summary.incomplete_rows} rows have some); unset checkpointDir or use handleInvalid='skip'"
-        )
+    row's observed values) on the chosen engine, nInit restarts in shared passes, or a single fit
+    with checkpoints (of the latent class model it fits), as `_fit_one`."""
     settings = [_with_start(request, c, summary) for c in candidates or [request.settings]]
     restarts = candidates is None and request.n_init > 1 and settings[0].start is None
     if restarts:
         settings = [replace(settings[0], seed=settings[0].seed + i) for i in range(request.n_init)]
+    single = candidates is None and not restarts
+    latent = marginal.latent_settings(settings[0], summary.d)
+    checkpointer = _checkpointer(spark, summary, request, latent) if single else None
+    resume = checkpointer.latest() if checkpointer else None
     complete = summary.rows - summary.incomplete_rows
-    with barrier.reducer(request.engine, cache, summary, spark) as reduce:
-        results = marginal.fit(reduce, summary.d, summary.total_weight, settings, complete, cache.describe)
+    with barrier.reducer(request.engine, cache, summary, spark, 1 if checkpointer else 0) as reduce:
+        results = marginal.fit(reduce, summary.d, summary.total_weight, settings, complete, cache.describe,
+                               resume=resume, on_state=checkpointer.save if checkpointer else None)
     return [_best(results, settings)] if restarts else results
 
 
-def _checkpointer(spark, summary: InputSummary, request: FitRequest) -> Checkpointer | None:
+def _checkpointer(spark, summary: InputSummary, request: FitRequest,
+                  written: em.FitSettings | None = None) -> Checkpointer | None:
+    """The fit's checkpointer, or None without checkpointDir; `written` (default: the request's
+    settings) names the model family whose states it writes."""
     if not request.checkpoint_dir:
         return None
     settings, initial = request.settings, request.initial
@@ -292,7 +296,7 @@ def _checkpointer(spark, summary: InputSummary, request: FitRequest) -> Checkpoi
         "covarianceType": settings.covariance_type,
         "reseedComponents": settings.reseed,
     }
-    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint, settings)
+    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint, written or settings)
 
 
 def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSummary) -> em.FitSettings:

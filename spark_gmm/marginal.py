@@ -49,25 +49,29 @@ def latent_start(mixture, k: int, covariance_type: str) -> LatentClassModel:
     return LatentClassModel(mixture.weights, mixture, covariance_type, np.zeros((k, 0)), (), np.zeros((k, 0)))
 
 
+def latent_settings(settings: em.FitSettings, d: int, start=None) -> em.FitSettings:
+    """The Gaussian `settings` as the latent class fit that marginalises (NaN blocks stay float64)."""
+    return replace(settings, family=LatentFamily(Columns(d, 0, 0, 0)), start=start, dtype="float64")
+
+
 def fit(reduce: em.Reduce, d: int, total_weight: float, candidates: list[em.FitSettings], complete: int,
-        describe=None) -> list[em.FitResult]:
+        describe=None, resume: em.EMState | None = None, on_state=None) -> list[em.FitResult]:
     """`em.fit` of each candidate (Gaussian settings, shifted coordinates) over rows whose missing
     values are NaN; `total_weight` is the rows' (each has an observed value), `complete` the count
-    of rows with none missing. Each result's `mixture` is a `mixture.Mixture`, as the Gaussian
-    fit's."""
-    gaussian = [i for i, c in enumerate(candidates) if c.start is None and complete >= c.k]
+    of rows with none missing. A single candidate may `resume` a checkpointed state (of
+    `latent_settings`) and report each state to `on_state`. Each result's `mixture` is a
+    `mixture.Mixture`, as the Gaussian fit's."""
+    gaussian = [i for i, c in enumerate(candidates) if c.start is None and complete >= c.k and resume is None]
     if gaussian:
         log.info("initialisation over the %d rows without missing values", complete)
     starts = dict(zip(gaussian, run_passes(
         complete_rows(reduce), [initial_mixture_steps(d, candidates[i]) for i in gaussian], describe)))
-    family = LatentFamily(Columns(d, 0, 0, 0))
     latent = []
     for i, c in enumerate(candidates):
         start = starts.get(i, c.start)
-        if start is None:
+        if start is None and resume is None:
             log.info("%d rows without missing values, fewer than k=%d: EM starts from random responsibilities",
                      complete, c.k)
-        start = None if start is None else latent_start(start, c.k, c.covariance_type)
-        latent.append(replace(c, family=family, start=start, dtype="float64"))  # NaN blocks stay float64
-    results = em.fit(reduce, d, total_weight, latent, describe=describe)
+        latent.append(latent_settings(c, d, None if start is None else latent_start(start, c.k, c.covariance_type)))
+    results = em.fit(reduce, d, total_weight, latent, resume=resume, on_state=on_state, describe=describe)
     return [replace(r, mixture=r.mixture.gaussian) for r in results]

@@ -1,7 +1,7 @@
 """GaussianMixture(handleInvalid='keep') on Spark: missing features marginalised in the fit (equal
 to the in-memory fit of the same rows), the rows counted, the generating means recovered where
 dropping the rows biases them, and transform scoring partially missing rows by their marginal
-density; without missing values, 'keep' is 'error' bit for bit."""
+density; without missing values, 'keep' is 'error' bit for bit; both engines and checkpoints."""
 
 import logging
 
@@ -14,6 +14,7 @@ from scipy.stats import multivariate_normal
 from support import array_frame, assert_identical
 
 from spark_gmm import GaussianMixture, GaussianMixtureModel, InvalidInputError, em, marginal
+from spark_gmm.checkpoint import CheckpointMismatchError
 from spark_gmm.local import local_reduce
 from spark_gmm.mixture import Mixture
 
@@ -141,11 +142,24 @@ def test_input_columns_with_nulls_are_marginalised_as_nan_in_a_vector(spark):
     assert scored == 20
 
 
-def test_keep_refuses_a_feature_never_observed_and_checkpoints(spark, tmp_path):
+def test_keep_refuses_a_feature_never_observed(spark):
     x = np.random.default_rng(1).normal(size=(100, 2))
     x[:, 1] = np.nan
     with pytest.raises(InvalidInputError, match="^feature 1 of 'features' has no finite value"):
         GaussianMixture(k=2, handleInvalid="keep").fit(array_frame(spark, x))
-    x[:, 1] = np.where(np.arange(100) % 2, 1.0 + np.arange(100) % 7, np.nan)
-    with pytest.raises(InvalidInputError, match="^checkpointDir cannot be used when handleInvalid='keep'"):
-        GaussianMixture(k=2, handleInvalid="keep", checkpointDir=str(tmp_path)).fit(array_frame(spark, x))
+
+
+def test_a_fit_with_missing_values_resumes_from_its_checkpoint(spark, tmp_path):
+    """The marginal EM's states (a latent class model) checkpoint like a Gaussian fit's: stopped
+    and resumed, it ends with the unbroken fit, and refuses another fit's directory."""
+    x, _ = missing_at_random(np.random.default_rng(9), 1200)
+    df = array_frame(spark, x, partitions=3).cache()
+    settings = dict(k=2, seed=3, tol=0.0, handleInvalid="keep", checkpointInterval=1)
+    directory = str(tmp_path / "ckpt")
+    stopped = GaussianMixture(maxIter=3, checkpointDir=directory, **settings).fit(df)
+    assert stopped.summary.resumedFromIteration == 0 and stopped.summary.rowsWithMissingValues > 0
+    resumed = GaussianMixture(maxIter=6, checkpointDir=directory, **settings).fit(df)
+    assert resumed.summary.resumedFromIteration == 3
+    assert_identical(resumed, GaussianMixture(maxIter=6, **settings).fit(df))
+    with pytest.raises(CheckpointMismatchError, match=r"differs in: seed\)"):
+        GaussianMixture(maxIter=6, checkpointDir=directory, **{**settings, "seed": 4}).fit(df)
