@@ -17,9 +17,11 @@ docs/performance.md); otherwise compiled again in each process.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
+import zipfile
 
 import numpy as np
 from numba import config, njit
@@ -49,19 +51,62 @@ def _writable(path: str) -> bool:
         return False
 
 
+def _cache_root() -> str:
+    """NUMBA_CACHE_DIR if set, else the user's cache directory for numba."""
+    return config.CACHE_DIR or AppDirs(appname="numba", appauthor=False).user_cache_dir
+
+
 def disk_cache_usable() -> bool:
     """Whether numba's cache for this module can be written: NUMBA_CACHE_DIR if set, else next to
     this file or in the user's cache directory, and only the latter when the package is imported
     from a zip (`--py-files`), where numba 0.68 fails on the first call instead of falling back."""
-    if config.CACHE_DIR:
-        return _writable(config.CACHE_DIR)
-    user_cache = AppDirs(appname="numba", appauthor=False).user_cache_dir
-    if ".zip" in __file__:
-        return _writable(user_cache)
-    return _writable(os.path.join(os.path.dirname(__file__), "__pycache__")) or _writable(user_cache)
+    if config.CACHE_DIR or ".zip" in __file__:
+        return _writable(_cache_root())
+    return _writable(os.path.join(os.path.dirname(__file__), "__pycache__")) or _writable(_cache_root())
+
+
+def _cache_zipped_kernels_by_content() -> None:
+    """Put the cache of this module, when it is imported from a zip, in a directory named by the
+    module's content under `_cache_root()`.
+
+    numba names a zipped module's cache directory by the zip's path, and Spark copies a
+    `--py-files` zip into each application's own directory, so every application compiled the
+    kernels again; numba also ignored NUMBA_CACHE_DIR there. numba still checks the source's
+    content and the CPU before loading an entry. This uses numba's locator classes (not a public
+    API): where they differ, numba's own locator stays in charge.
+    """
+    from numba.core import caching
+
+    zip_locator = getattr(caching, "ZipCacheLocator", None)
+    locators = getattr(getattr(caching, "CacheImpl", None), "_locator_classes", None)
+    if zip_locator is None or not isinstance(locators, list):
+        return
+
+    class ContentKeyedZipLocator(zip_locator):
+        def __init__(self, py_func, py_file):
+            super().__init__(py_func, py_file)
+            with zipfile.ZipFile(self._zip_path) as archive:
+                digest = hashlib.sha256(archive.read(self._internal_path)).hexdigest()[:16]
+            self._cache_path = os.path.join(_cache_root(), f"spark_gmm-fused-{digest}")
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if ".zip" not in py_file or py_func.__module__ != __name__:
+                return None
+            try:
+                locator = cls(py_func, py_file)
+                locator.ensure_cache_path()
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                return None
+            return locator
+
+    if not any(c.__name__ == ContentKeyedZipLocator.__name__ for c in locators):
+        locators.insert(0, ContentKeyedZipLocator)
 
 
 CACHE = disk_cache_usable()
+if CACHE and ".zip" in __file__:
+    _cache_zipped_kernels_by_content()
 
 
 def tile_rows(d: int) -> int:

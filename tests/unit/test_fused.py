@@ -194,3 +194,37 @@ def test_shipped_as_a_zip_without_a_writable_cache_it_compiles_in_memory(tmp_pat
     location, cache, values = result.stdout.split(" ", 2)
     assert location.startswith(archive) and cache == "False"
     assert values.strip() == "[1.0, 0.367879]"
+
+
+def test_zipped_kernels_are_cached_by_content_not_by_the_zips_path(tmp_path):
+    """Spark copies a `--py-files` zip into each application's directory: a second copy of the same
+    zip at another path loads the kernel the first one compiled, from NUMBA_CACHE_DIR when set."""
+    import shutil
+    from pathlib import Path
+
+    package = Path(fused.__file__).parent
+    first = shutil.make_archive(str(tmp_path / "app1" / "spark_gmm"), "zip", package.parent, package.name)
+    second = tmp_path / "app2" / "spark_gmm.zip"
+    second.parent.mkdir()
+    shutil.copy(first, second)
+    code = (
+        "import numpy as np\n"
+        "from spark_gmm import fused\n"
+        "values, scale = np.array([0.0, -1.0]), np.empty(2)\n"
+        "fused._exp_nonpositive(values, 2, scale, scale.view(np.int64))\n"
+        "stats = fused._exp_nonpositive.stats\n"
+        "print(fused.__file__, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), stats.cache_path)\n"
+    )
+    cache, unusable = tmp_path / "numba-cache", "/dev/null/home"  # the home cannot hold a cache
+    runs = []
+    for archive in (first, second):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(archive), "HOME": unusable, "XDG_CACHE_HOME": unusable,
+               "NUMBA_CACHE_DIR": str(cache)}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True
+        )
+        runs.append(result.stdout.split())
+    (location1, hits1, misses1, path1), (location2, hits2, misses2, path2) = runs
+    assert location1.startswith(str(first)) and location2.startswith(str(second))
+    assert (hits1, misses1) == ("0", "1") and (hits2, misses2) == ("1", "0")
+    assert path1 == path2 and Path(path1).parent == cache and Path(path1).name.startswith("spark_gmm-fused-")
