@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import tempfile
-import zipfile
 
 import numpy as np
 from numba import config, njit
@@ -82,12 +81,12 @@ def _cache_zipped_kernels_by_content() -> None:
     if zip_locator is None or not isinstance(locators, list):
         return
 
+    source = __loader__.get_data(__file__)  # this module, read from the zip
+    directory = os.path.join(_cache_root(), f"spark_gmm-fused-{hashlib.sha256(source).hexdigest()[:16]}")
+
     class ContentKeyedZipLocator(zip_locator):
-        def __init__(self, py_func, py_file):
-            super().__init__(py_func, py_file)
-            with zipfile.ZipFile(self._zip_path) as archive:
-                digest = hashlib.sha256(archive.read(self._internal_path)).hexdigest()[:16]
-            self._cache_path = os.path.join(_cache_root(), f"spark_gmm-fused-{digest}")
+        def get_cache_path(self):
+            return directory
 
         @classmethod
         def from_function(cls, py_func, py_file):
@@ -96,7 +95,7 @@ def _cache_zipped_kernels_by_content() -> None:
             try:
                 locator = cls(py_func, py_file)
                 locator.ensure_cache_path()
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            except (OSError, ValueError):
                 return None
             return locator
 
