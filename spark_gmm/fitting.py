@@ -15,6 +15,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 from pyspark.sql import DataFrame, functions as F
@@ -92,16 +93,14 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
     largest_k = max(c.k for c in candidates) if candidates else request.settings.k
     cache, summary, skipped = _prepare(dataset, request, largest_k)
     spark = dataset.sparkSession
+    run = _em_for(summary)
     try:
-        if summary.incomplete_rows:
-            results = _fit_marginal(cache, summary, spark, request, candidates)
-            candidates = candidates or [request.settings]
-        elif candidates is None:
+        if candidates is None:
             candidates = [request.settings]
-            results = [_fit_one(cache, summary, spark, request)]
+            results = [_fit_one(cache, summary, spark, request, run)]
         else:
             with barrier.reducer(request.engine, cache, summary, spark) as reduce:
-                results = em.fit(
+                results = run(
                     reduce, summary.d, summary.total_weight,
                     [_with_start(request, c, summary) for c in candidates], describe=cache.describe,
                 )
@@ -219,8 +218,22 @@ def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
     return invalid
 
 
-def _fit_one(cache: BlockCache, summary: InputSummary, spark, request: FitRequest) -> em.FitResult:
-    """One fit: the best of nInit restarts in shared passes, or a single fit with checkpoints."""
+def _em_for(summary: InputSummary) -> Callable[..., list[em.FitResult]]:
+    """The EM that fits the cached rows (`em.fit`'s signature): `em.fit`, or, when rows miss some
+    values (handleInvalid='keep'), `marginal.fit`, the exact EM over each row's observed values."""
+    if not summary.incomplete_rows:
+        return em.fit
+    complete = summary.rows - summary.incomplete_rows
+
+    def fit_marginal(reduce, d, total_weight, candidates, resume=None, on_state=None, describe=None):
+        return marginal.fit(reduce, d, total_weight, candidates, complete, describe, resume, on_state)
+
+    return fit_marginal
+
+
+def _fit_one(cache: BlockCache, summary: InputSummary, spark, request: FitRequest,
+             run: Callable[..., list[em.FitResult]]) -> em.FitResult:
+    """One fit by `run`: the best of nInit restarts in shared passes, or a single fit with checkpoints."""
     settings = _with_start(request, request.settings, summary)
     restarts = request.n_init > 1 and settings.start is None
     checkpointer = None if restarts else _checkpointer(spark, summary, request)
@@ -229,18 +242,12 @@ def _fit_one(cache: BlockCache, summary: InputSummary, spark, request: FitReques
     spare = 1 if checkpointer else 0
     with barrier.reducer(request.engine, cache, summary, spark, spare) as reduce:
         if restarts:
-            return _best_restart(reduce, cache, summary, settings, request.n_init)
-        return em.fit(
+            candidates = [replace(settings, seed=settings.seed + i) for i in range(request.n_init)]
+            return _best(run(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe), candidates)
+        return run(
             reduce, summary.d, summary.total_weight, [settings], resume=resume,
             on_state=checkpointer.save if checkpointer else None, describe=cache.describe,
         )[0]
-
-
-def _best_restart(reduce, cache: BlockCache, summary: InputSummary, settings: em.FitSettings,
-                  n_init: int) -> em.FitResult:
-    """`n_init` fits from seeds seed, seed+1, ... in shared passes; the best one."""
-    candidates = [replace(settings, seed=settings.seed + i) for i in range(n_init)]
-    return _best(em.fit(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe), candidates)
 
 
 def _best(results: list[em.FitResult], candidates: list[em.FitSettings]) -> em.FitResult:
@@ -254,30 +261,9 @@ def _best(results: list[em.FitResult], candidates: list[em.FitSettings]) -> em.F
     return results[best]
 
 
-def _fit_marginal(cache: BlockCache, summary: InputSummary, spark, request: FitRequest,
-                  candidates: list[em.FitSettings] | None) -> list[em.FitResult]:
-    """handleInvalid='keep' with rows missing some values: `marginal.fit` (the exact EM over each
-    row's observed values) on the chosen engine, nInit restarts in shared passes, or a single fit
-    with checkpoints (of the latent class model it fits), as `_fit_one`."""
-    settings = [_with_start(request, c, summary) for c in candidates or [request.settings]]
-    restarts = candidates is None and request.n_init > 1 and settings[0].start is None
-    if restarts:
-        settings = [replace(settings[0], seed=settings[0].seed + i) for i in range(request.n_init)]
-    single = candidates is None and not restarts
-    latent = marginal.latent_settings(settings[0], summary.d)
-    checkpointer = _checkpointer(spark, summary, request, latent) if single else None
-    resume = checkpointer.latest() if checkpointer else None
-    complete = summary.rows - summary.incomplete_rows
-    with barrier.reducer(request.engine, cache, summary, spark, 1 if checkpointer else 0) as reduce:
-        results = marginal.fit(reduce, summary.d, summary.total_weight, settings, complete, cache.describe,
-                               resume=resume, on_state=checkpointer.save if checkpointer else None)
-    return [_best(results, settings)] if restarts else results
-
-
-def _checkpointer(spark, summary: InputSummary, request: FitRequest,
-                  written: em.FitSettings | None = None) -> Checkpointer | None:
-    """The fit's checkpointer, or None without checkpointDir; `written` (default: the request's
-    settings) names the model family whose states it writes."""
+def _checkpointer(spark, summary: InputSummary, request: FitRequest) -> Checkpointer | None:
+    """The fit's checkpointer, or None without checkpointDir. With rows missing some values the
+    states it writes are the latent class models `marginal.fit` fits."""
     if not request.checkpoint_dir:
         return None
     settings, initial = request.settings, request.initial
@@ -296,7 +282,8 @@ def _checkpointer(spark, summary: InputSummary, request: FitRequest,
         "covarianceType": settings.covariance_type,
         "reseedComponents": settings.reseed,
     }
-    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint, written or settings)
+    return Checkpointer(spark, request.checkpoint_dir, request.checkpoint_interval, fingerprint,
+                        marginal.latent_settings(settings, summary.d) if summary.incomplete_rows else settings)
 
 
 def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSummary) -> em.FitSettings:
