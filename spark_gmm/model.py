@@ -23,6 +23,7 @@ from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_cri
 from .params import GaussianMixtureParams
 from .scoring import (
     log_likelihood_sums,
+    probability_vectors,
     refuse_unscorable,
     sampler,
     scoring_udf,
@@ -242,10 +243,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             prediction = refuse_unscorable(prediction, scores, self._features_label(), self.numFeatures)
         out = [named_column(c) for c in dataset.columns]
         out.append(prediction.alias(self.getPredictionCol()))
-        probability = scores.probability
-        out.append(
-            F.when(probability.isNotNull(), array_to_vector(probability)).alias(self.getProbabilityCol())
-        )
+        out.append(probability_vectors(scores).alias(self.getProbabilityCol()))
         if self.getLogLikelihoodCol():
             out.append(scores.logLikelihood.alias(self.getLogLikelihoodCol()))
         return scored.select(*out)

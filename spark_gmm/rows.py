@@ -20,8 +20,14 @@ def _values(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     n = len(column)
     lengths = pc.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False)
     whole = lengths == d
-    x = np.full((n, d), np.nan)
     holes = np.zeros(n, bool)
+    if d and whole.all():  # the usual batch: one copy of the values buffer, no row selection
+        values = column.flatten()
+        x = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=True).reshape(n, d)  # nulls → NaN
+        if values.null_count:
+            holes = values.is_null().to_numpy(zero_copy_only=False).reshape(n, d).any(axis=1)
+        return x, whole, holes
+    x = np.full((n, d), np.nan)
     if whole.any():
         values = pc.list_flatten(column.filter(pa.array(whole)))
         flat = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)  # nulls → NaN
@@ -39,7 +45,9 @@ def feature_rows(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray, np.n
     whole &= ~holes
     finite = np.isfinite(x).all(axis=1)
     nonfinite = whole & ~finite
-    x[~(whole & finite)] = 0.0
+    unusable = ~(whole & finite)
+    if unusable.any():
+        x[unusable] = 0.0
     return x, ~whole, nonfinite
 
 
