@@ -11,7 +11,7 @@ import sys
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame, functions as F
-from pyspark.sql.types import ArrayType, NumericType
+from pyspark.sql.types import ArrayType, DataType, MapType, NumericType, StructType, UserDefinedType
 
 from .exceptions import ExecutorEnvironmentError, InvalidInputError
 
@@ -75,6 +75,37 @@ def feature_count(df: DataFrame, features_col: str, input_cols: list[str] | None
         return None
     count = df.schema[features_col].metadata.get("ml_attr", {}).get("num_attrs")
     return int(count) if count is not None else None
+
+
+#: Spark ≥ 4.3 hands the columnar batches of a scan straight to a Python UDF when this is on; that
+#: path fails on any column of a user-defined type ([UNSUPPORTED_DATATYPE] ... UDT), e.g. a vector.
+COLUMNAR_UDF_INPUT = "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled"
+
+
+def rows_for_python_udfs(df: DataFrame) -> DataFrame:
+    """`df`, read row by row before a Python UDF when Spark would otherwise hand it columnar batches
+    holding a user-defined type (a vector read from Parquet, say), which fails. An always-true
+    filter that Spark cannot drop (it reads the partition id) puts a row operator in between. It
+    also stops later filters from being pushed below it, so only such inputs get it."""
+    if not any(_has_udt(field.dataType) for field in df.schema.fields):
+        return df
+    try:  # not get(key, default): that returns the default given, not Spark's, when the key is unset
+        columnar = df.sparkSession.conf.get(COLUMNAR_UDF_INPUT)
+    except Exception:  # Spark before 4.3 does not know the key
+        return df
+    return df.where(F.spark_partition_id() >= 0) if str(columnar).lower() == "true" else df
+
+
+def _has_udt(kind: DataType) -> bool:
+    if isinstance(kind, UserDefinedType):
+        return True
+    if isinstance(kind, StructType):
+        return any(_has_udt(f.dataType) for f in kind.fields)
+    if isinstance(kind, ArrayType):
+        return _has_udt(kind.elementType)
+    if isinstance(kind, MapType):
+        return _has_udt(kind.keyType) or _has_udt(kind.valueType)
+    return False
 
 
 def weight_column(df: DataFrame, weight_col: str | None) -> Column | None:

@@ -12,7 +12,7 @@ from pyspark.sql.functions import pandas_udf
 
 from . import codec, persistence
 from .exceptions import InvalidInputError
-from .inputs import named_column, weight_column
+from .inputs import named_column, rows_for_python_udfs, weight_column
 from .latent import LatentClassModel, model_arrays
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
@@ -168,7 +168,7 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         (handleInvalid='error'), drops the row ('skip'), or is marginalised ('keep'); a row with
         nothing usable gets nulls."""
         scores = F.col("__spark_gmm_scores")
-        scored = dataset.withColumn("__spark_gmm_scores", self._scores(dataset))
+        scored = rows_for_python_udfs(dataset).withColumn("__spark_gmm_scores", self._scores(dataset))
         handle = self.getHandleInvalid()
         if handle == "skip":
             scored = scored.where(scores.problem.isNull())
@@ -188,7 +188,7 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
         """(Σ w·log p(observed part), Σ w) over the rows with something usable, in one pass."""
         w = weight_column(dataset, self.weightName())
-        frame = dataset.select(
+        frame = rows_for_python_udfs(dataset).select(
             self._scores(dataset).alias("__spark_gmm_scores"),
             (F.lit(1.0) if w is None else w).alias("__spark_gmm_weight"),
             *[named_column(f.name) for f in self._schema.features],  # for the message

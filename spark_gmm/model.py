@@ -16,14 +16,13 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 from . import codec, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
-from .inputs import feature_count, named_column
+from .inputs import feature_count, named_column, rows_for_python_udfs
 from .kernels import posterior
 from .latent_estep import gaussian_posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
 from .params import GaussianMixtureParams
 from .scoring import (
     log_likelihood_sums,
-    probability_vectors,
     refuse_unscorable,
     sampler,
     scoring_udf,
@@ -234,7 +233,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         its finite features by their marginal density (nulls if it has none)."""
         self._check_feature_count(dataset)
         scores = F.col("__spark_gmm_scores")
-        scored = dataset.withColumn("__spark_gmm_scores", self._scores(dataset))
+        scored = rows_for_python_udfs(dataset).withColumn("__spark_gmm_scores", self._scores(dataset))
         handle = self.getHandleInvalid()
         if handle == "skip":
             scored = scored.where(scores.prediction.isNotNull())
@@ -243,7 +242,10 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             prediction = refuse_unscorable(prediction, scores, self._features_label(), self.numFeatures)
         out = [named_column(c) for c in dataset.columns]
         out.append(prediction.alias(self.getPredictionCol()))
-        out.append(probability_vectors(scores).alias(self.getProbabilityCol()))
+        probability = scores.probability
+        out.append(
+            F.when(probability.isNotNull(), array_to_vector(probability)).alias(self.getProbabilityCol())
+        )
         if self.getLogLikelihoodCol():
             out.append(scores.logLikelihood.alias(self.getLogLikelihoodCol()))
         return scored.select(*out)
@@ -276,7 +278,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         scores = weighted_log_likelihood_udf(self._centred, self._center, self._marginalise())(
             self.featureColumn(dataset), F.lit(1.0) if weight is None else weight
         )
-        total, mass, bad = log_likelihood_sums(dataset, scores)
+        total, mass, bad = log_likelihood_sums(rows_for_python_udfs(dataset), scores)
         if bad and self.getHandleInvalid() == "error":
             raise InvalidInputError(
                 f"{bad} rows cannot be scored ({unscorable(self.numFeatures)}, or a null, negative, "

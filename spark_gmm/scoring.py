@@ -4,8 +4,7 @@ evaluated here on the same numpy arrays as when a fit packs its blocks.
 
 Scores go from Arrow to numpy and back without a Python object per row: the feature lists are
 flattened into an (n, d) array, the compiled kernel (`kernels.posterior`) fills the log densities
-and an (n, k) array of probabilities, which becomes the values buffer of the output vectors (an
-Arrow UDF returns `VectorUDT`'s storage directly, cheaper for Spark than an array it converts again).
+and an (n, k) array of probabilities, which becomes the values buffer of the output list column.
 With handleInvalid='keep' (`marginalise`), a row with missing values (null, NaN, ±inf) is scored
 by the marginal density of its observed features (`latent_estep.gaussian_posterior`, rows grouped
 by missingness pattern); only batches that hold such rows pay for it.
@@ -16,29 +15,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame, functions as F
-from pyspark.ml.functions import array_to_vector
-from pyspark.sql.types import ArrayType, DoubleType, IntegerType, StructField, StructType
-
-try:
-    from pyspark.sql.functions import arrow_udf
-except ImportError:  # Spark 4.0: pandas UDFs around the same functions (`_columns_udf`)
-    arrow_udf = None
 
 from .kernels import posterior, row_uniforms
 from .latent_estep import gaussian_posterior
 from .mixture import Mixture
 from .rows import feature_rows, observed_rows, usable_weights
 
-#: Whether the UDFs return the probabilities as vectors: Spark 4.0's pandas UDFs cannot, so there
-#: they come as arrays that `probability_vectors` turns into vectors in the JVM.
-VECTOR_OUTPUT = arrow_udf is not None
-SCORES_SCHEMA = StructType([
-    StructField("prediction", IntegerType()),
-    StructField("probability", VectorUDT() if VECTOR_OUTPUT else ArrayType(DoubleType())),
-    StructField("logLikelihood", DoubleType()),
-])
+SCORES_SCHEMA = "prediction int, probability array<double>, logLikelihood double"
 WEIGHTED_SCHEMA = "logLikelihood double, weight double"
 
 
@@ -61,35 +45,16 @@ def _scored(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalis
     return unusable, log_density, probability
 
 
-def row_lists(values: np.ndarray, unusable: np.ndarray, vectors: bool = VECTOR_OUTPUT) -> pa.Array:
-    """The rows of `values` (n, k), null where `unusable` (n,): Arrow dense vectors (`VectorUDT`'s
-    storage: type 1 and the values) or, without `vectors`, lists. Their values buffer is `values`,
-    not a copy per row."""
-    n, k = values.shape
-    lists = pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), pa.array(values.ravel()))
-    if not vectors:
-        return pa.ListArray.from_arrays(lists.offsets, lists.values, mask=pa.array(unusable))
-    return pa.StructArray.from_arrays(
-        [pa.array(np.ones(n, np.int8)), pa.nulls(n, pa.int32()), pa.nulls(n, pa.list_(pa.int32())), lists],
-        names=["type", "size", "indices", "values"],
-        mask=pa.array(unusable),
-    )
-
-
-def probability_vectors(scores: Column) -> Column:
-    """The probabilities of a `scoring_udf` column as a vector column."""
-    if VECTOR_OUTPUT:
-        return scores.probability
-    return F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
-
-
 def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalise: bool = False) -> pa.StructArray:
-    """SCORES_SCHEMA of each row (nulls for unusable rows)."""
+    """SCORES_SCHEMA of each row (nulls for unusable rows); the probabilities (n, k) are the values
+    buffer of the list column, with no copy per row."""
     unusable, log_density, probability = _scored(features, mixture, center, marginalise)
+    n, k = probability.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
     return pa.StructArray.from_arrays(
         [
             pa.array(probability.argmax(axis=1).astype(np.int32), mask=unusable),
-            row_lists(probability, unusable),
+            pa.ListArray.from_arrays(offsets, pa.array(probability.ravel()), mask=pa.array(unusable)),
             pa.array(log_density, mask=unusable),
         ],
         names=["prediction", "probability", "logLikelihood"],
@@ -108,11 +73,13 @@ def weighted_log_density_arrow(features: pa.Array, weights: pa.Array, mixture: M
     )
 
 
-def _columns_udf(compute, schema):
+def _columns_udf(compute, schema: str):
     """`compute` (Arrow arrays: the features as list<double>, then any double columns → an Arrow
     array of `schema`) as a UDF: an Arrow UDF (Spark ≥ 4.1), else a pandas UDF around it (Spark
     4.0, which converts each row's list to a numpy array and back)."""
-    if arrow_udf is None:
+    try:
+        from pyspark.sql.functions import arrow_udf
+    except ImportError:
         from pyspark.sql.functions import pandas_udf
 
         def via_pandas(features: pd.Series, *others: pd.Series) -> pd.DataFrame:

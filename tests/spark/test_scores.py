@@ -208,3 +208,29 @@ def test_transform_and_score_equal_sklearn_through_either_udf(spark, model, skle
     w = 1.0 + np.arange(len(points)) % 3
     expected = (w * sklearn_model.score_samples(points)).sum() / w.sum()
     np.testing.assert_allclose(model.copy().setWeightCol("w").score(frame(spark, points, w=w)), expected, rtol=1e-11)
+
+
+def test_vectors_read_from_parquet_are_scored_like_vectors_in_memory(spark, model, sklearn_model, points, tmp_path):
+    """Spark 4.3 hands a Parquet scan's columnar batches straight to a Python UDF
+    (spark.sql.execution.arrow.pythonUDF.columnarInput.enabled, on by default) and that path fails on
+    a vector column ([UNSUPPORTED_DATATYPE] ... UDT), the features or any other column. transform,
+    score and a mixed model's transform read such input row by row and give the same scores."""
+    from pyspark.ml.functions import array_to_vector
+
+    from spark_gmm import MixedMixture
+
+    frame(spark, points[:200], i=np.arange(200)).select(
+        "i", array_to_vector("features").alias("features"), (F.col("i") % 2 == 0).alias("flag"),
+        F.col("features")[0].alias("x"),
+    ).write.parquet(str(tmp_path / "vectors"))
+    stored = spark.read.parquet(str(tmp_path / "vectors"))
+    out = model.transform(stored).orderBy("i").select("prediction", vector_to_array("probability").alias("p")).toPandas()
+    expected = points[:200]
+    np.testing.assert_array_equal(out["prediction"], sklearn_model.predict(expected))
+    np.testing.assert_allclose(np.stack(out["p"]), sklearn_model.predict_proba(expected), atol=1e-12)
+    np.testing.assert_allclose(model.score(stored), sklearn_model.score(expected), rtol=1e-11)
+    mixed = MixedMixture(k=2, seed=1, gaussianCols=["x"], bernoulliCols=["flag"], maxIter=3).fit(stored)
+    in_memory = spark.createDataFrame(stored.toPandas()[["i", "x", "flag"]])
+    assert mixed.transform(stored).orderBy("i").select("prediction").collect() == \
+        mixed.transform(in_memory).orderBy("i").select("prediction").collect()
+    assert mixed.score(stored) == pytest.approx(mixed.score(in_memory), rel=1e-12)

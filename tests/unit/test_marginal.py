@@ -13,7 +13,7 @@ from spark_gmm import em, marginal
 from spark_gmm.latent_estep import gaussian_posterior
 from spark_gmm.local import local_reduce
 from spark_gmm.mixture import Mixture
-from spark_gmm.scoring import row_lists, scores_arrow
+from spark_gmm.scoring import scores_arrow
 
 
 def full_mixture(rng, k=3, d=4):
@@ -73,9 +73,7 @@ def test_scoring_marginalises_null_nan_and_infinite_values_only_when_asked(rng):
         values = np.array([np.nan if v is None or not np.isfinite(v) else v for v in rows[i]])
         expected, probabilities = brute_force(values, mixture)
         assert out[i]["logLikelihood"] == pytest.approx(expected, abs=1e-9)
-        vector = out[i]["probability"]  # VectorUDT's storage: a dense vector
-        assert (vector["type"], vector["size"], vector["indices"]) == (1, None, None)
-        np.testing.assert_allclose(vector["values"], probabilities, atol=1e-10)
+        np.testing.assert_allclose(out[i]["probability"], probabilities, atol=1e-10)
         assert out[i]["prediction"] == probabilities.argmax()
     plain = scores_arrow(column, mixture, center).to_pylist()
     assert [r["prediction"] is None for r in plain] == [False] + [True] * 6
@@ -159,15 +157,3 @@ def test_with_fewer_complete_rows_than_k_em_starts_from_random_responsibilities(
     reduce = local_reduce(x, shift=nan_shift(x), block_rows=64)
     (fit,) = marginal.fit(reduce, 3, 300, [settings(2, max_iter=30)], 0)
     assert np.isfinite(fit.mixture.means).all() and fit.history[-1] > fit.history[0]
-
-
-def test_probability_rows_are_vectors_or_lists_over_the_same_buffer():
-    """Spark ≥ 4.1 takes `VectorUDT`'s storage from an Arrow UDF; Spark 4.0's pandas UDFs take lists."""
-    values = np.arange(6.0).reshape(3, 2)
-    unusable = np.array([False, True, False])
-    vectors = row_lists(values, unusable, vectors=True).to_pylist()
-    assert vectors[1] is None
-    assert [(v["type"], v["size"], v["indices"], v["values"]) for v in (vectors[0], vectors[2])] == [
-        (1, None, None, [0.0, 1.0]), (1, None, None, [4.0, 5.0])
-    ]
-    assert row_lists(values, unusable, vectors=False).to_pylist() == [[0.0, 1.0], None, [4.0, 5.0]]
