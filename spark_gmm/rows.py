@@ -21,19 +21,19 @@ def _values(column: pa.Array, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     lengths = pc.list_value_length(column).fill_null(-1).to_numpy(zero_copy_only=False)
     whole = lengths == d
     holes = np.zeros(n, bool)
-    if d and whole.all():  # the usual batch: one copy of the values buffer, no row selection
-        values = column.flatten()
-        x = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=True).reshape(n, d)  # nulls → NaN
-        if values.null_count:
-            holes = values.is_null().to_numpy(zero_copy_only=False).reshape(n, d).any(axis=1)
-        return x, whole, holes
-    x = np.full((n, d), np.nan)
-    if whole.any():
-        values = pc.list_flatten(column.filter(pa.array(whole)))
-        flat = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)  # nulls → NaN
-        x[whole] = flat.reshape(-1, d) if d else np.empty((int(whole.sum()), 0))
-        if values.null_count:
-            holes[np.flatnonzero(whole)] = values.is_null().to_numpy(zero_copy_only=False).reshape(-1, d).any(axis=1)
+    kept = int(whole.sum())
+    if not kept:
+        return np.full((n, d), np.nan), whole, holes
+    complete = kept == n  # the usual batch: no row selection, one copy of the values buffer
+    values = pc.list_flatten(column if complete else column.filter(pa.array(whole)))
+    flat = values.to_numpy(zero_copy_only=False).astype(np.float64, copy=complete).reshape(kept, d)  # nulls → NaN
+    if complete:
+        x = flat
+    else:
+        x = np.full((n, d), np.nan)
+        x[whole] = flat
+    if values.null_count:
+        holes[whole] = values.is_null().to_numpy(zero_copy_only=False).reshape(kept, d).any(axis=1)
     return x, whole, holes
 
 
