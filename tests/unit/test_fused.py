@@ -139,7 +139,7 @@ def test_same_block_same_bits_and_diagonal_shortcut_is_exact(rng):
     consts, means, prec, diagonal = fused._parameters(mixture)
     assert diagonal
     general = np.zeros_like(first)
-    fused._estep(x, w, consts, means, prec, False, fused.tile_rows(9), general)
+    fused._estep(x, w, consts, means, prec, False, fused.TILE_ROWS, general)
     np.testing.assert_array_equal(first, general)
 
 
