@@ -24,11 +24,14 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, functions as F
 
 from .codec import binary_views as _binary_views
+from .inputs import arrow_batches_of
 from .kernels import mix64
 from .rows import batch_rows
 
 #: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
 BLOCK_BYTES = 1 << 19
+#: Cached blocks per Arrow batch of a pass (~4 MB): Python folds a batch while the JVM writes the next.
+BLOCKS_PER_BATCH = 8
 #: Above this many bytes of partials per pass, the driver combines them in a tree (aggregationDepth).
 TREE_THRESHOLD_BYTES = 32 << 20
 
@@ -375,7 +378,8 @@ class BlockCache:
                 width *= fanout
                 group = F.floor(F.col("pid") / F.lit(width))
                 parts = parts.groupBy(group).applyInArrow(make_combiner(pass_), PARTIAL_SCHEMA)
-        table = parts.toArrow()
+        with arrow_batches_of(self.blocks.sparkSession, BLOCKS_PER_BATCH):
+            table = parts.toArrow()
         return combine_in_order(pass_, _partials(table))
 
     def describe(self, text: str | None) -> None:

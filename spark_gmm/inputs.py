@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import sys
+from contextlib import contextmanager
 
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
@@ -94,6 +95,28 @@ def rows_for_python_udfs(df: DataFrame) -> DataFrame:
     except Exception:  # Spark before 4.3 does not know the key
         return df
     return df.where(F.spark_partition_id() >= 0) if str(columnar).lower() == "true" else df
+
+
+#: Rows of one Arrow batch handed to a Python UDF (Spark's default: 10,000).
+ARROW_BATCH_ROWS = "spark.sql.execution.arrow.maxRecordsPerBatch"
+
+
+@contextmanager
+def arrow_batches_of(spark, rows: int):
+    """Spark's Arrow batches hold at most `rows` rows inside the block (a smaller limit set by the
+    user stays); the session's setting is restored after, also on error. For passes over cached
+    blocks of ~0.5 MB a row, where the default made a partition one batch: the JVM then wrote all of
+    it before Python could start."""
+    previous = spark.conf.get(ARROW_BATCH_ROWS, None)  # None: not set in this session
+    limit = min(rows, int(previous)) if previous is not None and int(previous) > 0 else rows
+    spark.conf.set(ARROW_BATCH_ROWS, str(limit))
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(ARROW_BATCH_ROWS)
+        else:
+            spark.conf.set(ARROW_BATCH_ROWS, previous)
 
 
 def _has_udt(kind: DataType) -> bool:

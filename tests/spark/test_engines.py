@@ -10,10 +10,11 @@ import struct
 import threading
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from pyspark.conf import SparkConf
 
-from spark_gmm import GaussianMixture, channel, engine_choice
+from spark_gmm import GaussianMixture, blocks, channel, engine_choice, inputs
 from support import array_frame, assert_identical
 
 
@@ -339,9 +340,11 @@ def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
     assert_identical(disturbed, calm)
 
 
-def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, engine_log):
+def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, engine_log, monkeypatch):
     """Five partitions of three blocks each (64 features: 1,024 rows a block) on two tasks: every
-    partition's blocks must reach the same task, or two tasks would each answer for it."""
+    partition's blocks must reach the same task, or two tasks would each answer for it. The driver
+    engine reads them one block per Arrow batch: the folds must not depend on the batching."""
+    monkeypatch.setattr(blocks, "BLOCKS_PER_BATCH", 1)
     rng = np.random.default_rng(4)
     x = rng.normal(size=(15_000, 64)) + 6.0 * rng.integers(0, 2, size=(15_000, 1))
     df = array_frame(spark, x, partitions=5).cache()
@@ -351,3 +354,29 @@ def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, eng
     assert engine_log("engine: ")[-1].startswith("engine: resident (a barrier stage of 2 task(s) over 5 partition(s)")
     assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(df))
     df.unpersist()
+
+
+def test_arrow_batches_are_limited_inside_the_block_and_the_setting_restored(spark):
+    """What `BlockCache.reduce` wraps its pass in: batches of at most the given rows (or the
+    user's smaller limit); the session's setting as it was afterwards, also after an error."""
+    key = inputs.ARROW_BATCH_ROWS
+
+    def batch_sizes():
+        sizes = spark.range(20).repartition(1).mapInArrow(
+            lambda batches: (pa.RecordBatch.from_pydict({"n": [b.num_rows]}) for b in batches), "n long")
+        return sorted(row.n for row in sizes.collect())
+
+    assert spark.conf.get(key, None) is None
+    with inputs.arrow_batches_of(spark, 3):
+        assert batch_sizes() == [2] + [3] * 6
+    assert spark.conf.get(key, None) is None and batch_sizes() == [20]
+    with pytest.raises(ZeroDivisionError), inputs.arrow_batches_of(spark, 3):
+        1 / 0
+    assert spark.conf.get(key, None) is None
+    spark.conf.set(key, "2")
+    try:
+        with inputs.arrow_batches_of(spark, 3):
+            assert batch_sizes() == [2] * 10
+        assert spark.conf.get(key) == "2"
+    finally:
+        spark.conf.unset(key)
