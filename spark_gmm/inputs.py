@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import sys
+import threading
 from contextlib import contextmanager
 
 from pyspark.ml.functions import vector_to_array
@@ -101,22 +102,36 @@ def rows_for_python_udfs(df: DataFrame) -> DataFrame:
 ARROW_BATCH_ROWS = "spark.sql.execution.arrow.maxRecordsPerBatch"
 
 
+#: Sessions inside `arrow_batches_of`: id → [fits inside, the setting before the first].
+_BATCH_LIMITS: dict[int, list] = {}
+_BATCH_LOCK = threading.Lock()
+
+
 @contextmanager
 def arrow_batches_of(spark, rows: int):
     """Spark's Arrow batches hold at most `rows` rows inside the block (a smaller limit set by the
-    user stays); the session's setting is restored after, also on error. For passes over cached
-    blocks of ~0.5 MB a row, where the default made a partition one batch: the JVM then wrote all of
-    it before Python could start."""
-    previous = spark.conf.get(ARROW_BATCH_ROWS, None)  # None: not set in this session
-    limit = min(rows, int(previous)) if previous is not None and int(previous) > 0 else rows
-    spark.conf.set(ARROW_BATCH_ROWS, str(limit))
+    user stays); the session's setting is restored when the last fit inside leaves, also on error.
+    For passes over cached blocks of ~0.5 MB a row, where the default made a partition one batch:
+    the JVM then wrote all of it before Python could start."""
+    with _BATCH_LOCK:
+        entry = _BATCH_LIMITS.get(id(spark))
+        if entry is None:
+            previous = spark.conf.get(ARROW_BATCH_ROWS, None)  # None: not set in this session
+            limit = min(rows, int(previous)) if previous is not None and int(previous) > 0 else rows
+            spark.conf.set(ARROW_BATCH_ROWS, str(limit))
+            entry = _BATCH_LIMITS[id(spark)] = [0, previous]
+        entry[0] += 1
     try:
         yield
     finally:
-        if previous is None:
-            spark.conf.unset(ARROW_BATCH_ROWS)
-        else:
-            spark.conf.set(ARROW_BATCH_ROWS, previous)
+        with _BATCH_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _BATCH_LIMITS[id(spark)]
+                if entry[1] is None:
+                    spark.conf.unset(ARROW_BATCH_ROWS)
+                else:
+                    spark.conf.set(ARROW_BATCH_ROWS, entry[1])
 
 
 def _has_udt(kind: DataType) -> bool:

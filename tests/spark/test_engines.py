@@ -358,7 +358,8 @@ def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, eng
 
 def test_arrow_batches_are_limited_inside_the_block_and_the_setting_restored(spark):
     """What `BlockCache.reduce` wraps its pass in: batches of at most the given rows (or the
-    user's smaller limit); the session's setting as it was afterwards, also after an error."""
+    user's smaller limit); the session's setting as it was afterwards, also after an error and
+    when two fits overlap (the second must not take the first's limit for the user's)."""
     key = inputs.ARROW_BATCH_ROWS
 
     def batch_sizes():
@@ -372,6 +373,12 @@ def test_arrow_batches_are_limited_inside_the_block_and_the_setting_restored(spa
     assert spark.conf.get(key, None) is None and batch_sizes() == [20]
     with pytest.raises(ZeroDivisionError), inputs.arrow_batches_of(spark, 3):
         1 / 0
+    first, second = inputs.arrow_batches_of(spark, 3), inputs.arrow_batches_of(spark, 3)
+    first.__enter__()
+    second.__enter__()  # two fits overlap; the first leaves first
+    first.__exit__(None, None, None)
+    assert spark.conf.get(key, None) == "3"
+    second.__exit__(None, None, None)
     assert spark.conf.get(key, None) is None
     spark.conf.set(key, "2")
     try:
