@@ -307,10 +307,10 @@ def kill_data(spark):
 
 @pytest.mark.parametrize("engine", ["driver", "barrier"])
 def test_killed_python_worker_changes_nothing(spark, kill_data, engine):
-    # Driver engine: the kill lands in the initialisation (job 10), so a few EM passes suffice.
+    # Driver engine: a job per pass, so the kill after job 10 lands in the initialisation's passes
+    # and a few EM passes suffice; barrier: the fit is job 2.
     est = GaussianMixture(k=8, seed=11, tol=1e-10, maxIter=4 if engine == "driver" else 8, engine=engine)
     undisturbed = fit_in_group(spark, est, kill_data, f"calm-{engine}")
-    # Driver engine: a job per pass, so job 10 is past the initialisation; barrier: the fit is job 2.
     killer = WorkerKiller(
         spark, f"drill-{engine}", after_jobs=10 if engine == "driver" else 2, long_tasks=engine == "barrier"
     )
