@@ -1,39 +1,49 @@
-"""spark_gmm: Gaussian-mixture clustering by distributed EM for Spark DataFrames."""
+"""spark_gmm: Gaussian-mixture clustering by distributed EM for Spark DataFrames.
+
+The public names are imported on first use (PEP 562): executors' Python workers import the modules
+they run (blocks, kernels, scoring) without the estimators, and so without `pyspark.ml`, whose import
+costs about half a second in every new worker process.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .clustering import GaussianMixture  # noqa: E402
-from .model import GaussianMixtureModel  # noqa: E402
-from .summary import GaussianMixtureSummary  # noqa: E402
-from .mixed import MixedMixture  # noqa: E402
-from .mixed_model import MixedMixtureModel, MixedMixtureSummary  # noqa: E402
-from .exceptions import (  # noqa: E402
-    ComponentWarning,
-    ExecutorEnvironmentError,
-    InputWarning,
-    InvalidInputError,
-    InvalidMixtureError,
-    SpectralRepairWarning,
-)
-from .persistence import ModelFormatError  # noqa: E402
-from .selection import GaussianMixtureSelection, GaussianMixtureSelectionModel  # noqa: E402
-from . import report  # noqa: E402,F401  (spark_gmm.report.write_report works after `import spark_gmm`)
+#: Public name -> the module that defines it.
+_PUBLIC = {
+    "GaussianMixture": "clustering",
+    "GaussianMixtureModel": "model",
+    "GaussianMixtureSelection": "selection",
+    "GaussianMixtureSelectionModel": "selection",
+    "GaussianMixtureSummary": "summary",
+    "MixedMixture": "mixed",
+    "MixedMixtureModel": "mixed_model",
+    "MixedMixtureSummary": "mixed_model",
+    "ComponentWarning": "exceptions",
+    "ExecutorEnvironmentError": "exceptions",
+    "InputWarning": "exceptions",
+    "InvalidInputError": "exceptions",
+    "InvalidMixtureError": "exceptions",
+    "ModelFormatError": "persistence",
+    "SpectralRepairWarning": "exceptions",
+}
 
-__all__ = [
-    "GaussianMixture",
-    "GaussianMixtureModel",
-    "GaussianMixtureSelection",
-    "GaussianMixtureSelectionModel",
-    "GaussianMixtureSummary",
-    "MixedMixture",
-    "MixedMixtureModel",
-    "MixedMixtureSummary",
-    "ComponentWarning",
-    "ExecutorEnvironmentError",
-    "InputWarning",
-    "InvalidInputError",
-    "InvalidMixtureError",
-    "ModelFormatError",
-    "SpectralRepairWarning",
-    "__version__",
-]
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    """A public class on first use; `spark_gmm.report` (and any submodule) as an attribute."""
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif name == "report":
+        value = importlib.import_module(".report", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "report"])

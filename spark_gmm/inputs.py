@@ -10,8 +10,6 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from pyspark.ml.functions import vector_to_array
-from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, NumericType, StructType, UserDefinedType
 
@@ -34,6 +32,11 @@ def _field(df: DataFrame, name: str, role: str):
 
 def feature_array(df: DataFrame, features_col: str, input_cols: list[str] | None) -> Column:
     """The features as one `array<double>` column, from a vector, a numeric array or numeric columns."""
+    # Here rather than at the top: executors' Python workers import this module, and pyspark.ml
+    # (half a second) only here, on the driver.
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.ml.linalg import VectorUDT
+
     if input_cols:
         for name in input_cols:
             field = _field(df, name, "input")
