@@ -75,3 +75,18 @@ def test_the_check_finds_a_reach_in(tmp_path):
 def test_no_module_is_over_the_line_budget():
     sizes = {str(path.relative_to(PACKAGE)): len(path.read_text().splitlines()) for path in modules()}
     assert {name: lines for name, lines in sizes.items() if lines > MOST_LINES} == {}
+
+
+def test_the_modules_executors_run_do_not_import_pyspark_ml():
+    """A new Python worker on an executor imports what its tasks unpickle (the packing, the passes,
+    the resident tasks, scoring); pyspark.ml would add about half a second to each such start."""
+    import subprocess
+    import sys
+
+    executor_side = ["blocks", "barrier", "scoring", "em", "mixed_input", "latent_estep", "marginal"]
+    code = ("import importlib, sys\n"
+            f"for name in {executor_side!r}: importlib.import_module('spark_gmm.' + name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('pyspark.ml')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
