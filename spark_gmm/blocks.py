@@ -4,9 +4,9 @@ Input rows are converted once (`mapInArrow`) into blocks of a few thousand rows,
 cached DataFrame holding the block's values as raw bytes: float32 where every value of the block is
 a float32 number (counts, pixels, float columns: half the bytes to cache and to move into Python
 each pass, and no value changes), else float64. Every data pass then maps the cached blocks to
-float64 numpy rows, folds the pass's partials per partition in storage order, and
-the driver combines one partial per partition in partition order. Only DataFrame APIs are used on
-the hot path (no `sparkContext`), so the same code runs under Spark Connect.
+float64 numpy rows, folds the pass's partials per input partition in storage order, and the driver
+combines one partial per input partition in partition order. Only DataFrame APIs are used on the
+hot path (no `sparkContext`), so the same code runs under Spark Connect.
 
 The packing pass also takes a digest of the rows it keeps (`content_digest`), so a checkpoint can
 tell the data it was made from without another pass.
@@ -14,8 +14,10 @@ tell the data it was made from without another pass.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +26,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, functions as F
 
 from .codec import binary_views as _binary_views
+from .engine_choice import pass_tasks
 from .inputs import arrow_batches_of
 from .kernels import mix64
 from .rows import batch_rows
@@ -228,18 +231,18 @@ def combine_in_order(pass_, parts) -> np.ndarray:
 
 
 def make_partition_fold(pass_, shift, has_weight: bool, dtype):
-    """`mapInArrow` function folding `pass_` over a partition's cached blocks in storage order:
-    one (pid, partial) row per partition (none for a partition without rows)."""
+    """`mapInArrow` function folding `pass_` over each input partition's cached blocks in storage order
+    (a task may read several): one (pid, partial) row per input partition that has rows."""
 
-    def fold_partition(batches):
-        blocks = ((raw, w) for _, _, raw, w in arrow_blocks(batches, has_weight, dtype))
-        acc = fold_blocks(pass_, blocks, shift)
-        if acc is not None:
-            yield pa.RecordBatch.from_pydict(
-                {"pid": pa.array([partition_id()], pa.int32()), "part": pa.array([acc.tobytes()])}
-            )
+    def fold_partitions(batches):
+        for pid, blocks in itertools.groupby(arrow_blocks(batches, has_weight, dtype), key=itemgetter(0)):
+            acc = fold_blocks(pass_, ((raw, w) for _, _, raw, w in blocks), shift)
+            if acc is not None:
+                yield pa.RecordBatch.from_pydict(
+                    {"pid": pa.array([pid], pa.int32()), "part": pa.array([acc.tobytes()])}
+                )
 
-    return fold_partition
+    return fold_partitions
 
 
 def make_float32_converter(shift: np.ndarray):
@@ -317,6 +320,7 @@ class BlockCache:
         self.shift = None
         self.dtype = np.float64
         self.partitions = 0
+        self.tasks = pass_tasks(df.sparkSession)
 
     def summarize(self) -> InputSummary:
         """Materialise the cache; count rows, weights and invalid rows; choose the data shift."""
@@ -367,8 +371,10 @@ class BlockCache:
         self.blocks, self.dtype, self.shift = converted, np.float32, None
 
     def reduce(self, pass_) -> np.ndarray:
-        """Run `pass_` over every block; partials combined in partition order (in a tree if large)."""
-        parts = self.blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
+        """Run `pass_` over every block, a task per slot (`pass_tasks`); the partials, one per input
+        partition whatever the slots, combined in partition order (in a tree if large)."""
+        blocks = self.blocks.coalesce(self.tasks) if self.tasks else self.blocks
+        parts = blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
             make_partition_fold(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
         )
         fanout = tree_fanout(self.partitions, getattr(pass_, "partial_bytes", 0), self.aggregation_depth)

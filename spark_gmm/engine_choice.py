@@ -72,6 +72,20 @@ def task_slots(spark: SparkSession) -> int:
         return int(context.defaultParallelism)
 
 
+def pass_tasks(spark: SparkSession) -> int | None:
+    """The tasks a driver-engine pass runs in: one per task slot (the cached partitions coalesced),
+    not one per input partition, each with its Spark scheduling cost. None (a task per partition)
+    where the slots of the moment say little about the fit's: under dynamic allocation, and under
+    Spark Connect (no SparkContext to ask)."""
+    try:
+        context = spark.sparkContext
+    except Exception:  # Spark Connect
+        return None
+    if context.getConf().get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true":
+        return None
+    return max(1, task_slots(spark))
+
+
 def _is_local(master: str) -> bool:
     return master == "local" or master.startswith("local[")
 

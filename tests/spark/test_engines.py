@@ -45,6 +45,7 @@ def test_resident_engine_gives_the_driver_engines_model(blobs, partitions, engin
     driver = GaussianMixture(k=3, seed=3, tol=1e-9, maxIter=30, engine="driver").fit(df)
     resident = GaussianMixture(k=3, seed=3, tol=1e-9, maxIter=30, engine="barrier").fit(df)
     assert engine_log("engine: ")[-1].startswith(f"engine: resident (a barrier stage of {min(partitions, 2)} task")
+    assert engine_log("resident engine unavailable") == []  # it ran, and did not hand over to the driver engine
     assert_identical(resident, driver)
 
 
@@ -354,6 +355,47 @@ def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, eng
     assert engine_log("engine: ")[-1].startswith("engine: resident (a barrier stage of 2 task(s) over 5 partition(s)")
     assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(df))
     df.unpersist()
+
+
+def test_a_driver_engine_pass_runs_a_task_per_slot_whatever_the_partitions(spark, blobs, monkeypatch):
+    """Seven input partitions on two slots: each pass reads the cached partitions coalesced into two
+    tasks, the partials still one per input partition, so the model is the one of a task per
+    partition, bit for bit."""
+    from spark_gmm.blocks import BlockCache
+    from spark_gmm.inputs import feature_array
+    from spark_gmm.kernels import SumPass
+
+    df = blobs.repartition(7)
+
+    class RowsAndSums(SumPass):  # defined here: shipped by value
+        def map_block(self, raw, x, w):
+            return np.array([len(x), x.sum()])
+
+    def pass_tasks_and_sums(group):
+        cache = BlockCache(df, feature_array(df, "features", None), None)
+        cache.summarize()
+        out = {}
+
+        def run():  # in a thread of its own, so that the job group stays with this pass
+            spark.sparkContext.setJobGroup(group, "tasks of one pass")
+            out["sums"] = cache.reduce(RowsAndSums())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        cache.unpersist()
+        tracker = spark.sparkContext.statusTracker()
+        (job,) = tracker.getJobIdsForGroup(group)
+        return tracker.getStageInfo(max(tracker.getJobInfo(job).stageIds)).numTasks, out["sums"]  # the pass's stage
+
+    tasks, sums = pass_tasks_and_sums("pass-coalesced")
+    settings = {"k": 3, "seed": 4, "maxIter": 3, "tol": 0.0, "engine": "driver"}
+    coalesced = GaussianMixture(**settings).fit(df)
+    monkeypatch.setattr(blocks, "pass_tasks", lambda session: None)  # a task per input partition
+    tasks_apart, sums_apart = pass_tasks_and_sums("pass-apart")
+    assert tasks == 2 and tasks_apart == 7
+    assert sums[0] == sums_apart[0] == 2400 and sums[1] == pytest.approx(sums_apart[1], rel=1e-12)
+    assert_identical(coalesced, GaussianMixture(**settings).fit(df))
 
 
 def test_arrow_batches_are_limited_inside_the_block_and_the_setting_restored(spark):
