@@ -34,7 +34,7 @@ __all__ = [*_PUBLIC, "__version__"]
 
 
 def __getattr__(name: str):
-    """A public class on first use; `spark_gmm.report` (and any submodule) as an attribute."""
+    """A public name on first use; `spark_gmm.report` too, so that `import spark_gmm` is enough for it."""
     if name in _PUBLIC:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     elif name == "report":

@@ -5,8 +5,8 @@ cached DataFrame holding the block's values as raw bytes: float32 where every va
 a float32 number (counts, pixels, float columns: half the bytes to cache and to move into Python
 each pass, and no value changes), else float64. Every data pass then maps the cached blocks to
 float64 numpy rows, folds the pass's partials per input partition in storage order, and the driver
-combines one partial per input partition in partition order. Only DataFrame APIs are used on the
-hot path (no `sparkContext`), so the same code runs under Spark Connect.
+combines one partial per input partition in partition order. The hot path uses DataFrame APIs (and
+the SparkContext only where there is one: `pass_tasks`), so the same code runs under Spark Connect.
 
 The packing pass also takes a digest of the rows it keeps (`content_digest`), so a checkpoint can
 tell the data it was made from without another pass.
@@ -320,7 +320,6 @@ class BlockCache:
         self.shift = None
         self.dtype = np.float64
         self.partitions = 0
-        self.tasks = pass_tasks(df.sparkSession)
 
     def summarize(self) -> InputSummary:
         """Materialise the cache; count rows, weights and invalid rows; choose the data shift."""
@@ -371,9 +370,10 @@ class BlockCache:
         self.blocks, self.dtype, self.shift = converted, np.float32, None
 
     def reduce(self, pass_) -> np.ndarray:
-        """Run `pass_` over every block, a task per slot (`pass_tasks`); the partials, one per input
-        partition whatever the slots, combined in partition order (in a tree if large)."""
-        blocks = self.blocks.coalesce(self.tasks) if self.tasks else self.blocks
+        """Run `pass_` over every block, a task per slot of the moment (`pass_tasks`); the partials,
+        one per input partition whatever the slots, combined in partition order (in a tree if large)."""
+        tasks = pass_tasks(self.blocks.sparkSession)
+        blocks = self.blocks.coalesce(tasks) if tasks else self.blocks
         parts = blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
             make_partition_fold(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
         )

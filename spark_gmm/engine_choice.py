@@ -73,10 +73,10 @@ def task_slots(spark: SparkSession) -> int:
 
 
 def pass_tasks(spark: SparkSession) -> int | None:
-    """The tasks a driver-engine pass runs in: one per task slot (the cached partitions coalesced),
-    not one per input partition, each with its Spark scheduling cost. None (a task per partition)
-    where the slots of the moment say little about the fit's: under dynamic allocation, and under
-    Spark Connect (no SparkContext to ask)."""
+    """The tasks a driver-engine pass runs in: one per task slot of the executors registered now
+    (asked again each pass, as executors come and go), not one per input partition, each with its
+    Spark scheduling cost. None (a task per partition) under dynamic allocation, where the slots of
+    the moment say little, and under Spark Connect (no SparkContext to ask)."""
     try:
         context = spark.sparkContext
     except Exception:  # Spark Connect

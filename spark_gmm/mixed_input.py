@@ -31,7 +31,6 @@ from .blocks import (
     content_digest,
     partition_id,
 )
-from .engine_choice import pass_tasks
 from .exceptions import InvalidInputError
 from .inputs import named_column
 from .latent import Columns
@@ -348,7 +347,6 @@ class MixedBlockCache(BlockCache):
         self.shift = schema.shift
         self.dtype = np.float64
         self.partitions = 0
-        self.tasks = pass_tasks(df.sparkSession)
 
     def summarize(self) -> "PackedSummary":
         """Materialise the cache and describe it."""
