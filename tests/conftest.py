@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+# Driver JVMs (this session's, and those of the spark-submit, Connect and job processes the tests
+# start) compile with the first tier only: the suite's Spark work is many short jobs, and C2
+# compiling them competes for the two cores (8 % of the Spark tests' time, 2 s of a process's start).
+os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")
 
 
 @pytest.fixture(scope="session")
@@ -22,9 +26,6 @@ def spark():
         .config("spark.sql.shuffle.partitions", "4")
         .config("spark.default.parallelism", "2")
         .config("spark.driver.memory", "2g")
-        # The JVM's first compiler tier only: the suite's Spark work is many short jobs, and C2
-        # compiling them competes for the two cores (about 8 % of the Spark tests' time).
-        .config("spark.driver.extraJavaOptions", "-XX:TieredStopAtLevel=1")
         .config("spark.sql.warehouse.dir", tempfile.mkdtemp(prefix="spark-gmm-warehouse-"))
         .getOrCreate()
     )
