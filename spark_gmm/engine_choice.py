@@ -81,9 +81,11 @@ def pass_tasks(spark: SparkSession) -> int | None:
         context = spark.sparkContext
     except Exception:  # Spark Connect
         return None
-    if context.getConf().get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true":
-        return None
-    return max(1, task_slots(spark))
+    return None if _dynamic_allocation(context.getConf()) else max(1, task_slots(spark))
+
+
+def _dynamic_allocation(conf) -> bool:
+    return conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true"
 
 
 def _is_local(master: str) -> bool:
@@ -137,7 +139,7 @@ def _plan(engine: str, cache, summary, spark: SparkSession, spare_slots: int) ->
     except Exception:  # Spark Connect has no SparkContext
         return Plan(False, "Spark Connect: tasks cannot reach the client that runs EM")
     conf, master = context.getConf(), context.master
-    if conf.get("spark.dynamicAllocation.enabled", "false").strip().lower() == "true":
+    if _dynamic_allocation(conf):
         return Plan(False, "dynamic allocation is on, and Spark refuses barrier stages with it")
     slots = task_slots(spark)
     if slots - spare_slots < 1:
