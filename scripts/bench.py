@@ -222,7 +222,7 @@ def run_case(spark, rows, dims, k, args, floor):
     cached = cache_bytes(spark) - before
 
     class MoveOnly(kernels.SumPass):
-        def map_block(self, raw, x, w):
+        def map_block(self, raw, shift, w):
             return np.zeros(1)
 
     def best(f, repeat=3):

@@ -210,7 +210,7 @@ def fold_blocks(pass_, blocks, shift: np.ndarray | None):
     """
     acc = None
     for raw, w in blocks:
-        part = pass_.map_block(raw, raw if shift is None else raw - shift, w)
+        part = pass_.map_block(raw, shift, w)
         acc = part if acc is None else pass_.combine(acc, part)
     return acc
 

@@ -136,14 +136,14 @@ def _exp_nonpositive(values, m, scale, scale_bits):
 
 
 @njit(cache=CACHE, fastmath=FAST)
-def _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale):
-    """Rows start..start+m of `x` into the tile: xt (d, m) float64, then joint (k, m) ← their
-    responsibilities, total[:m] ← log p(x) per row."""
+def _posterior_tile(x, shift, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale):
+    """Rows start..start+m of `x` minus `shift` into the tile: xt (d, m) float64, then joint (k, m)
+    ← their responsibilities, total[:m] ← log p(x) per row."""
     d = x.shape[1]
     k = means.shape[0]
     for t in range(m):
         for a in range(d):
-            xt[a, t] = x[start + t, a]
+            xt[a, t] = x[start + t, a] - shift[a]
     for j in range(k):
         for a in range(d):
             mu = means[j, a]
@@ -195,9 +195,9 @@ def _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, mah
 
 
 @njit(cache=CACHE, fastmath=FAST)
-def _estep(x, w, consts, means, prec, diagonal, tile, out):
-    """Adds the block's `ComponentStatistics` (flat, second moments around `means`) to `out`;
-    `w` is the row weights, or empty for unit weights."""
+def _estep(x, shift, w, consts, means, prec, diagonal, tile, out):
+    """Adds the `ComponentStatistics` of the rows `x` minus `shift` (flat, second moments around
+    `means`) to `out`; `w` is the row weights, or empty for unit weights."""
     n, d = x.shape
     k = means.shape[0]
     p = d * (d + 1) // 2
@@ -210,7 +210,7 @@ def _estep(x, w, consts, means, prec, diagonal, tile, out):
     weighted = w.shape[0] > 0
     for start in range(0, n, tile):
         m = min(tile, n - start)
-        _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale)
+        _posterior_tile(x, shift, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale)
         ll = 0.0
         for t in range(m):
             ll += (w[start + t] * total[t]) if weighted else total[t]
@@ -271,8 +271,8 @@ def _estep(x, w, consts, means, prec, diagonal, tile, out):
 
 
 @njit(cache=CACHE, fastmath=FAST)
-def _posterior(x, consts, means, prec, diagonal, tile, log_density, resp):
-    """log_density (n,) ← log p(x) per row, resp (n, k) ← the responsibilities."""
+def _posterior(x, shift, consts, means, prec, diagonal, tile, log_density, resp):
+    """log_density (n,) ← log p(x − shift) per row, resp (n, k) ← the responsibilities."""
     n, d = x.shape
     k = means.shape[0]
     xt, diff, y, maha, top, total, joint, scale = (
@@ -281,7 +281,7 @@ def _posterior(x, consts, means, prec, diagonal, tile, log_density, resp):
     )
     for start in range(0, n, tile):
         m = min(tile, n - start)
-        _posterior_tile(x, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale)
+        _posterior_tile(x, shift, start, m, consts, means, prec, diagonal, xt, diff, y, maha, top, total, joint, scale)
         for t in range(m):
             log_density[start + t] = total[t]
             for j in range(k):
@@ -298,17 +298,20 @@ def _parameters(mixture):
     return consts, np.ascontiguousarray(mixture.means, dtype=np.float64), prec, diagonal
 
 
-def statistics(x: np.ndarray, w, mixture) -> np.ndarray:
-    """Flat `ComponentStatistics` of the rows x (n, d) float32 or float64 with weights w (or None),
-    second moments around the mixture's means."""
+def statistics(raw: np.ndarray, shift, w, mixture) -> np.ndarray:
+    """Flat `ComponentStatistics` of the rows raw (n, d) float32 or float64 minus `shift` (d,), or
+    of raw itself for shift None, with weights w (or None), second moments around the mixture's
+    means. The shift is subtracted tile by tile: no shifted copy of the block."""
     out = np.zeros(ComponentStatistics.size(mixture.k, mixture.d))
     weights = _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64)
-    _estep(np.ascontiguousarray(x, dtype=np.float64), weights, *_parameters(mixture), TILE_ROWS, out)
+    shift = np.zeros(mixture.d) if shift is None else np.ascontiguousarray(shift, dtype=np.float64)
+    _estep(np.ascontiguousarray(raw, dtype=np.float64), shift, weights, *_parameters(mixture), TILE_ROWS, out)
     return out
 
 
 def posterior(x: np.ndarray, mixture) -> tuple[np.ndarray, np.ndarray]:
     """(log p(x) (n,), responsibilities (n, k)) of the rows x (n, d)."""
     log_density, resp = np.empty(x.shape[0]), np.empty((x.shape[0], mixture.k))
-    _posterior(np.ascontiguousarray(x, dtype=np.float64), *_parameters(mixture), TILE_ROWS, log_density, resp)
+    _posterior(np.ascontiguousarray(x, dtype=np.float64), np.zeros(mixture.d), *_parameters(mixture), TILE_ROWS,
+               log_density, resp)
     return log_density, resp

@@ -1,10 +1,10 @@
 """Per-block work of every data pass, in plain numpy (no Spark).
 
-A *pass* is an object with `map_block(raw, x, w) -> np.ndarray` and `combine(a, b)`: the engine maps
-each cached block (raw rows (n, d), the same rows minus the data shift (n, d), float64 or float32,
-and the row weights (n,) float64 or None) to a flat float64 partial, and combines partials in a
-fixed order — blocks in storage order, then partitions by index — so a result never depends on
-scheduling, and a retried task changes nothing. Passes are pickled into the Spark closure, so they
+A *pass* is an object with `map_block(raw, shift, w) -> np.ndarray` and `combine(a, b)`: the engine
+maps each cached block (raw rows (n, d) float64 or float32; the data shift (d,) to subtract from
+them, or None where the blocks hold shifted rows; the row weights (n,) float64 or None) to a flat
+float64 partial, and combines partials in a fixed order — blocks in storage order, then partitions
+by index — so a result never depends on scheduling, and a retried task changes nothing. Passes are pickled into the Spark closure, so they
 hold only numpy arrays and plain values.
 
 The E-step and scoring run the compiled, fused kernel (`fused`, numba) by default; the numpy
@@ -114,6 +114,11 @@ def normalize_log(a: np.ndarray):
     return (top + np.log(total))[:, 0], e
 
 
+def shifted(raw: np.ndarray, shift: np.ndarray | None) -> np.ndarray:
+    """The rows `raw` (n, d) minus the data `shift` (d,); `raw` itself for shift None."""
+    return raw if shift is None else raw - shift
+
+
 def posterior(x: np.ndarray, mixture: Mixture) -> tuple[np.ndarray, np.ndarray]:
     """(log p(x_i) (n,), responsibilities (n, k)) of the rows x (n, d) in the mixture's coordinates:
     what scoring reports."""
@@ -203,8 +208,8 @@ class ConcatPass:
             start += length
         return out
 
-    def map_block(self, raw, x, w):
-        return self._join([p.map_block(raw, x, w) for p in self.passes])
+    def map_block(self, raw, shift, w):
+        return self._join([p.map_block(raw, shift, w) for p in self.passes])
 
     def combine(self, a, b):
         return self._join([p.combine(pa, pb) for p, pa, pb in zip(self.passes, self.split(a), self.split(b))])
@@ -223,10 +228,10 @@ class EStepPass(SumPass):
         ]
         self.partial_bytes = 8 * sum(ComponentStatistics.size(m.k, m.d) for m in mixtures)
 
-    def map_block(self, raw, x, w):
+    def map_block(self, raw, shift, w):
         if fused is None:
-            return self.reference_statistics(x, w)
-        return np.concatenate([fused.statistics(x, w, mixture) for mixture in self.mixtures])
+            return self.reference_statistics(shifted(raw, shift), w)
+        return np.concatenate([fused.statistics(raw, shift, w, mixture) for mixture in self.mixtures])
 
     def reference_statistics(self, x, w):
         """The same statistics from the numpy kernels (the reference of `fused`)."""
@@ -270,10 +275,10 @@ class HardAssignmentPass(SumPass):
     def __init__(self, centers: np.ndarray):
         self.centers = centers
 
-    def map_block(self, raw, x, w):
+    def map_block(self, raw, shift, w):
+        x = shifted(raw, shift)
         index, _ = nearest(x, self.centers)
-        resp = np.zeros((x.shape[0], len(self.centers)))
-        resp[np.arange(x.shape[0]), index] = 1.0
+        resp = np.eye(len(self.centers))[index]  # one-hot rows
         return moment_statistics(x, w, resp, self.centers, 0.0)
 
 
@@ -287,7 +292,8 @@ class LloydPass(SumPass):
     def __init__(self, centers: np.ndarray):
         self.centers = centers
 
-    def map_block(self, raw, x, w):
+    def map_block(self, raw, shift, w):
+        x = shifted(raw, shift)
         index, dist = nearest(x, self.centers)
         k, d = self.centers.shape
         weights = np.ones(x.shape[0]) if w is None else w
@@ -316,8 +322,8 @@ class CostPass(SumPass):
     def __init__(self, centers: np.ndarray):
         self.centers = centers
 
-    def map_block(self, raw, x, w):
-        _, dist = nearest(x, self.centers)
+    def map_block(self, raw, shift, w):
+        _, dist = nearest(shifted(raw, shift), self.centers)
         return np.array([dist.sum() if w is None else w @ dist])
 
 
@@ -329,8 +335,8 @@ class ClosestWeightPass(SumPass):
     def __init__(self, centers: np.ndarray):
         self.centers = centers
 
-    def map_block(self, raw, x, w):
-        index, _ = nearest(x, self.centers)
+    def map_block(self, raw, shift, w):
+        index, _ = nearest(shifted(raw, shift), self.centers)
         return np.bincount(index, weights=w, minlength=len(self.centers)).astype(np.float64)
 
 
@@ -355,7 +361,8 @@ class SamplePass(RowsPass):
         self.centers, self.cost, self.oversampling = centers, cost, oversampling
         self.seed, self.stream = seed, stream
 
-    def map_block(self, raw, x, w):
+    def map_block(self, raw, shift, w):
+        x = shifted(raw, shift)
         _, dist = nearest(x, self.centers)
         weighted = dist if w is None else w * dist
         u = row_uniforms(raw, self.seed, self.stream)
@@ -375,7 +382,7 @@ class SmallestUniformPass(RowsPass):
         super().__init__(d)
         self.count, self.seed, self.stream = count, seed, stream
 
-    def map_block(self, raw, x, w):
+    def map_block(self, raw, shift, w):
         u = row_uniforms(raw, self.seed, self.stream)
         if w is not None:
             u = np.where(w > 0, u, np.inf)
@@ -383,7 +390,7 @@ class SmallestUniformPass(RowsPass):
         _, first = np.unique(u, return_index=True)
         take = first[: self.count]
         take = take[np.isfinite(u[take])]
-        return self._distinct(np.column_stack([u[take], x[take]]))
+        return self._distinct(np.column_stack([u[take], shifted(raw[take], shift)]))
 
     def combine(self, a, b):
         return self._distinct(np.concatenate([self.rows(a), self.rows(b)]))

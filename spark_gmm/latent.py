@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .kernels import SumPass, row_uniforms
+from .kernels import SumPass, row_uniforms, shifted
 from .latent_estep import (
     Layout,
     LatentStatistics,
@@ -198,8 +198,8 @@ class MixedEStepPass(SumPass):
         self.layouts = [Layout.of(model) for model in models]
         self.partial_bytes = 8 * sum(layout.size for layout in self.layouts)
 
-    def map_block(self, raw, x, w):
-        block = self.columns.block(raw, x, w)
+    def map_block(self, raw, shift, w):
+        block = self.columns.block(raw, shifted(raw, shift), w)
         return np.concatenate([block_statistics(model, block) for model in self.models])
 
     def split(self, flat: np.ndarray) -> list:
@@ -325,8 +325,8 @@ class MixedStartPass(SumPass):
         layout = Layout(k, columns.d, columns.m, levels, columns.q)
         self.partial_bytes = 8 * len(seeds) * (k + 3 * k * columns.d + sum(layout.discrete_sizes()))
 
-    def map_block(self, raw, x, w):
-        block = self.columns.block(raw, x, w)
+    def map_block(self, raw, shift, w):
+        block = self.columns.block(raw, shifted(raw, shift), w)
         return np.concatenate([
             initial_statistics(block, random_responsibilities(raw, self.k, seed), self.levels)
             for seed in self.seeds

@@ -27,7 +27,7 @@ def local_reduce(x: np.ndarray, w: np.ndarray | None = None, block_rows: int = 4
         for start in starts:
             raw = np.ascontiguousarray(x[start : start + block_rows])
             weights = None if w is None else w[start : start + block_rows]
-            part = pass_.map_block(raw, raw - shift, weights)
+            part = pass_.map_block(raw, shift, weights)
             acc = part if acc is None else pass_.combine(acc, part)
         return acc
 

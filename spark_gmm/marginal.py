@@ -31,9 +31,9 @@ class CompleteRowsPass:
         self.label = f"{inner.label}, rows without missing values"
         self.partial_bytes = getattr(inner, "partial_bytes", 0)
 
-    def map_block(self, raw, x, w):
-        keep = ~np.isnan(x).any(axis=1)
-        return self.inner.map_block(raw[keep], x[keep], None if w is None else w[keep])
+    def map_block(self, raw, shift, w):
+        keep = ~np.isnan(raw).any(axis=1)
+        return self.inner.map_block(raw[keep], shift, None if w is None else w[keep])
 
     def combine(self, a, b):
         return self.inner.combine(a, b)

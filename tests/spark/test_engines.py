@@ -15,6 +15,7 @@ import pytest
 from pyspark.conf import SparkConf
 
 from spark_gmm import GaussianMixture, blocks, channel, engine_choice, inputs
+from spark_gmm.exceptions import InputWarning
 from support import array_frame, assert_identical
 
 
@@ -117,7 +118,7 @@ def test_tree_reduction_gives_the_same_model_on_both_engines(blobs, monkeypatch)
 def test_refusals_of_the_data_come_back_as_plain_errors(blobs):
     # Five identical rows cannot make three components: EM runs on the driver and says so.
     few = blobs.limit(1).crossJoin(blobs.sparkSession.range(5)).select("features")
-    with pytest.raises(ValueError, match="distinct points"):
+    with pytest.warns(InputWarning, match="constant"), pytest.raises(ValueError, match="distinct points"):
         GaussianMixture(k=3, engine="barrier").fit(few)
 
 
@@ -368,8 +369,8 @@ def test_a_driver_engine_pass_runs_a_task_per_slot_whatever_the_partitions(spark
     df = blobs.repartition(7)
 
     class RowsAndSums(SumPass):  # defined here: shipped by value
-        def map_block(self, raw, x, w):
-            return np.array([len(x), x.sum()])
+        def map_block(self, raw, shift, w):
+            return np.array([len(raw), (raw - shift).sum()])
 
     def pass_tasks_and_sums(group):
         cache = BlockCache(df, feature_array(df, "features", None), None)

@@ -61,7 +61,7 @@ def test_float64_statistics_match_the_numpy_kernels(rng, covariance_type, weight
     n = 1000 + int(rng.integers(0, 300))  # several tiles and a partial one
     x = rows_of(rng, mixture, n)
     w = rng.uniform(0, 3, size=n) if weighted else None
-    ours = fused.statistics(x, w, mixture)
+    ours = fused.statistics(x, None, w, mixture)
     total = float(n if w is None else w.sum())
     assert_statistics_close(ours, reference(x, w, mixture), k, d, 1e-12, total)
 
@@ -71,16 +71,34 @@ def test_float32_blocks_are_widened_before_any_arithmetic(rng, covariance_type):
     mixture = random_mixture(rng, 4, 6, covariance_type)
     x = rows_of(rng, mixture, 700).astype(np.float32)
     w = rng.uniform(0, 2, size=700)
-    narrow = fused.statistics(x, w, mixture)
-    np.testing.assert_array_equal(narrow, fused.statistics(x.astype(np.float64), w, mixture))
+    narrow = fused.statistics(x, None, w, mixture)
+    np.testing.assert_array_equal(narrow, fused.statistics(x.astype(np.float64), None, w, mixture))
     # The numpy kernel forms the Mahalanobis terms in float32: agreement to float32's round-off.
     assert_statistics_close(narrow, reference(x, w, mixture), 4, 6, 1e-5, w.sum())
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_the_shift_subtracted_in_the_kernel_gives_the_bits_of_a_shifted_copy(rng, covariance_type):
+    """The engines hand the kernel raw rows and the data shift: the statistics are those of the
+    shifted rows, bit for bit, also for rows far from the origin and for float32 rows."""
+    mixture = random_mixture(rng, 5, 7, covariance_type)
+    shift = rng.normal(0, 1e7, size=7)
+    raw = rows_of(rng, mixture, 1300) + shift
+    w = rng.uniform(0, 2, size=1300)
+    for weights in (None, w):
+        np.testing.assert_array_equal(
+            fused.statistics(raw, shift, weights, mixture), fused.statistics(raw - shift, None, weights, mixture)
+        )
+    narrow = raw.astype(np.float32)
+    np.testing.assert_array_equal(
+        fused.statistics(narrow, shift, w, mixture), fused.statistics(narrow.astype(np.float64) - shift, None, w, mixture)
+    )
 
 
 def test_an_empty_block_adds_nothing(rng):
     mixture = random_mixture(rng, 3, 4, "full")
     for x in (np.empty((0, 4)), np.empty((0, 4), dtype=np.float32)):
-        out = fused.statistics(x, None, mixture)
+        out = fused.statistics(x, None, None, mixture)
         assert out.shape == (ComponentStatistics.size(3, 4),)
         assert not out.any()
         log_density, resp = fused.posterior(x, mixture)
@@ -93,7 +111,7 @@ def test_rows_whose_densities_all_underflow(rng):
     mixture = random_mixture(rng, 3, 4, "full", spread=1.0)
     x = np.concatenate([rows_of(rng, mixture, 200), rng.normal(0, 1, (50, 4)) + 400.0, [[-900.0, 0, 0, 0]]])
     assert (np.exp(kernels.weighted_log_joint(x[200:], mixture)) == 0).all()
-    ours = fused.statistics(x, None, mixture)
+    ours = fused.statistics(x, None, None, mixture)
     assert np.isfinite(ours).all()
     assert_statistics_close(ours, reference(x, None, mixture), 3, 4, 1e-12, len(x))
     log_density, resp = fused.posterior(x, mixture)
@@ -105,9 +123,9 @@ def test_a_component_far_below_the_others_gets_exactly_zero(rng):
     """exp(x) below the floor (x < -708) is 0: a negligible component gets no mass, as in numpy."""
     mixture = Mixture.from_covariances([0.5, 0.5], [[0.0], [60.0]], np.ones((2, 1, 1)) * 0.5)
     x = rng.normal(0, 0.5, size=(300, 1))  # (60/√0.5)² / 2 = 3600 nats below the first component
-    stats = ComponentStatistics.unpack(fused.statistics(x, None, mixture), 2, 1)
+    stats = ComponentStatistics.unpack(fused.statistics(x, None, None, mixture), 2, 1)
     assert stats.resp[1] == 0.0 and stats.hard_counts[1] == 0
-    assert_statistics_close(fused.statistics(x, None, mixture), reference(x, None, mixture), 2, 1, 1e-12, 300)
+    assert_statistics_close(fused.statistics(x, None, None, mixture), reference(x, None, mixture), 2, 1, 1e-12, 300)
 
 
 @pytest.mark.parametrize("k, d", [(1, 1), (5, 3), (8, 16)])
@@ -134,12 +152,12 @@ def test_same_block_same_bits_and_diagonal_shortcut_is_exact(rng):
     mixture = random_mixture(rng, 4, 9, "diag")
     x = rows_of(rng, mixture, 2000)
     w = rng.uniform(0, 2, size=2000)
-    first = fused.statistics(x, w, mixture)
-    np.testing.assert_array_equal(first, fused.statistics(x.copy(), w.copy(), mixture))
+    first = fused.statistics(x, None, w, mixture)
+    np.testing.assert_array_equal(first, fused.statistics(x.copy(), None, w.copy(), mixture))
     consts, means, prec, diagonal = fused._parameters(mixture)
     assert diagonal
     general = np.zeros_like(first)
-    fused._estep(x, w, consts, means, prec, False, fused.TILE_ROWS, general)
+    fused._estep(x, np.zeros(9), w, consts, means, prec, False, fused.TILE_ROWS, general)
     np.testing.assert_array_equal(first, general)
 
 
@@ -147,10 +165,10 @@ def test_estep_pass_runs_the_compiled_kernel_and_numpy_without_numba(rng, monkey
     mixtures = [random_mixture(rng, 3, 4, "full"), random_mixture(rng, 2, 4, "tied")]
     x = rows_of(rng, mixtures[0], 500)
     estep = kernels.EStepPass(mixtures)
-    compiled = estep.map_block(x, x, None)
-    np.testing.assert_array_equal(compiled, np.concatenate([fused.statistics(x, None, m) for m in mixtures]))
+    compiled = estep.map_block(x, None, None)
+    np.testing.assert_array_equal(compiled, np.concatenate([fused.statistics(x, None, None, m) for m in mixtures]))
     monkeypatch.setattr(kernels, "fused", None)
-    np.testing.assert_array_equal(estep.map_block(x, x, None), estep.reference_statistics(x, None))
+    np.testing.assert_array_equal(estep.map_block(x, None, None), estep.reference_statistics(x, None))
     log_density, resp = kernels.posterior(x, mixtures[0])
     expected = kernels.normalize_log(kernels.weighted_log_joint(x, mixtures[0]))
     np.testing.assert_array_equal(log_density, expected[0])
