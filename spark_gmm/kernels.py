@@ -4,8 +4,8 @@ A *pass* is an object with `map_block(raw, shift, w) -> np.ndarray` and `combine
 maps each cached block (raw rows (n, d) float64 or float32; the data shift (d,) to subtract from
 them, or None where the blocks hold shifted rows; the row weights (n,) float64 or None) to a flat
 float64 partial, and combines partials in a fixed order — blocks in storage order, then partitions
-by index — so a result never depends on scheduling, and a retried task changes nothing. Passes are pickled into the Spark closure, so they
-hold only numpy arrays and plain values.
+by index — so a result never depends on scheduling, and a retried task changes nothing. Passes are
+pickled into the Spark closure, so they hold only numpy arrays and plain values.
 
 The E-step and scoring run the compiled, fused kernel (`fused`, numba) by default; the numpy
 functions here are the reference it is tested against, and the fallback, with a warning, in an
