@@ -4,6 +4,7 @@ from a fit's result (its training summary is `summary.GaussianMixtureSummary`)."
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -228,30 +229,35 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         return np.where(np.isnan(log_density), -1, probability.argmax(axis=1)), probability, log_density
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
-        """Adds prediction, probability (and logLikelihoodCol). A row that cannot be scored fails
-        the query (handleInvalid='error', as MLlib), is dropped ('skip'), or ('keep') is scored on
-        its finite features by their marginal density (nulls if it has none)."""
+        """Adds prediction, probability (and logLikelihoodCol); as in MLlib, an empty predictionCol
+        or probabilityCol leaves that column out (without probabilities, scoring is cheaper). A row
+        that cannot be scored fails the query (handleInvalid='error', as MLlib), is dropped
+        ('skip'), or ('keep') is scored on its finite features by their marginal density (nulls if
+        it has none)."""
         self._check_feature_count(dataset)
+        names = {"prediction": self.getPredictionCol(), "probability": self.getProbabilityCol(),
+                 "logLikelihood": self.getLogLikelihoodCol() or ""}
+        if not any(names.values()):
+            warnings.warn("transform adds no column: predictionCol and probabilityCol are empty and "
+                          "logLikelihoodCol is not set", UserWarning, stacklevel=3)
+            return dataset
         scores = F.col("__spark_gmm_scores")
-        scored = rows_for_python_udfs(dataset).withColumn("__spark_gmm_scores", self._scores(dataset))
+        udf = scoring_udf(self._centred, self._center, self._marginalise(), probabilities=bool(names["probability"]))
+        scored = rows_for_python_udfs(dataset).withColumn("__spark_gmm_scores", udf(self.featureColumn(dataset)))
         handle = self.getHandleInvalid()
         if handle == "skip":
             scored = scored.where(scores.prediction.isNotNull())
-        prediction = scores.prediction
-        if handle == "error":
-            prediction = refuse_unscorable(prediction, scores, self._features_label(), self.numFeatures)
-        out = [named_column(c) for c in dataset.columns]
-        out.append(prediction.alias(self.getPredictionCol()))
-        probability = scores.probability
-        out.append(
-            F.when(probability.isNotNull(), array_to_vector(probability)).alias(self.getProbabilityCol())
-        )
-        if self.getLogLikelihoodCol():
-            out.append(scores.logLikelihood.alias(self.getLogLikelihoodCol()))
+        values = {"prediction": scores.prediction, "logLikelihood": scores.logLikelihood}
+        if names["probability"]:
+            values["probability"] = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
+        out, refused = [named_column(c) for c in dataset.columns], handle != "error"
+        for key, name in names.items():
+            if name:
+                value = values[key]
+                if not refused:  # the first column added refuses the rows that cannot be scored
+                    value, refused = refuse_unscorable(value, scores, self._features_label(), self.numFeatures), True
+                out.append(value.alias(name))
         return scored.select(*out)
-
-    def _scores(self, dataset: DataFrame):
-        return scoring_udf(self._centred, self._center, self._marginalise())(self.featureColumn(dataset))
 
     def _marginalise(self) -> bool:
         """Whether rows with missing features are scored on their observed ones (handleInvalid='keep')."""

@@ -23,6 +23,7 @@ from .mixture import Mixture
 from .rows import feature_rows, observed_rows, usable_weights
 
 SCORES_SCHEMA = "prediction int, probability array<double>, logLikelihood double"
+PREDICTIONS_SCHEMA = "prediction int, logLikelihood double"  # scores without the probabilities
 WEIGHTED_SCHEMA = "logLikelihood double, weight double"
 
 
@@ -45,20 +46,19 @@ def _scored(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalis
     return unusable, log_density, probability
 
 
-def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalise: bool = False) -> pa.StructArray:
-    """SCORES_SCHEMA of each row (nulls for unusable rows); the probabilities (n, k) are the values
-    buffer of the list column, with no copy per row."""
+def scores_arrow(features: pa.Array, mixture: Mixture, center: np.ndarray, marginalise: bool = False,
+                 probabilities: bool = True) -> pa.StructArray:
+    """SCORES_SCHEMA of each row (nulls for unusable rows), PREDICTIONS_SCHEMA without
+    `probabilities`; the probabilities (n, k) are the values buffer of the list column, with no
+    copy per row."""
     unusable, log_density, probability = _scored(features, mixture, center, marginalise)
     n, k = probability.shape
-    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
-    return pa.StructArray.from_arrays(
-        [
-            pa.array(probability.argmax(axis=1).astype(np.int32), mask=unusable),
-            pa.ListArray.from_arrays(offsets, pa.array(probability.ravel()), mask=pa.array(unusable)),
-            pa.array(log_density, mask=unusable),
-        ],
-        names=["prediction", "probability", "logLikelihood"],
-    )
+    columns = {"prediction": pa.array(probability.argmax(axis=1).astype(np.int32), mask=unusable)}
+    if probabilities:
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        columns["probability"] = pa.ListArray.from_arrays(offsets, pa.array(probability.ravel()), mask=pa.array(unusable))
+    columns["logLikelihood"] = pa.array(log_density, mask=unusable)
+    return pa.StructArray.from_arrays(list(columns.values()), names=list(columns))
 
 
 def weighted_log_density_arrow(features: pa.Array, weights: pa.Array, mixture: Mixture,
@@ -95,11 +95,15 @@ def _columns_udf(compute, schema: str):
     return arrow_udf(via_arrow, schema)
 
 
-def scoring_udf(mixture: Mixture, center: np.ndarray, marginalise: bool = False):
+def scoring_udf(mixture: Mixture, center: np.ndarray, marginalise: bool = False, probabilities: bool = True):
     """UDF of an array<double> column: prediction, probability (k,) and log density of each row
-    (null for unusable rows; with `marginalise`, for rows with no finite feature). `mixture` (k
-    components, d features) is in coordinates shifted by `center` (d,)."""
-    return _columns_udf(lambda features: scores_arrow(features, mixture, center, marginalise), SCORES_SCHEMA)
+    (null for unusable rows; with `marginalise`, for rows with no finite feature); without
+    `probabilities`, no probability field, which spares Spark its conversion (about a third of a
+    `transform`). `mixture` (k components, d features) is in coordinates shifted by `center` (d,)."""
+    return _columns_udf(
+        lambda features: scores_arrow(features, mixture, center, marginalise, probabilities),
+        SCORES_SCHEMA if probabilities else PREDICTIONS_SCHEMA,
+    )
 
 
 def weighted_log_likelihood_udf(mixture: Mixture, center: np.ndarray, marginalise: bool = False):

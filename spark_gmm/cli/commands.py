@@ -154,7 +154,8 @@ def _scored(model, df, args):
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
-    probability = args.probability_col or "__spark_gmm_probability"
+    # A Gaussian model asked for no probabilities computes none; the mixed model drops them.
+    probability = args.probability_col or ("__spark_gmm_probability" if is_mixed(model) else "")
     model = model.copy()
     model.setPredictionCol(args.prediction_col).setProbabilityCol(probability)
     if is_mixed(model):  # it always adds each row's log density
@@ -165,7 +166,7 @@ def _scored(model, df, args):
         model.clear(model.logLikelihoodCol)
     out = model.transform(df).drop("__spark_gmm_log_density")
     if not args.probability_col:
-        return out.drop(probability)
+        return out.drop("__spark_gmm_probability")
     column = named_column(probability)
     # vector_to_array fails on null (unscorable rows), so only convert the others.
     return out.withColumn(probability, F.when(column.isNotNull(), vector_to_array(column, "float64")))

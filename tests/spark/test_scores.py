@@ -210,6 +210,26 @@ def test_transform_and_score_equal_sklearn_through_either_udf(spark, model, skle
     np.testing.assert_allclose(model.copy().setWeightCol("w").score(frame(spark, points, w=w)), expected, rtol=1e-11)
 
 
+def test_empty_output_columns_are_left_out_as_in_mllib(spark, model, sklearn_model, points):
+    """MLlib's transform skips an output column whose name is empty; without probabilities the
+    scores carry none. Unscorable rows are still refused by the first column added."""
+    df = frame(spark, points[:80], i=np.arange(80))
+    only_prediction = model.copy().setProbabilityCol("").transform(df)
+    assert only_prediction.columns == ["features", "i", "prediction"]
+    predicted = only_prediction.orderBy("i").toPandas()["prediction"].to_numpy()
+    np.testing.assert_array_equal(predicted, sklearn_model.predict(points[:80]))
+    only_probability = model.copy().setPredictionCol("").transform(df)
+    assert only_probability.columns == ["features", "i", "probability"]
+    probability = np.stack(only_probability.orderBy("i").select(vector_to_array("probability").alias("p")).toPandas()["p"])
+    np.testing.assert_allclose(probability, sklearn_model.predict_proba(points[:80]), atol=1e-12)
+    bad = points[:80].copy()
+    bad[5, 0] = np.nan
+    with pytest.raises(Exception, match="cannot be scored"):
+        model.copy().setPredictionCol("").transform(frame(spark, bad)).collect()
+    with pytest.warns(UserWarning, match="adds no column"):
+        assert model.copy().setPredictionCol("").setProbabilityCol("").transform(df) is df
+
+
 def test_vectors_read_from_parquet_are_scored_like_vectors_in_memory(spark, model, sklearn_model, points, tmp_path):
     """Spark 4.3 hands a Parquet scan's columnar batches straight to a Python UDF
     (spark.sql.execution.arrow.pythonUDF.columnarInput.enabled, on by default) and that path fails on
