@@ -64,11 +64,18 @@ class GaussianMixtureSummary:
 
     @property
     def cluster(self) -> DataFrame:
-        return self.predictions.select(self.predictionCol)
+        return self.predictions.select(self._output("predictionCol"))
 
     @property
     def probability(self) -> DataFrame:
-        return self.predictions.select(self.probabilityCol)
+        return self.predictions.select(self._output("probabilityCol"))
+
+    def _output(self, param: str) -> str:
+        """The name of an output column of the fit's transform; an empty one was left out."""
+        name = getattr(self, param)
+        if not name:
+            raise ValueError(f"the fit's {param} is empty, so its predictions have no such column")
+        return name
 
     def to_dict(self) -> dict:
         return {

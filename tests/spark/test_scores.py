@@ -6,7 +6,7 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import functions as F
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
-from spark_gmm import GaussianMixtureModel, InvalidInputError
+from spark_gmm import GaussianMixture, GaussianMixtureModel, InvalidInputError
 
 WEIGHTS = np.array([0.5, 0.3, 0.2])
 MEANS = np.array([[0.0, 0.0, 1e4], [5.0, 1.0, 1e4], [1.0, 6.0, 1e4 + 3.0]])
@@ -228,6 +228,10 @@ def test_empty_output_columns_are_left_out_as_in_mllib(spark, model, sklearn_mod
         model.copy().setPredictionCol("").transform(frame(spark, bad)).collect()
     with pytest.warns(UserWarning, match="adds no column"):
         assert model.copy().setPredictionCol("").setProbabilityCol("").transform(df) is df
+    fitted = GaussianMixture(k=3, seed=1, maxIter=3, probabilityCol="").fit(df)
+    assert fitted.summary.cluster.count() == 80
+    with pytest.raises(ValueError, match="probabilityCol is empty"):
+        fitted.summary.probability
 
 
 def test_vectors_read_from_parquet_are_scored_like_vectors_in_memory(spark, model, sklearn_model, points, tmp_path):
