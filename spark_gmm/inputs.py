@@ -8,6 +8,7 @@ import re
 import resource
 import sys
 import threading
+import warnings
 from contextlib import contextmanager
 
 from pyspark.sql import Column, DataFrame, functions as F
@@ -99,6 +100,29 @@ def rows_for_python_udfs(df: DataFrame) -> DataFrame:
     except Exception:  # Spark before 4.3 does not know the key
         return df
     return df.where(F.spark_partition_id() >= 0) if str(columnar).lower() == "true" else df
+
+
+def adds_no_column(names: dict[str, str]) -> bool:
+    """True, with a warning, when every output column's name (`names`: Param name → column name)
+    is empty: a transform then returns its input, as MLlib's does."""
+    if any(names.values()):
+        return False
+    warnings.warn(f"transform adds no column: {', '.join(names)} are all empty", UserWarning, stacklevel=4)
+    return True
+
+
+def transform_output(dataset: DataFrame, scored: DataFrame, names: dict[str, str], values: dict, refuse=None):
+    """`scored` reduced to `dataset`'s columns plus `values[p]` named `names[p]` for each Param `p`
+    whose name is not empty (MLlib leaves such a column out). `refuse` (Column → Column) wraps the
+    first column added, so that the rows it refuses fail the query whichever columns are asked."""
+    out = [named_column(c) for c in dataset.columns]
+    for param, name in names.items():
+        if name:
+            value = values[param]
+            if refuse is not None:
+                value, refuse = refuse(value), None
+            out.append(value.alias(name))
+    return scored.select(*out)
 
 
 #: Rows of one Arrow batch handed to a Python UDF (Spark's default: 10,000).

@@ -12,7 +12,7 @@ from pyspark.sql.functions import pandas_udf
 
 from . import codec, persistence
 from .exceptions import InvalidInputError
-from .inputs import named_column, rows_for_python_udfs, weight_column
+from .inputs import adds_no_column, named_column, rows_for_python_udfs, transform_output, weight_column
 from .latent import LatentClassModel, model_arrays
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
@@ -163,27 +163,30 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         return scoring_udf(self._latent, self._schema)(features)
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
-        """Adds prediction, probability and log density of each row's observed part. A missing or
-        unusable value (an unseen level, say) fails the query naming the column and the value
-        (handleInvalid='error'), drops the row ('skip'), or is marginalised ('keep'); a row with
-        nothing usable gets nulls."""
+        """Adds prediction, probability and log density of each row's observed part (an empty
+        column name leaves that column out). A missing or unusable value (an unseen level, say)
+        fails the query naming the column and the value (handleInvalid='error'), drops the row
+        ('skip'), or is marginalised ('keep'); a row with nothing usable gets nulls."""
+        names = {"predictionCol": self.getPredictionCol(), "probabilityCol": self.getProbabilityCol(),
+                 "logDensityCol": self.getLogDensityCol()}
+        if adds_no_column(names):
+            return dataset
         scores = F.col("__spark_gmm_scores")
         scored = rows_for_python_udfs(dataset).withColumn("__spark_gmm_scores", self._scores(dataset))
         handle = self.getHandleInvalid()
         if handle == "skip":
             scored = scored.where(scores.problem.isNull())
-        prediction = scores.prediction
+        refuse = None
         if handle == "error":
             message = F.concat(problem_message(self._schema, scores.problem),
                                F.lit("; set handleInvalid='keep' or 'skip'"))
-            prediction = F.when(scores.problem.isNotNull(), F.raise_error(message)).otherwise(prediction)
-        probability = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
-        return scored.select(
-            *[named_column(c) for c in dataset.columns],
-            prediction.alias(self.getPredictionCol()),
-            probability.alias(self.getProbabilityCol()),
-            scores.logDensity.alias(self.getLogDensityCol()),
-        )
+            refuse = lambda value: F.when(scores.problem.isNotNull(), F.raise_error(message)).otherwise(value)  # noqa: E731
+        values = {
+            "predictionCol": scores.prediction,
+            "probabilityCol": F.when(scores.probability.isNotNull(), array_to_vector(scores.probability)),
+            "logDensityCol": scores.logDensity,
+        }
+        return transform_output(dataset, scored, names, values, refuse)
 
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
         """(Σ w·log p(observed part), Σ w) over the rows with something usable, in one pass."""

@@ -4,7 +4,6 @@ from a fit's result (its training summary is `summary.GaussianMixtureSummary`)."
 
 from __future__ import annotations
 
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,7 +16,7 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 from . import codec, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
-from .inputs import feature_count, named_column, rows_for_python_udfs
+from .inputs import adds_no_column, feature_count, rows_for_python_udfs, transform_output
 from .kernels import posterior
 from .latent_estep import gaussian_posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
@@ -235,29 +234,23 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         ('skip'), or ('keep') is scored on its finite features by their marginal density (nulls if
         it has none)."""
         self._check_feature_count(dataset)
-        names = {"prediction": self.getPredictionCol(), "probability": self.getProbabilityCol(),
-                 "logLikelihood": self.getLogLikelihoodCol() or ""}
-        if not any(names.values()):
-            warnings.warn("transform adds no column: predictionCol and probabilityCol are empty and "
-                          "logLikelihoodCol is not set", UserWarning, stacklevel=3)
+        names = {"predictionCol": self.getPredictionCol(), "probabilityCol": self.getProbabilityCol(),
+                 "logLikelihoodCol": self.getLogLikelihoodCol() or ""}
+        if adds_no_column(names):
             return dataset
         scores = F.col("__spark_gmm_scores")
-        udf = scoring_udf(self._centred, self._center, self._marginalise(), probabilities=bool(names["probability"]))
+        udf = scoring_udf(self._centred, self._center, self._marginalise(), probabilities=bool(names["probabilityCol"]))
         scored = rows_for_python_udfs(dataset).withColumn("__spark_gmm_scores", udf(self.featureColumn(dataset)))
         handle = self.getHandleInvalid()
         if handle == "skip":
             scored = scored.where(scores.prediction.isNotNull())
-        values = {"prediction": scores.prediction, "logLikelihood": scores.logLikelihood}
-        if names["probability"]:
-            values["probability"] = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
-        out, refused = [named_column(c) for c in dataset.columns], handle != "error"
-        for key, name in names.items():
-            if name:
-                value = values[key]
-                if not refused:  # the first column added refuses the rows that cannot be scored
-                    value, refused = refuse_unscorable(value, scores, self._features_label(), self.numFeatures), True
-                out.append(value.alias(name))
-        return scored.select(*out)
+        values = {"predictionCol": scores.prediction, "logLikelihoodCol": scores.logLikelihood}
+        if names["probabilityCol"]:
+            values["probabilityCol"] = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
+        refuse = None
+        if handle == "error":
+            refuse = lambda value: refuse_unscorable(value, scores, self._features_label(), self.numFeatures)  # noqa: E731
+        return transform_output(dataset, scored, names, values, refuse)
 
     def _marginalise(self) -> bool:
         """Whether rows with missing features are scored on their observed ones (handleInvalid='keep')."""

@@ -154,19 +154,18 @@ def _scored(model, df, args):
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
-    # A Gaussian model asked for no probabilities computes none; the mixed model drops them.
-    probability = args.probability_col or ("__spark_gmm_probability" if is_mixed(model) else "")
+    probability = args.probability_col or ""  # an empty name: no column (a Gaussian model computes none)
     model = model.copy()
     model.setPredictionCol(args.prediction_col).setProbabilityCol(probability)
-    if is_mixed(model):  # it always adds each row's log density
-        model.setLogDensityCol(args.log_likelihood_col or "__spark_gmm_log_density")
+    if is_mixed(model):
+        model.setLogDensityCol(args.log_likelihood_col or "")
     elif args.log_likelihood_col:
         model.setLogLikelihoodCol(args.log_likelihood_col)
     else:
         model.clear(model.logLikelihoodCol)
-    out = model.transform(df).drop("__spark_gmm_log_density")
-    if not args.probability_col:
-        return out.drop("__spark_gmm_probability")
+    out = model.transform(df)
+    if not probability:
+        return out
     column = named_column(probability)
     # vector_to_array fails on null (unscorable rows), so only convert the others.
     return out.withColumn(probability, F.when(column.isNotNull(), vector_to_array(column, "float64")))

@@ -178,6 +178,19 @@ def test_unseen_level_at_scoring_refused_or_treated_as_missing(spark, model):
         model.score(df)
 
 
+def test_an_empty_column_name_leaves_the_column_out(spark, data, model):
+    df = data[2].limit(50)
+    full = predictions(model, df)
+    only_density = model.copy().setPredictionCol("").setProbabilityCol("").transform(df)
+    assert only_density.columns == df.columns + ["logDensity"]
+    np.testing.assert_array_equal(only_density.orderBy("id").toPandas()["logDensity"], full["logDensity"])
+    row = {"x": 3.0, "y": -2.0, "flag": True, "answer": "no", "visits": 4, "id": 0, "colour": "purple"}
+    with pytest.raises(Exception, match="categorical column 'colour' holds 'purple'"):  # still refused
+        model.copy().setPredictionCol("").transform(spark.createDataFrame(pd.DataFrame([row]))).collect()
+    with pytest.warns(UserWarning, match="adds no column"):
+        assert model.copy().setPredictionCol("").setProbabilityCol("").setLogDensityCol("").transform(df) is df
+
+
 def test_input_errors_name_the_column_count_and_value(spark):
     df = spark.createDataFrame(pd.DataFrame({"b": ["a", "b", "c"] * 4, "c": [str(i) for i in range(12)]}))
     with pytest.raises(InvalidInputError, match=r"bernoulli column 'b' has 3 distinct value\(s\) \('a', 'b', 'c'\)"):
