@@ -167,10 +167,6 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
         column name leaves that column out). A missing or unusable value (an unseen level, say)
         fails the query naming the column and the value (handleInvalid='error'), drops the row
         ('skip'), or is marginalised ('keep'); a row with nothing usable gets nulls."""
-        return self._with_scores(dataset, vectors=True)
-
-    def _with_scores(self, dataset: DataFrame, vectors: bool) -> DataFrame:
-        """`_transform`'s result, with the probabilities as vectors or as arrays (the score job's)."""
         names = {"predictionCol": self.getPredictionCol(), "probabilityCol": self.getProbabilityCol(),
                  "logDensityCol": self.getLogDensityCol()}
         if adds_no_column(names):
@@ -185,10 +181,9 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
             message = F.concat(problem_message(self._schema, scores.problem),
                                F.lit("; set handleInvalid='keep' or 'skip'"))
             refuse = lambda value: F.when(scores.problem.isNotNull(), F.raise_error(message)).otherwise(value)  # noqa: E731
-        probability = scores.probability
         values = {
             "predictionCol": scores.prediction,
-            "probabilityCol": F.when(probability.isNotNull(), array_to_vector(probability)) if vectors else probability,
+            "probabilityCol": F.when(scores.probability.isNotNull(), array_to_vector(scores.probability)),
             "logDensityCol": scores.logDensity,
         }
         return transform_output(dataset, scored, names, values, refuse)

@@ -233,11 +233,6 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
         that cannot be scored fails the query (handleInvalid='error', as MLlib), is dropped
         ('skip'), or ('keep') is scored on its finite features by their marginal density (nulls if
         it has none)."""
-        return self._with_scores(dataset, vectors=True)
-
-    def _with_scores(self, dataset: DataFrame, vectors: bool) -> DataFrame:
-        """`_transform`'s result, with the probabilities as vectors (MLlib's type) or as the
-        scoring UDF's arrays, which the score job writes (no conversion either way)."""
         self._check_feature_count(dataset)
         names = {"predictionCol": self.getPredictionCol(), "probabilityCol": self.getProbabilityCol(),
                  "logLikelihoodCol": self.getLogLikelihoodCol() or ""}
@@ -251,8 +246,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             scored = scored.where(scores.prediction.isNotNull())
         values = {"predictionCol": scores.prediction, "logLikelihoodCol": scores.logLikelihood}
         if names["probabilityCol"]:
-            probability = scores.probability
-            values["probabilityCol"] = F.when(probability.isNotNull(), array_to_vector(probability)) if vectors else probability
+            values["probabilityCol"] = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
         refuse = None
         if handle == "error":
             refuse = lambda value: refuse_unscorable(value, scores, self._features_label(), self.numFeatures)  # noqa: E731
