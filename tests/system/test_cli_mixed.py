@@ -160,6 +160,7 @@ def test_inferred_fit_with_missing_values_scored_and_reported(spark, mixed_table
     assert code == 0, summary
     out = spark.read.parquet(scored)
     assert out.columns == df.columns + ["prediction", "p", "ll"]
+    assert dict(out.dtypes)["p"] == "array<double>"
     model = MixedMixtureModel.load(model_dir)
     expected = model.transform(df).select("id", "prediction", "logDensity").toPandas().sort_values("id")
     got = out.select("id", "prediction", "ll").toPandas().sort_values("id")

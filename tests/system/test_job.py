@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pyspark.ml.functions import vector_to_array
 
 from spark_gmm import GaussianMixtureModel
 from spark_gmm.cli import main
@@ -56,6 +57,10 @@ def test_fit_writes_model_and_predictions(spark, table, tmp_path, capsys):
     out = spark.read.parquet(predictions)
     assert out.columns == ["id", "grp", "x", "y", "prediction", "p"]
     assert out.count() == 1000
+    assert dict(out.dtypes)["p"] == "array<double>"
+    expected = model.transform(spark.read.parquet(table)).select("id", vector_to_array("probability").alias("p"))
+    got, expected = (frame.toPandas().sort_values("id") for frame in (out.select("id", "p"), expected))
+    np.testing.assert_allclose(np.stack(got["p"]), np.stack(expected["p"]), rtol=1e-12, atol=1e-15)
     assert out.select("prediction").distinct().count() == 2
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no staging left behind
 
