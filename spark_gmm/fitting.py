@@ -32,6 +32,7 @@ from .inputs import (
     feature_count,
     feature_names,
     jvm_bytes,
+    require_batch,
     weight_column,
 )
 from .mixture import ComponentStatistics, Mixture, thin_components
@@ -115,6 +116,7 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
 
 def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCache, InputSummary, int]:
     """(cached blocks, input summary, rows skipped), validated for `k` components."""
+    require_batch(dataset, "GaussianMixture.fit")
     features = feature_array(dataset, request.features_col, request.input_cols)
     weights = weight_column(dataset, request.weight_col)
     _check_size_before_packing(dataset, request, features, k)

@@ -31,6 +31,17 @@ def _field(df: DataFrame, name: str, role: str):
     return fields[name]
 
 
+def require_batch(df: DataFrame, action: str) -> None:
+    """Refuse a streaming DataFrame where `action` must read the whole input: Spark's own error
+    names neither the input nor the way out."""
+    if df.isStreaming:
+        raise InvalidInputError(
+            f"{action} reads the whole input: it needs a batch DataFrame, not a streaming one "
+            "(spark.readStream); pass a batch read of the same source (spark.read). A model's "
+            "transform does take streams."
+        )
+
+
 def feature_array(df: DataFrame, features_col: str, input_cols: list[str] | None) -> Column:
     """The features as one `array<double>` column, from a vector, a numeric array or numeric columns."""
     # Here rather than at the top: executors' Python workers import this module, and pyspark.ml

@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame
 from . import barrier, em, persistence
 from .checkpoint import Checkpointer
 from .exceptions import InvalidInputError
-from .inputs import weight_column
+from .inputs import require_batch, weight_column
 from .latent import Columns, LatentFamily
 from .mixed_input import (
     UNUSABLE,
@@ -252,6 +252,7 @@ class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Per
         from one survey and one packing; several share every pass."""
         from .mixed_model import MixedMixtureModel
 
+        require_batch(dataset, "MixedMixture.fit")
         for estimator in estimators:
             values = {p.name: estimator.getOrDefault(p) for p in estimator.params if estimator.isDefined(p)}
             check_options(values, MIXED_OPTIONS)

@@ -12,7 +12,7 @@ from pyspark.sql.functions import pandas_udf
 
 from . import codec, persistence
 from .exceptions import InvalidInputError
-from .inputs import adds_no_column, named_column, rows_for_python_udfs, transform_output, weight_column
+from .inputs import adds_no_column, named_column, require_batch, rows_for_python_udfs, transform_output, weight_column
 from .latent import LatentClassModel, model_arrays
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
@@ -190,6 +190,7 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
 
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
         """(Σ w·log p(observed part), Σ w) over the rows with something usable, in one pass."""
+        require_batch(dataset, "score (and bic, aic)")
         w = weight_column(dataset, self.weightName())
         frame = rows_for_python_udfs(dataset).select(
             self._scores(dataset).alias("__spark_gmm_scores"),

@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 from . import codec, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
-from .inputs import adds_no_column, feature_count, rows_for_python_udfs, transform_output
+from .inputs import adds_no_column, feature_count, require_batch, rows_for_python_udfs, transform_output
 from .kernels import posterior
 from .latent_estep import gaussian_posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
@@ -272,6 +272,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
     def _log_likelihood(self, dataset: DataFrame) -> tuple[float, float]:
         """(Σ w·log p(x), Σ w) over `dataset`, in one pass; rows that cannot be scored, or whose
         weight a fit would refuse, are refused (or, with handleInvalid 'skip' or 'keep', left out)."""
+        require_batch(dataset, "score (and bic, aic)")
         self._check_feature_count(dataset)
         weight = self.weightColumn(dataset)
         scores = weighted_log_likelihood_udf(self._centred, self._center, self._marginalise())(

@@ -191,6 +191,17 @@ def test_an_empty_column_name_leaves_the_column_out(spark, data, model):
         assert model.copy().setPredictionCol("").setProbabilityCol("").setLogDensityCol("").transform(df) is df
 
 
+def test_a_stream_is_refused_where_it_must_be_read_whole(data, model, tmp_path):
+    """fit, score, bic and aic refuse a stream in words (transform takes one: test_scores.py)."""
+    df = data[2].limit(40)
+    df.write.parquet(str(tmp_path / "in"))
+    stream = df.sparkSession.readStream.schema(df.schema).parquet(str(tmp_path / "in"))
+    with pytest.raises(InvalidInputError, match=r"^score \(and bic, aic\) reads the whole input"):
+        model.score(stream)
+    with pytest.raises(InvalidInputError, match=r"^MixedMixture.fit reads the whole input: .*streaming"):
+        fitted(stream)
+
+
 def test_input_errors_name_the_column_count_and_value(spark):
     df = spark.createDataFrame(pd.DataFrame({"b": ["a", "b", "c"] * 4, "c": [str(i) for i in range(12)]}))
     with pytest.raises(InvalidInputError, match=r"bernoulli column 'b' has 3 distinct value\(s\) \('a', 'b', 'c'\)"):

@@ -234,6 +234,37 @@ def test_empty_output_columns_are_left_out_as_in_mllib(spark, model, sklearn_mod
         fitted.summary.probability
 
 
+def streamed(df, path):
+    """`df` written to Parquet at `path` and read back as a stream."""
+    df.write.parquet(str(path))
+    return df.sparkSession.readStream.schema(df.schema).parquet(str(path))
+
+
+def scored_stream(out, name):
+    """The rows of a streaming `transform`, run to the end of its input (a memory sink)."""
+    query = out.writeStream.format("memory").queryName(name).start()
+    try:
+        query.processAllAvailable()
+    finally:
+        query.stop()
+    return out.sparkSession.table(name)
+
+
+def test_a_stream_is_scored_like_a_table_and_refused_where_it_must_be_read_whole(spark, model, sklearn_model,
+                                                                                  points, tmp_path):
+    """transform scores a stream (as MLlib's does); fit, score, bic and aic, which must read the
+    whole input, refuse one in words."""
+    stream = streamed(frame(spark, points[:60], i=np.arange(60)), tmp_path / "in")
+    out = scored_stream(model.transform(stream), "gmm_scored_stream").orderBy("i").toPandas()
+    np.testing.assert_array_equal(out["prediction"], sklearn_model.predict(points[:60]))
+    np.testing.assert_allclose(np.stack(out["probability"].map(lambda v: v.toArray())),
+                               sklearn_model.predict_proba(points[:60]), atol=1e-12)
+    with pytest.raises(InvalidInputError, match=r"^score \(and bic, aic\) reads the whole input: it needs a batch"):
+        model.bic(stream)
+    with pytest.raises(InvalidInputError, match=r"^GaussianMixture.fit reads the whole input: .*streaming"):
+        GaussianMixture(k=3).fit(stream)
+
+
 def test_vectors_read_from_parquet_are_scored_like_vectors_in_memory(spark, model, sklearn_model, points, tmp_path):
     """Spark 4.3 hands a Parquet scan's columnar batches straight to a Python UDF
     (spark.sql.execution.arrow.pythonUDF.columnarInput.enabled, on by default) and that path fails on
