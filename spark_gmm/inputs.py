@@ -15,6 +15,7 @@ from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, NumericType, StructType, UserDefinedType
 
 from .exceptions import ExecutorEnvironmentError, InvalidInputError
+from .options import OPTIONS
 
 
 def named_column(name: str) -> Column:
@@ -134,6 +135,17 @@ def transform_output(dataset: DataFrame, scored: DataFrame, names: dict[str, str
                 value, refuse = refuse(value), None
             out.append(value.alias(name))
     return scored.select(*out)
+
+
+def probability_output(probability: Column, probability_format: str) -> Column:
+    """transform's probability column from the scores' array<double>: a vector (MLlib's type), or
+    with probabilityFormat='array' the array itself, which skips Spark's conversion of each row."""
+    OPTIONS["probabilityFormat"].check("probabilityFormat", probability_format)
+    if probability_format == "array":
+        return probability
+    from pyspark.ml.functions import array_to_vector
+
+    return F.when(probability.isNotNull(), array_to_vector(probability))
 
 
 #: Rows of one Arrow batch handed to a Python UDF (Spark's default: 10,000).

@@ -58,6 +58,7 @@ class MixedMixtureParams(SharedMixtureParams, HasPredictionCol, HasProbabilityCo
     covarianceType = _declared("covarianceType")
     nInit = _declared("nInit")
     engine = _declared("engine")
+    probabilityFormat = _declared("probabilityFormat")
     smoothing = _declared("smoothing")
     maxLevels = _declared("maxLevels")
     gaussianCols = _columns_param("gaussian", "one multivariate Gaussian per class (numeric)")

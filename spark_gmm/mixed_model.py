@@ -6,13 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from pyspark.ml import Model
-from pyspark.ml.functions import array_to_vector
 from pyspark.sql import Column, DataFrame, SparkSession, functions as F
 from pyspark.sql.functions import pandas_udf
 
 from . import codec, persistence
 from .exceptions import InvalidInputError
-from .inputs import adds_no_column, named_column, require_batch, rows_for_python_udfs, transform_output, weight_column
+from .inputs import (
+    adds_no_column,
+    named_column,
+    probability_output,
+    require_batch,
+    rows_for_python_udfs,
+    transform_output,
+    weight_column,
+)
 from .latent import LatentClassModel, model_arrays
 from .latent_estep import posterior
 from .mixed import MixedMixtureParams
@@ -183,7 +190,7 @@ class MixedMixtureModel(MixedMixtureParams, Model, persistence.Persistable):
             refuse = lambda value: F.when(scores.problem.isNotNull(), F.raise_error(message)).otherwise(value)  # noqa: E731
         values = {
             "predictionCol": scores.prediction,
-            "probabilityCol": F.when(scores.probability.isNotNull(), array_to_vector(scores.probability)),
+            "probabilityCol": probability_output(scores.probability, self.getProbabilityFormat()),
             "logDensityCol": scores.logDensity,
         }
         return transform_output(dataset, scored, names, values, refuse)

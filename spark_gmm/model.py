@@ -16,7 +16,14 @@ from pyspark.sql import DataFrame, SparkSession, functions as F
 from . import codec, persistence
 from .alignment import MAX_DIVERGENCE, add_label_changes, align, drift
 from .exceptions import InvalidInputError
-from .inputs import adds_no_column, feature_count, require_batch, rows_for_python_udfs, transform_output
+from .inputs import (
+    adds_no_column,
+    feature_count,
+    probability_output,
+    require_batch,
+    rows_for_python_udfs,
+    transform_output,
+)
 from .kernels import posterior
 from .latent_estep import gaussian_posterior
 from .mixture import COVARIANCE_TYPES, Mixture, free_parameters, information_criterion, precision_cholesky
@@ -246,7 +253,7 @@ class GaussianMixtureModel(GaussianMixtureParams, Model, persistence.Persistable
             scored = scored.where(scores.prediction.isNotNull())
         values = {"predictionCol": scores.prediction, "logLikelihoodCol": scores.logLikelihood}
         if names["probabilityCol"]:
-            values["probabilityCol"] = F.when(scores.probability.isNotNull(), array_to_vector(scores.probability))
+            values["probabilityCol"] = probability_output(scores.probability, self.getProbabilityFormat())
         refuse = None
         if handle == "error":
             refuse = lambda value: refuse_unscorable(value, scores, self._features_label(), self.numFeatures)  # noqa: E731

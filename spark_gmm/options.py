@@ -20,6 +20,7 @@ ENGINES = ("auto", "driver", "barrier")
 DTYPES = ("float64", "float32")
 HANDLE_INVALID = ("error", "skip", "keep")
 CRITERIA = ("bic", "aic")
+PROBABILITY_FORMATS = ("vector", "array")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,12 @@ OPTIONS: dict[str, Option] = {
         "bytes per pass); densities and statistics are computed in float64 either way.",
         choices=DTYPES,
     ),
+    "probabilityFormat": Option(
+        "vector", str,
+        "Type of transform's probability column: 'vector' (MLlib's) or 'array' (array<double>, "
+        "which SQL and table formats read directly; it also skips a conversion, so scoring is faster).",
+        choices=PROBABILITY_FORMATS,
+    ),
     "aggregationDepth": Option(2, int, "Depth of the tree that combines large partials (1: no tree).", minimum=1),
     "checkpointInterval": Option(
         10, int, "With checkpointDir: save the EM state every this many iterations (-1: never).",
@@ -116,7 +123,8 @@ OPTIONS: dict[str, Option] = {
 #: The settings of `MixedMixture` (the latent class model): the shared ones, plus its own.
 MIXED_OPTIONS: dict[str, Option] = {
     **{name: OPTIONS[name] for name in
-       ("k", "maxIter", "seed", "regCovar", "covarianceType", "nInit", "engine", "checkpointInterval")},
+       ("k", "maxIter", "seed", "regCovar", "covarianceType", "nInit", "engine", "probabilityFormat",
+        "checkpointInterval")},
     "tol": Option(
         1e-6, float,
         "Convergence threshold on the change of the objective (log-likelihood + log prior of the "

@@ -47,8 +47,8 @@ class KeywordParams:
 
 
 class SharedMixtureParams(HasCheckpointInterval):
-    """Getters of the Params that every mixture's Params declare (from an options table), and
-    checkpointDir, which they share."""
+    """Getters of the Params that every mixture's Params declare (from an options table), the
+    probability column's format, and checkpointDir, which they share."""
 
     checkpointDir = Param(
         Params._dummy(),
@@ -72,6 +72,12 @@ class SharedMixtureParams(HasCheckpointInterval):
 
     def getEngine(self) -> str:
         return self.getOrDefault(self.engine)
+
+    def getProbabilityFormat(self) -> str:
+        return self.getOrDefault(self.probabilityFormat)
+
+    def setProbabilityFormat(self, value: str):
+        return self._set(probabilityFormat=value)
 
     def getCheckpointDir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir) if self.isDefined(self.checkpointDir) else None
@@ -100,6 +106,7 @@ class GaussianMixtureParams(
     reseedComponents = declared("reseedComponents")
     engine = declared("engine")
     dtype = declared("dtype")
+    probabilityFormat = declared("probabilityFormat")
     logLikelihoodCol = Param(
         Params._dummy(),
         "logLikelihoodCol",

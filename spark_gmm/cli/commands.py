@@ -150,25 +150,19 @@ def run_report(spark, args) -> dict:
 
 
 def _scored(model, df, args):
-    """The input rows plus the prediction (and optionally probabilities and log density)."""
-    from pyspark.ml.functions import vector_to_array
-    from pyspark.sql import functions as F
-
-    probability = args.probability_col or ""  # an empty name: no column (a Gaussian model computes none)
+    """The input rows plus the prediction (and optionally probabilities, as array<double>, and log
+    density)."""
     model = model.copy()
-    model.setPredictionCol(args.prediction_col).setProbabilityCol(probability)
+    # An empty name: no column (and a Gaussian model computes no probabilities).
+    model.setPredictionCol(args.prediction_col).setProbabilityCol(args.probability_col or "")
+    model.setProbabilityFormat("array")
     if is_mixed(model):
         model.setLogDensityCol(args.log_likelihood_col or "")
     elif args.log_likelihood_col:
         model.setLogLikelihoodCol(args.log_likelihood_col)
     else:
         model.clear(model.logLikelihoodCol)
-    out = model.transform(df)
-    if not probability:
-        return out
-    column = named_column(probability)
-    # vector_to_array fails on null (unscorable rows), so only convert the others.
-    return out.withColumn(probability, F.when(column.isNotNull(), vector_to_array(column, "float64")))
+    return model.transform(df)
 
 
 def _write(spark, predictions, args) -> None:

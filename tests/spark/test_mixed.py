@@ -202,6 +202,15 @@ def test_a_stream_is_refused_where_it_must_be_read_whole(data, model, tmp_path):
         fitted(stream)
 
 
+def test_probabilities_as_arrays_hold_the_vectors_values(data, model):
+    df = data[2].limit(50)
+    out = model.copy().setProbabilityFormat("array").transform(df)
+    assert out.schema["probability"].dataType.simpleString() == "array<double>"
+    arrays = out.orderBy("id").toPandas()["probability"]
+    vectors = predictions(model, df)["probability"]
+    assert all(np.array_equal(a, v.toArray()) for a, v in zip(arrays, vectors))
+
+
 def test_input_errors_name_the_column_count_and_value(spark):
     df = spark.createDataFrame(pd.DataFrame({"b": ["a", "b", "c"] * 4, "c": [str(i) for i in range(12)]}))
     with pytest.raises(InvalidInputError, match=r"bernoulli column 'b' has 3 distinct value\(s\) \('a', 'b', 'c'\)"):

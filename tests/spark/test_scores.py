@@ -234,6 +234,27 @@ def test_empty_output_columns_are_left_out_as_in_mllib(spark, model, sklearn_mod
         fitted.summary.probability
 
 
+def test_probabilities_as_arrays_hold_the_vectors_values(spark, model, sklearn_model, points, tmp_path):
+    """probabilityFormat='array' gives array<double> (what SQL and table formats read), with the
+    values of the vector column; it is kept by save and load, and a bad value is refused."""
+    bad = points[:50].copy()
+    bad[3, 1] = np.nan
+    df = frame(spark, bad, i=np.arange(50))
+    arrays = model.copy().setProbabilityFormat("array").setHandleInvalid("keep")
+    out = arrays.transform(df)
+    assert out.schema["probability"].dataType.simpleString() == "array<double>"
+    pdf = out.orderBy("i").toPandas()
+    np.testing.assert_allclose(np.stack(pdf["probability"].drop(index=3)),
+                               sklearn_model.predict_proba(np.delete(bad, 3, axis=0)), atol=1e-12)
+    vectors = model.copy().setHandleInvalid("keep").transform(df).orderBy("i")
+    expected = vectors.select(vector_to_array("probability").alias("p")).toPandas()["p"]
+    assert all(np.array_equal(a, b) for a, b in zip(pdf["probability"], expected))  # the row with a NaN too
+    arrays.save(str(tmp_path / "model"))
+    assert GaussianMixtureModel.load(str(tmp_path / "model")).getProbabilityFormat() == "array"
+    with pytest.raises(ValueError, match="probabilityFormat must be one of 'vector', 'array', got 'list'"):
+        model.copy().setProbabilityFormat("list").transform(df)
+
+
 def streamed(df, path):
     """`df` written to Parquet at `path` and read back as a stream."""
     df.write.parquet(str(path))
