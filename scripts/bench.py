@@ -25,8 +25,8 @@ difference between its model and the float64 one after the same iterations, in u
 component standard deviations (means) and of σᵢσⱼ (covariances).
 
 Scoring: million rows per second of `model.transform(df)` (all output columns written to Spark's
-`noop` sink), for spark_gmm and for MLlib's model with the same parameters, and of spark_gmm's
-`score(df)` (one aggregation). `--float32-data` rounds the generated values to float32 numbers
+`noop` sink), for spark_gmm, for spark_gmm with probabilityFormat="array" (`arrays`) and for MLlib's
+model with the same parameters, and of spark_gmm's `score(df)` (one aggregation). `--float32-data` rounds the generated values to float32 numbers
 (as data read from float columns are), which spark_gmm caches in half the bytes.
 """
 
@@ -73,10 +73,12 @@ def noop(df):
 
 
 def scoring_rates(df, ours, mllib_model, rows, repeats=2):
-    """Million rows per second of transform (ours, MLlib's) and of ours.score, best of `repeats`,
-    run side by side after a warm-up of each."""
+    """Million rows per second of transform (ours, ours with array probabilities, MLlib's) and of
+    ours.score, best of `repeats`, run side by side after a warm-up of each."""
+    arrays = ours.copy().setProbabilityFormat("array")
     runs = {
         "transform": lambda: noop(ours.transform(df)),
+        "arrays_transform": lambda: noop(arrays.transform(df)),
         "mllib_transform": lambda: noop(mllib_model.transform(df)),
         "score": lambda: ours.score(df),
     }
@@ -286,7 +288,7 @@ def main():
         f"{'rows':>9} {'d':>3} {'k':>3} | {'MLlib':>7} {'auto':>9} {'driver':>7} {'barrier':>7} {'kern1':>7} "
         f"{'floor':>7} | {'auto/ML':>7} {'drv/ML':>6} {'bar/ML':>6} {'bar/floor':>9} | {'job':>5} {'move':>5} "
         f"{'kernel':>6} | cache/raw | fixed: auto drv  bar | {'drv32':>6} {'bar32':>6} {'f32 err':>8} | "
-        f"transform Mrow/s: ours  MLlib  ratio | score Mrow/s"
+        f"transform Mrow/s: ours arrays  MLlib  ratio | score Mrow/s"
     )
     print("seconds per EM iteration; ratios are speed-ups (MLlib time / ours) and slow-down vs floor")
     print(header)
@@ -297,6 +299,7 @@ def main():
         mllib = r.get("mllib", nan)
         kernel = r["driver"] - r["trivial"] - r["movement"]
         ours, theirs = r.get("rate_transform", nan), r.get("rate_mllib_transform", nan)
+        arrays = r.get("rate_arrays_transform", nan)
         print(
             f"{rows:>9} {dims:>3} {k:>3} | {mllib:7.3f} {r['auto']:7.3f} {r['auto_chose']} {r['driver']:7.3f} "
             f"{r['barrier']:7.3f} {r['kern1']:7.3f} {r['floor']:7.3f} | {mllib / r['auto']:7.1f} "
@@ -304,7 +307,7 @@ def main():
             f"{r['trivial']:5.2f} {r['movement']:5.2f} {kernel:6.2f} | {r['cache_ratio']:9.2f} | "
             f"{r['auto_fixed']:10.1f} {r['driver_fixed']:4.1f} {r['barrier_fixed']:4.1f} | "
             f"{r['driver32']:6.3f} {r['barrier32']:6.3f} {r['f32_error']:8.1e} | "
-            f"{ours:22.2f} {theirs:6.2f} {ours / theirs:6.2f} | {r.get('rate_score', nan):12.2f}",
+            f"{ours:22.2f} {arrays:7.2f} {theirs:6.2f} {ours / theirs:6.2f} | {r.get('rate_score', nan):12.2f}",
             flush=True,
         )
     print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
