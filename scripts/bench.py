@@ -26,8 +26,10 @@ component standard deviations (means) and of σᵢσⱼ (covariances).
 
 Scoring: million rows per second of `model.transform(df)` (all output columns written to Spark's
 `noop` sink), for spark_gmm, for spark_gmm with probabilityFormat="array" (`arrays`) and for MLlib's
-model with the same parameters, and of spark_gmm's `score(df)` (one aggregation). `--float32-data` rounds the generated values to float32 numbers
-(as data read from float columns are), which spark_gmm caches in half the bytes.
+model with the same parameters, and of spark_gmm's `score(df)` (one aggregation).
+
+`--float32-data` rounds the generated values to float32 numbers (as data read from float columns
+are), which spark_gmm caches in half the bytes.
 """
 
 from __future__ import annotations
@@ -189,7 +191,8 @@ def run_case(spark, rows, dims, k, args, floor):
     times, models = {}, {}
     choices = ChoiceLog()
     logging.getLogger("spark_gmm").addHandler(choices)
-    runs = [("auto", "float64"), ("driver", "float64"), ("barrier", "float64"), ("driver", "float32"), ("barrier", "float32")]
+    runs = [("auto", "float64"), ("driver", "float64"), ("barrier", "float64"),
+            ("driver", "float32"), ("barrier", "float32")]
     fits = {
         run: GaussianMixture(k=k, maxIter=args.iters, tol=0.0, engine=run[0], dtype=run[1]).setInitialModel(init)
         for run in runs
