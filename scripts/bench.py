@@ -26,7 +26,11 @@ component standard deviations (means) and of σᵢσⱼ (covariances).
 
 Scoring: million rows per second of `model.transform(df)` (all output columns written to Spark's
 `noop` sink), for spark_gmm, for spark_gmm with probabilityFormat="array" (`arrays`) and for MLlib's
-model with the same parameters, and of spark_gmm's `score(df)` (one aggregation).
+model with the same parameters, and of spark_gmm's `score(df)` (one aggregation). `spark only`:
+the same Arrow UDF path returning constants, no math: with the probabilities as arrays (`full`,
+the fastest any transform through a Python UDF can be) and with only an int per row (`input`, the
+move of the features into Python, which every fit's packing pass also pays); `ceil` is `full`
+over MLlib's rate.
 
 `--float32-data` rounds the generated values to float32 numbers (as data read from float columns
 are), which spark_gmm caches in half the bytes.
@@ -41,6 +45,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa  # at module level: the Arrow UDF below resolves its type hints here
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
@@ -74,15 +79,43 @@ def noop(df):
     df.write.format("noop").mode("overwrite").save()
 
 
+def spark_side_of_transform(df, k, probabilities=True):
+    """`transform` with array probabilities without its math: the same Arrow UDF over the features'
+    arrays, returning constants of the same types (only an int per row without `probabilities`).
+    What Spark's conversions into and out of Python cost, which bounds any scoring in a Python UDF."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from spark_gmm.scoring import SCORES_SCHEMA
+
+    def constants(features: pa.Array) -> pa.Array:
+        n = len(features)
+        if not probabilities:
+            return pa.array(np.zeros(n, np.int32))
+        offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+        return pa.StructArray.from_arrays(
+            [pa.array(np.zeros(n, np.int32)), pa.ListArray.from_arrays(offsets, pa.array(np.full(n * k, 1.0 / k))),
+             pa.array(np.zeros(n))], names=["prediction", "probability", "logLikelihood"])
+
+    udf = F.arrow_udf(constants, SCORES_SCHEMA if probabilities else "int")
+    scored = df.withColumn("scores", udf(vector_to_array("features")))
+    if not probabilities:
+        return scored
+    return scored.select(*df.columns, "scores.prediction", "scores.probability")
+
+
 def scoring_rates(df, ours, mllib_model, rows, repeats=2):
-    """Million rows per second of transform (ours, ours with array probabilities, MLlib's) and of
-    ours.score, best of `repeats`, run side by side after a warm-up of each."""
+    """Million rows per second of transform (ours, ours with array probabilities, MLlib's), of
+    ours.score and of Spark's side of a transform alone (with and without the probabilities),
+    best of `repeats`, run side by side after a warm-up of each."""
     arrays = ours.copy().setProbabilityFormat("array")
     runs = {
         "transform": lambda: noop(ours.transform(df)),
         "arrays_transform": lambda: noop(arrays.transform(df)),
         "mllib_transform": lambda: noop(mllib_model.transform(df)),
         "score": lambda: ours.score(df),
+        "spark_side": lambda: noop(spark_side_of_transform(df, ours.getK())),
+        "spark_input": lambda: noop(spark_side_of_transform(df, ours.getK(), probabilities=False)),
     }
     best = {}
     for name, run in runs.items():
@@ -291,7 +324,7 @@ def main():
         f"{'rows':>9} {'d':>3} {'k':>3} | {'MLlib':>7} {'auto':>9} {'driver':>7} {'barrier':>7} {'kern1':>7} "
         f"{'floor':>7} | {'auto/ML':>7} {'drv/ML':>6} {'bar/ML':>6} {'bar/floor':>9} | {'job':>5} {'move':>5} "
         f"{'kernel':>6} | cache/raw | fixed: auto drv  bar | {'drv32':>6} {'bar32':>6} {'f32 err':>8} | "
-        f"transform Mrow/s: ours arrays  MLlib  ratio | score Mrow/s"
+        f"transform Mrow/s: ours arrays  MLlib  ratio | score Mrow/s | spark only: full input  ceil"
     )
     print("seconds per EM iteration; ratios are speed-ups (MLlib time / ours) and slow-down vs floor")
     print(header)
@@ -310,7 +343,9 @@ def main():
             f"{r['trivial']:5.2f} {r['movement']:5.2f} {kernel:6.2f} | {r['cache_ratio']:9.2f} | "
             f"{r['auto_fixed']:10.1f} {r['driver_fixed']:4.1f} {r['barrier_fixed']:4.1f} | "
             f"{r['driver32']:6.3f} {r['barrier32']:6.3f} {r['f32_error']:8.1e} | "
-            f"{ours:22.2f} {arrays:7.2f} {theirs:6.2f} {ours / theirs:6.2f} | {r.get('rate_score', nan):12.2f}",
+            f"{ours:22.2f} {arrays:7.2f} {theirs:6.2f} {ours / theirs:6.2f} | {r.get('rate_score', nan):12.2f} | "
+            f"{r.get('rate_spark_side', nan):16.2f} {r.get('rate_spark_input', nan):5.2f} "
+            f"{r.get('rate_spark_side', nan) / theirs:5.2f}",
             flush=True,
         )
     print(f"load {' '.join(f'{v:.1f}' for v in os.getloadavg())}")

@@ -8,8 +8,10 @@ over the same blocks as the engines cut (`block_rows_for`), measured side by sid
 Flop floor: the arithmetic any formulation needs, 2·k·d(d+1) flops a row (the triangular
 Mahalanobis product and the packed second moments, a multiply and an add each), at the measured
 one-core dgemm rate. Memory floor: the block's bytes read once, at the measured one-core read rate
-(the faster of a large sum and a large copy). Also prints the compile cost of a fresh process, with
-an empty numba cache and with a warm one.
+(the faster of a large sum and a large copy). `exp s`: the k exponentials a row needs alone, in the
+kernel's own vectorised exp (`fused.exp_nonpositive`, tile by tile), against the memory floor: at
+small d that per-row work, not reading the rows, bounds the kernel. Also prints the compile cost of a
+fresh process, with an empty numba cache and with a warm one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,30 @@ def _timed(f) -> float:
     began = time.perf_counter()
     f()
     return time.perf_counter() - began
+
+
+def exp_seconds(rows, k, repeats):
+    """Seconds of the kernel's exp over rows × k values in tiles of `fused.TILE_ROWS` (the values
+    are refilled before each tile, as the kernel writes them; the refill alone is subtracted)."""
+    from numba import njit
+
+    from spark_gmm import fused
+
+    tile = fused.TILE_ROWS
+
+    @njit
+    def exps(values, source, scale, apply):
+        for i in range(values.shape[0]):
+            values[i] = source[i]
+            if apply:
+                fused.exp_nonpositive(values[i], tile, scale, scale.view(np.int64))
+
+    source = -np.random.default_rng(0).uniform(0, 30, (max(rows * k // tile, 1), tile))
+    values, scale = np.empty_like(source), np.empty(tile)
+    exps(values, source, scale, True)
+    both = min(_timed(lambda: exps(values, source, scale, True)) for _ in range(repeats))
+    refill = min(_timed(lambda: exps(values, source, scale, False)) for _ in range(repeats))
+    return max(both - refill, 0.0)
 
 
 def blocks_of(rows, d, k, dtype, rng):
@@ -100,10 +126,13 @@ def main():
     print(f"one core: dgemm {gemm:.1f} GFLOP/s, read {bandwidth:.1f} GB/s; {args.rows} rows, best of {args.repeats}")
     print(
         f"{'d':>3} {'k':>3} {'dtype':>7} | {'numpy s':>8} {'fused s':>8} {'speed-up':>8} | "
-        f"{'flop fl':>8} {'mem fl':>8} | {'fused/flop':>10} {'fused/mem':>9} {'numpy/flop':>10}"
+        f"{'flop fl':>8} {'mem fl':>8} | {'fused/flop':>10} {'fused/mem':>9} {'numpy/flop':>10} | "
+        f"{'exp s':>7} {'exp/mem':>7}"
     )
     rng = np.random.default_rng(0)
     for d, k in cases:
+        with threadpool_limits(1):
+            exp_s = exp_seconds(args.rows, k, args.repeats)
         for dtype in (np.float64, np.float32):
             mixture, blocks = blocks_of(args.rows, d, k, dtype, rng)
             estep = EStepPass([mixture])
@@ -119,7 +148,7 @@ def main():
             print(
                 f"{d:>3} {k:>3} {np.dtype(dtype).name:>7} | {numpy_s:8.3f} {fused_s:8.3f} {numpy_s / fused_s:8.2f} | "
                 f"{flop_floor:8.4f} {memory_floor:8.4f} | {fused_s / flop_floor:10.1f} {fused_s / memory_floor:9.1f} "
-                f"{numpy_s / flop_floor:10.1f}",
+                f"{numpy_s / flop_floor:10.1f} | {exp_s:7.4f} {exp_s / memory_floor:7.1f}",
                 flush=True,
             )
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")

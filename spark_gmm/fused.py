@@ -110,7 +110,7 @@ if CACHE and ".zip" in __file__:
 
 
 @njit(cache=CACHE, fastmath={"contract"})  # no reassociation: it would undo the split of ln 2
-def _exp_nonpositive(values, m, scale, scale_bits):
+def exp_nonpositive(values, m, scale, scale_bits):
     """values[:m] ← exp(values[:m]) for values ≤ 0, in loops the compiler vectorises (a polynomial
     on [-ln2/2, ln2/2] times 2ⁿ built from its bits); within 2 ulp of libm."""
     for t in range(m):
@@ -184,7 +184,7 @@ def _posterior_tile(x, shift, start, m, consts, means, prec, diagonal, xt, diff,
     for j in range(k):
         for t in range(m):
             joint[j, t] -= top[t]
-        _exp_nonpositive(joint[j], m, scale, scale.view(np.int64))
+        exp_nonpositive(joint[j], m, scale, scale.view(np.int64))
         for t in range(m):
             total[t] += joint[j, t]
     for j in range(k):

@@ -142,7 +142,7 @@ def test_exp_agrees_with_libm_and_flushes_below_the_floor():
     values = np.concatenate([-np.logspace(-12, np.log10(745.0), 5000), [0.0, -0.0, -708.0, -708.5, -1e300]])
     out = values.copy()
     scale = np.empty(len(out))
-    fused._exp_nonpositive(out, len(out), scale, scale.view(np.int64))
+    fused.exp_nonpositive(out, len(out), scale, scale.view(np.int64))
     expected = np.where(values >= fused.EXP_FLOOR, np.exp(values), 0.0)
     assert (np.abs(out - expected) <= 2 * np.spacing(expected)).all()
     assert out[values < fused.EXP_FLOOR].max() == 0.0
@@ -201,7 +201,7 @@ def test_shipped_as_a_zip_without_a_writable_cache_it_compiles_in_memory(tmp_pat
         "import numpy as np\n"
         "from spark_gmm import fused\n"
         "values, scale = np.array([0.0, -1.0]), np.empty(2)\n"  # the smallest kernel: quick to compile
-        "fused._exp_nonpositive(values, 2, scale, scale.view(np.int64))\n"
+        "fused.exp_nonpositive(values, 2, scale, scale.view(np.int64))\n"
         "print(fused.__file__, fused.CACHE, values.round(6).tolist())\n"
     )
     unusable = "/dev/null/cache"  # a path under a file: no directory can be made there
@@ -229,8 +229,8 @@ def test_zipped_kernels_are_cached_by_content_not_by_the_zips_path(tmp_path):
         "import numpy as np\n"
         "from spark_gmm import fused\n"
         "values, scale = np.array([0.0, -1.0]), np.empty(2)\n"
-        "fused._exp_nonpositive(values, 2, scale, scale.view(np.int64))\n"
-        "stats = fused._exp_nonpositive.stats\n"
+        "fused.exp_nonpositive(values, 2, scale, scale.view(np.int64))\n"
+        "stats = fused.exp_nonpositive.stats\n"
         "print(fused.__file__, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), stats.cache_path)\n"
     )
     cache, unusable = tmp_path / "numba-cache", "/dev/null/home"  # the home cannot hold a cache
