@@ -10,8 +10,9 @@ measured in one run on the same cached data.
 Per-iteration time of spark_gmm is the median wall time of its EM passes in a fit of --iters
 iterations from a fixed start (tol=0), the better of two such fits (a warm-up fit of each engine
 first, then the timed one: a new JVM packs more slowly for its first fits, which would charge
-whichever engine ran first); the rest of the timed fit (packing the cache, starting the resident
-engine's barrier stage, building the model) is printed as its fixed cost per fit. `auto` is the
+whichever engine ran first); the rest of the timed fit (packing the input, into the resident
+engine's tasks where its partitions fit in the task slots, else into the cache; starting the
+barrier stage; building the model) is printed as its fixed cost per fit. `auto` is the
 default engine (`engine="auto"`); the engine it chose is printed after its time (r: resident, d:
 driver). `kern1` is the same EM (the compiled kernel of `spark_gmm.fused`, the reduction and the
 M-step) on one core in one process, without Spark; the kernel alone against its floors is

@@ -1,8 +1,10 @@
-"""The resident engine: the cached blocks held in the tasks of one barrier stage, EM on the driver.
+"""The resident engine: the blocks held in the tasks of one barrier stage, EM on the driver.
 
 The driver runs the same `em` loop as the driver engine; only `reduce(pass)` differs. A barrier stage,
-run from a background thread of the driver, hands each task a share of the cached blocks, which the
-task loads once and keeps in its Python worker. Each task connects to a listener on the driver
+run from a background thread of the driver, gives each task its blocks, which it keeps in its Python
+worker: where the input has no shuffle and no more partitions than free task slots, each task packs
+its own input partition (`start_packing`: the input is read once, and never written to Spark's cache
+and read back); else each task loads a share of the cached blocks. Each task connects to a listener on the driver
 (`channel`) and serves passes: it receives a pass (`wire`), folds it over its blocks per source
 partition (`fold_blocks`) and sends back the (partition, partial) pairs; the driver combines them
 in partition order exactly as the driver engine does (in the same tree when partials are large), so
@@ -14,7 +16,9 @@ A task that dies fails the barrier stage (Spark does not retry barrier result st
 sees the connection drop or the stage end, runs the stage again and repeats the pending pass. The
 EM state lives on the driver, so the model is the same. After ATTEMPTS failed runs with no pass
 completed in between, the rest of the fit runs on the driver engine, which computes the same
-partials (so still the same model). Nothing goes through accumulators or `allGather`.
+partials (so still the same model). Packing tasks read their partition again in a rerun, and
+their blocks' summary rows must equal the first run's, or the fit stops with an error rather than
+fit rows that changed under it. Nothing goes through accumulators or `allGather`.
 """
 
 from __future__ import annotations
@@ -25,27 +29,29 @@ import threading
 import uuid
 from contextlib import contextmanager
 
+import pyarrow as pa
 from pyspark.sql import SparkSession
 
 from . import channel, wire
-from .blocks import BlockCache, arrow_blocks, combine_in_order, fold_blocks, tree_fanout
-from .engine_choice import Plan, choose, network_timeout_seconds
+from .blocks import BlockCache, combine_in_order, tree_fanout
+from .engine_choice import Plan, choose, network_timeout_seconds, packing_plan
+from .exceptions import InvalidInputError
+from .resident_tasks import (
+    FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
+)
 
 #: Runs of the barrier stage, with no pass completed in between, before a failure is final.
 ATTEMPTS = 3
 #: Longest wait for a task's hello; the per-read timeout is `spark.network.timeout`.
 HANDSHAKE_SECONDS = 10.0
-#: Largest pass a task accepts (the driver has authenticated itself before it sends any).
-PASS_LIMIT_BYTES = 1 << 30
+#: Largest summary a packing task may send: its blocks' summary rows are well under 1% of its data.
+SUMMARY_LIMIT_BYTES = 1 << 28
 #: Spark's refusals to schedule a barrier stage at all: the driver engine runs the fit instead.
 REFUSALS = (
     "BarrierJobSlotsNumberCheckFailed",
     "BarrierJobRunWithDynamicAllocationException",
     "BarrierJobUnsupportedRDDChainException",
 )
-_PASS, _FINISH = b"P", b"F"
-#: How a task reports that it cannot reach the coordinator (the driver engine runs the fit instead).
-UNREACHABLE = "spark_gmm: a resident task cannot reach the driver"
 
 log = logging.getLogger("spark_gmm")
 
@@ -56,54 +62,6 @@ class BarrierUnavailable(RuntimeError):
 
 class _RunFailed(Exception):
     """The current run of the barrier stage is lost (a task died or its connection failed)."""
-
-
-def make_task(address, key: bytes, run: int, shift, has_weight: bool, dtype, read_seconds: float,
-              handshake_seconds: float):
-    """The barrier stage's `mapInArrow` function: load the blocks, then serve passes until told to finish."""
-
-    def task(batches):
-        from pyspark import BarrierTaskContext
-
-        context = BarrierTaskContext.get()
-        by_partition: dict[int, list] = {}
-        for pid, seq, raw, w in arrow_blocks(batches, has_weight, dtype):
-            by_partition.setdefault(pid, []).append((seq, raw, w))
-        for blocks in by_partition.values():
-            blocks.sort(key=lambda item: item[0])
-        hello = channel.Hello(context.partitionId(), len(context.getTaskInfos()), run)
-        try:
-            link = channel.connect(address, key, hello, handshake_seconds, read_seconds)
-        except channel.ChannelError as error:
-            raise RuntimeError(f"{UNREACHABLE}: {error}") from None
-        try:
-            _serve(link, by_partition, shift)
-        finally:
-            link.close()
-        return iter(())
-
-    return task
-
-
-def _serve(link: channel.Channel, by_partition: dict, shift) -> None:
-    """Answer passes until the driver says finish or ends this run (a rerun, or a failed fit)."""
-    while True:
-        try:
-            message = link.receive(PASS_LIMIT_BYTES)
-        except channel.ChannelError:
-            return
-        if message[:1] == _FINISH:
-            return
-        pass_ = wire.decode_pass(bytes(message[1:]))
-        mine = []
-        for pid in sorted(by_partition):
-            part = fold_blocks(pass_, ((raw, w) for _, raw, w in by_partition[pid]), shift)
-            if part is not None:
-                mine.append((pid, part))
-        try:
-            link.send(wire.encode_partials(mine))
-        except channel.ChannelError:
-            return
 
 
 class _Stage:
@@ -141,13 +99,21 @@ class _Stage:
 class ResidentEngine:
     """The driver's side: the listener, the stage runs and `reduce`."""
 
-    def __init__(self, cache: BlockCache, summary, spark: SparkSession, plan: Plan):
-        self.cache, self.spark = cache, spark
-        self.partitions, self.rows = summary.partitions, summary.rows
-        blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
-        # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks need a shuffle,
-        # by ranges of `pid`, so that each partition's blocks all reach one task.
-        self.blocks = blocks.repartitionByRange(plan.tasks, "pid") if summary.partitions > plan.tasks else blocks
+    def __init__(self, cache: BlockCache, spark: SparkSession, plan: Plan, partitions: int, rows: int = 0,
+                 packing: bool = False):
+        """Over the cached blocks, or with `packing` over the input rows, each task packing its
+        own partition (`rows` is then set by `go`)."""
+        self.cache, self.spark, self.plan, self.packing = cache, spark, plan, packing
+        self.partitions, self.rows, self.dtype = partitions, rows, cache.dtype
+        self.summary_rows: pa.Table | None = None  # packing: the first run's, which reruns must match
+        self.go_message: bytes | None = None  # packing: what lets the tasks serve, once the input is valid
+        if packing:
+            self.blocks = cache.input
+        else:
+            blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
+            # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks need a shuffle,
+            # by ranges of `pid`, so that each partition's blocks all reach one task.
+            self.blocks = blocks.repartitionByRange(plan.tasks, "pid") if partitions > plan.tasks else blocks
         self.read_seconds = network_timeout_seconds(spark)
         self.handshake_seconds = min(HANDSHAKE_SECONDS, self.read_seconds)
         self.key = secrets.token_bytes(channel.KEY_BYTES)
@@ -178,11 +144,15 @@ class ResidentEngine:
             return True
 
     def start(self) -> None:
-        """Run the stage until every task holds its blocks and is connected."""
+        """Run the stage until every task holds its blocks and is connected. Packing tasks get one
+        try: where it fails, the cached blocks' packing pass reads the input and explains the error."""
         while True:
             try:
                 return self._start_run()
             except _RunFailed as failure:
+                if self.packing:
+                    self._stop_run()
+                    raise BarrierUnavailable(str(failure)) from None
                 self._failed(failure)
                 if self.failures >= ATTEMPTS:
                     raise BarrierUnavailable(f"{ATTEMPTS} runs of the barrier stage failed; last: {failure}")
@@ -191,10 +161,16 @@ class ResidentEngine:
         with self.ready:
             self.run += 1
             self.members, self.expected, self.accepting = {}, 0, True
-        task = make_task(
-            self.listener.address, self.key, self.run, self.cache.shift, self.cache.has_weight,
-            self.cache.dtype, self.read_seconds, self.handshake_seconds,
-        )
+        if self.packing:
+            task = make_packing_task(
+                self.listener.address, self.key, self.run, self.cache.has_weight, self.cache.keep_missing,
+                self.plan.budget, self.read_seconds, self.handshake_seconds,
+            )
+        else:
+            task = make_task(
+                self.listener.address, self.key, self.run, self.cache.shift, self.cache.has_weight,
+                self.cache.dtype, self.read_seconds, self.handshake_seconds,
+            )
         self.stage = _Stage(self.spark, self.blocks, task, self.tag, self.run)
         with self.ready:
             while not (self.expected and len(self.members) == self.expected):
@@ -206,6 +182,56 @@ class ResidentEngine:
                         f"stage run {self.run} ended before its tasks connected: {self.stage.reason()}"
                     )
                 self.ready.wait(0.2)
+        if self.packing:
+            self._take_summaries()
+
+    def _take_summaries(self) -> None:
+        """Read every packing task's summary rows; on a rerun they must match the first run's,
+        then the tasks are told to serve."""
+        with self.ready:
+            links = [self.members[i] for i in sorted(self.members)]
+        stage, tables = self.stage, []
+        try:
+            for index, link in enumerate(links):
+                reply = link.receive(SUMMARY_LIMIT_BYTES, alive=lambda: not stage.done.is_set())
+                if reply[:1] == TOO_LARGE:
+                    raise BarrierUnavailable(
+                        f"partition {index} needs {int(bytes(reply[1:]))} bytes in its task, above the "
+                        f"{self.plan.budget} its Python worker may use"
+                    )
+                if reply[:1] != SUMMARY:
+                    raise wire.WireError(f"a {bytes(reply[:1])!r} message where a summary belongs")
+                tables.append(read_summary(memoryview(reply)[1:]))
+        except (channel.ChannelError, wire.WireError, ValueError) as error:
+            cause = stage.reason() if stage.done.is_set() else str(error)
+            raise _RunFailed(f"stage run {self.run} lost while packing ({cause})") from None
+        table = pa.concat_tables(tables)
+        if self.summary_rows is None:
+            self.summary_rows = table
+        elif not table.equals(self.summary_rows):
+            raise InvalidInputError(
+                "the input changed between two reads in one fit (rows, values or their partitions); "
+                "cache the DataFrame or write it out before fitting, so that every read sees the same rows"
+            )
+        if self.go_message is not None:
+            self._send_go()
+
+    def go(self, shift, dtype, rows: int) -> None:
+        """Let the packing tasks serve passes over their rows shifted by `shift`, as `dtype`."""
+        self.go_message, self.dtype, self.rows = encode_go(shift, dtype), dtype, rows
+        try:
+            self._send_go()
+        except _RunFailed as failure:
+            self._failed(failure)  # the next pass runs the stage again
+
+    def _send_go(self) -> None:
+        with self.ready:
+            links = [self.members[i] for i in sorted(self.members)]
+        try:
+            for link in links:
+                link.send(self.go_message)
+        except channel.ChannelError as error:
+            raise _RunFailed(f"stage run {self.run} lost ({error})") from None
 
     def _failed(self, failure: _RunFailed) -> None:
         """Count a lost run and end it; the caller runs the stage again or gives up."""
@@ -221,7 +247,7 @@ class ResidentEngine:
         """`pass_` over every block, combined as the driver engine combines it."""
         if self.failures >= ATTEMPTS:
             return self.cache.reduce(pass_)
-        payload = _PASS + wire.encode_pass(pass_)
+        payload = PASS + wire.encode_pass(pass_)
         limit = wire.reply_limit(pass_, self.partitions, self.rows)
         while True:
             try:
@@ -245,6 +271,8 @@ class ResidentEngine:
             "resident engine: %s; the rest of the fit runs on the driver engine, which gives the same model",
             why,
         )
+        if self.dtype != self.cache.dtype:  # packing tasks held float32 blocks: the cache's become the same
+            self.cache.store_as_float32()
         return self.cache.reduce(pass_)
 
     def _exchange(self, payload: bytes, limit: int) -> list:
@@ -288,7 +316,7 @@ class ResidentEngine:
         for link in links:
             if finish:
                 try:
-                    link.send(_FINISH)
+                    link.send(FINISH)
                 except channel.ChannelError:
                     pass
             link.close()
@@ -310,18 +338,44 @@ class ResidentEngine:
             self.listener.close()
 
 
+def start_packing(engine: str, cache: BlockCache, spark: SparkSession, spare_slots: int = 0) -> ResidentEngine | None:
+    """A resident engine whose tasks packed the input and sent its summary rows, or None where the
+    fit must pack it into cached blocks first. The caller validates the summary, then calls `go`
+    or `close`."""
+    plan = packing_plan(engine, spark, cache.input, spare_slots)
+    if plan is None:
+        return None
+    log.info("engine: resident (%s)", plan.reason)
+    try:
+        resident = ResidentEngine(cache, spark, plan, plan.tasks, packing=True)
+        try:
+            resident.start()
+        except BaseException:
+            resident.close()
+            raise
+    except BarrierUnavailable as why:
+        log.info("resident engine: its tasks cannot pack the input (%s); packing it into cached blocks", why)
+        return None
+    return resident
+
+
 @contextmanager
-def reducer(engine: str, cache: BlockCache, summary, spark: SparkSession, spare_slots: int = 0):
-    """`reduce` of the engine `engine` ('auto', 'barrier' or 'driver') picks, for the `with` block.
+def reducer(engine: str, cache: BlockCache, summary, spark: SparkSession, spare_slots: int = 0,
+            resident: ResidentEngine | None = None):
+    """`reduce` of the engine `engine` ('auto', 'barrier' or 'driver') picks, for the `with` block;
+    of `resident` when given (`start_packing`'s, which its caller closes).
 
     `spare_slots` task slots stay free of the barrier stage (checkpoint writes need one).
     """
+    if resident is not None:
+        yield resident.reduce
+        return
     plan = choose(engine, cache, summary, spark, spare_slots)
     if not plan.resident:
         yield cache.reduce
         return
     try:
-        resident = ResidentEngine(cache, summary, spark, plan)
+        resident = ResidentEngine(cache, spark, plan, summary.partitions, summary.rows)
         try:
             resident.start()
         except BaseException:

@@ -309,25 +309,24 @@ class BlockCache:
 
     def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2, keep_missing: bool = False):
         has_weight = weight_col is not None
-        columns = [x_col.alias("x")] + ([weight_col.alias("w")] if has_weight else [])
-        self.has_weight = has_weight
-        self.aggregation_depth = aggregation_depth
-        self.blocks = (
-            df.select(*columns)
-            .mapInArrow(make_packer(has_weight, keep_missing), BLOCK_SCHEMA)
-            .persist(StorageLevel.MEMORY_AND_DISK)
+        self.has_weight, self.keep_missing, self.aggregation_depth = has_weight, keep_missing, aggregation_depth
+        # The rows to pack: what a resident task packing its own partition reads (`resident_tasks`).
+        self.input = df.select(*([x_col.alias("x")] + ([weight_col.alias("w")] if has_weight else [])))
+        self.blocks = self.input.mapInArrow(make_packer(has_weight, keep_missing), BLOCK_SCHEMA).persist(
+            StorageLevel.MEMORY_AND_DISK
         )
-        self.shift = None
-        self.dtype = np.float64
-        self.partitions = 0
+        self.shift, self.dtype, self.partitions = None, np.float64, 0
 
     def summarize(self) -> InputSummary:
-        """Materialise the cache; count rows, weights and invalid rows; choose the data shift."""
-        table = self.blocks.select(*SUMMARY_COLUMNS).toArrow()
+        """Materialise the cache and take its summary (`adopt`)."""
+        return self.adopt(self.blocks.select(*SUMMARY_COLUMNS).toArrow())
+
+    def adopt(self, table: pa.Table) -> InputSummary:
+        """Count rows, weights and invalid rows of the summary rows of all blocks (in partition and
+        storage order); choose the data shift."""
         n = table.column("n").to_numpy()
         d_known = table.column("d").to_numpy()[n > 0]
-        dmin = table.column("dmin").to_numpy()
-        dmax = table.column("dmax").to_numpy()
+        dmin, dmax = table.column("dmin").to_numpy(), table.column("dmax").to_numpy()
         seen = dmin >= 0
         dims = (int(dmin[seen].min()), int(dmax[seen].max())) if seen.any() else (-1, -1)
         d = int(d_known[0]) if len(d_known) else dims[0]

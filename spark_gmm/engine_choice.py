@@ -1,5 +1,8 @@
 """Which engine runs a fit: the resident engine where Spark can hold the data in a barrier stage,
-else the driver engine. `choose` reads only the session's configuration and the input summary.
+else the driver engine. `choose` reads only the session's configuration and the input summary;
+`packing_plan`, tried first, lets the resident tasks pack the input themselves where its plan has no
+shuffle and its partitions fit in the free task slots (each task then checks its own partition
+against the memory budget below, and one over it sends the fit to the cached blocks and `choose`).
 
 `engine="auto"` (the default) uses the resident engine when all of these hold:
 - a classic session: under Spark Connect the tasks cannot reach the client that runs EM;
@@ -44,6 +47,7 @@ class Plan:
     reason: str
     tasks: int = 0
     host: str = ""  # the address the coordinator listens on
+    budget: int = 0  # bytes a task packing its own partition may hold
 
 
 def _mib(text: str) -> int:
@@ -131,19 +135,55 @@ def choose(engine: str, cache, summary, spark: SparkSession, spare_slots: int = 
     return plan
 
 
-def _plan(engine: str, cache, summary, spark: SparkSession, spare_slots: int) -> Plan:
+def packing_plan(engine: str, spark: SparkSession, rows, spare_slots: int = 0) -> Plan | None:
+    """A plan for resident tasks that pack the DataFrame `rows` themselves, one per partition
+    (`resident_tasks.make_packing_task`), or None where the cached blocks must come first: more
+    partitions than free slots, partitions not known before a shuffle runs, encryption on, or no
+    resident engine at all. Each task checks its own blocks against `Plan.budget`."""
+    refusal, slots = _refusal(engine, spark, spare_slots)
+    if refusal:
+        return None
+    partitions = _partitions_known(rows)
+    if not 0 < partitions <= slots - spare_slots:
+        return None
+    context = spark.sparkContext
+    conf, master = context.getConf(), context.master
+    if any(conf.get(name, "false").strip().lower() == "true" for name in ENCRYPTION_SETTINGS):
+        return None
+    budget, source = python_memory_per_task(conf, master, slots)
+    reason = f"a barrier stage of {partitions} task(s) packing their own partition, each within the {_size(budget)} of {source}"
+    return Plan(True, reason, partitions, advertised_host(conf, master), budget)
+
+
+def _partitions_known(df) -> int:
+    """Partitions Spark reads `df` in, where it knows them before running anything; 0 for a plan
+    with a shuffle (its partitions exist once the shuffle has run)."""
+    if "Exchange" in df._jdf.queryExecution().executedPlan().toString():
+        return 0
+    return df.rdd.getNumPartitions()
+
+
+def _refusal(engine: str, spark: SparkSession, spare_slots: int) -> tuple[str | None, int]:
+    """(why no resident engine can run, or None; the task slots)."""
     if engine == "driver":
-        return Plan(False, "engine='driver'")
+        return "engine='driver'", 0
     try:
         context = spark.sparkContext
     except Exception:  # Spark Connect has no SparkContext
-        return Plan(False, "Spark Connect: tasks cannot reach the client that runs EM")
-    conf, master = context.getConf(), context.master
-    if _dynamic_allocation(conf):
-        return Plan(False, "dynamic allocation is on, and Spark refuses barrier stages with it")
+        return "Spark Connect: tasks cannot reach the client that runs EM", 0
+    if _dynamic_allocation(context.getConf()):
+        return "dynamic allocation is on, and Spark refuses barrier stages with it", 0
     slots = task_slots(spark)
     if slots - spare_slots < 1:
-        return Plan(False, f"{slots} task slot(s), {spare_slots} of them kept free for checkpoint writes")
+        return f"{slots} task slot(s), {spare_slots} of them kept free for checkpoint writes", slots
+    return None, slots
+
+
+def _plan(engine: str, cache, summary, spark: SparkSession, spare_slots: int) -> Plan:
+    refusal, slots = _refusal(engine, spark, spare_slots)
+    if refusal:
+        return Plan(False, refusal)
+    conf, master = spark.sparkContext.getConf(), spark.sparkContext.master
     tasks = min(summary.partitions, slots - spare_slots)
     row_bytes = summary.d * np.dtype(cache.dtype).itemsize + (8 if cache.has_weight else 0)
     need = RESIDENT_HEADROOM * math.ceil(summary.rows * row_bytes / tasks)

@@ -1,11 +1,11 @@
 """From a DataFrame and a fit's settings to fitted mixtures, on the chosen engine.
 
-The Spark side of a fit, in data-flow order: the input packed into cached blocks (`blocks`) and
-refused, naming the column, when it cannot be fitted; the initial model moved into the fit's
-shifted coordinates; the engine chosen (`barrier.reducer`); restarts (nInit) or several candidates
-run in shared passes (`em.fit`), or, when handleInvalid='keep' finds rows with missing values,
-the exact EM over their observed values (`marginal.fit`); checkpoints wired; the result moved back
-to the data's coordinates. `GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results
+The Spark side of a fit, in data-flow order: the input packed by the resident engine's tasks
+(`barrier.start_packing`) or into cached blocks (`blocks`), and refused, naming the column, when it
+cannot be fitted; the initial model moved into the fit's shifted coordinates; the engine chosen
+(`barrier.reducer`); restarts (nInit) or several candidates run in shared passes (`em.fit`), or,
+when handleInvalid='keep' finds rows with missing values, the exact EM over their observed values
+(`marginal.fit`); checkpoints wired; the result moved back to the data's coordinates. `GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results
 into models.
 """
 
@@ -92,21 +92,24 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
     result per candidate, all sharing every pass, without restarts or checkpoints; the data are
     validated once, for the largest k, with the request's other settings."""
     largest_k = max(c.k for c in candidates) if candidates else request.settings.k
-    cache, summary, skipped = _prepare(dataset, request, largest_k)
+    restarts = request.n_init > 1 and request.initial is None
+    # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
+    spare = 1 if candidates is None and request.checkpoint_dir and not restarts else 0
+    cache, summary, skipped, resident = _prepare(dataset, request, largest_k, spare)
     spark = dataset.sparkSession
     run = _em_for(summary)
     try:
         if candidates is None:
             candidates = [request.settings]
-            results = [_fit_one(cache, summary, spark, request, run)]
+            results = [_fit_one(cache, summary, spark, request, run, spare, resident)]
         else:
-            with barrier.reducer(request.engine, cache, summary, spark) as reduce:
+            with barrier.reducer(request.engine, cache, summary, spark, resident=resident) as reduce:
                 results = run(
                     reduce, summary.d, summary.total_weight,
                     [_with_start(request, c, summary) for c in candidates], describe=cache.describe,
                 )
     finally:
-        _release(cache)
+        _release(cache, resident)
     names = feature_names(dataset, request.features_col, request.input_cols)
     names = names if names and len(names) == summary.d else None
     all_missing = summary.null_rows if request.handle_invalid == "keep" else 0
@@ -114,18 +117,25 @@ def fit(dataset: DataFrame, request: FitRequest, candidates: list[em.FitSettings
             for result, settings in zip(results, candidates)]
 
 
-def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCache, InputSummary, int]:
-    """(cached blocks, input summary, rows skipped), validated for `k` components."""
+def _prepare(dataset: DataFrame, request: FitRequest, k: int, spare_slots: int):
+    """(blocks, input summary, rows skipped, resident engine or None), validated for `k` components.
+    Where the input's partitions fit in the free task slots, the resident engine's tasks pack
+    them and keep them (`barrier.start_packing`); else they are packed into cached blocks."""
     require_batch(dataset, "GaussianMixture.fit")
     features = feature_array(dataset, request.features_col, request.input_cols)
     weights = weight_column(dataset, request.weight_col)
     _check_size_before_packing(dataset, request, features, k)
     cache = BlockCache(dataset, features, weights, request.aggregation_depth, request.handle_invalid == "keep")
+    resident = None
     try:
-        log.info("reading and validating the input into cached blocks")
+        log.info("reading and validating the input")
         began = time.perf_counter()
-        cache.describe("reading the input into cached blocks")
-        summary = executor_errors_explained(cache.summarize)
+        resident = barrier.start_packing(request.engine, cache, dataset.sparkSession, spare_slots)
+        if resident is not None:
+            summary = cache.adopt(resident.summary_rows)
+        else:
+            cache.describe("reading the input into cached blocks")
+            summary = executor_errors_explained(cache.summarize)
         skipped = _validate(summary, request, k, dataset.sparkSession)
         seconds = time.perf_counter() - began
         log.info(
@@ -133,12 +143,15 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int) -> tuple[BlockCach
             summary.rows, summary.d, summary.partitions,
             f", {skipped} invalid rows left out" if skipped else "", seconds, summary.rows / max(seconds, 1e-9),
         )
-        if request.settings.dtype == "float32" and not summary.incomplete_rows:
+        narrow = request.settings.dtype == "float32" and not summary.incomplete_rows
+        if resident is not None:
+            resident.go(summary.shift, np.float32 if narrow else np.float64, summary.rows)
+        elif narrow:
             cache.store_as_float32()
     except BaseException:
-        _release(cache)
+        _release(cache, resident)
         raise
-    return cache, summary, skipped
+    return cache, summary, skipped, resident
 
 
 def _check_size_before_packing(dataset: DataFrame, request: FitRequest, features, k: int) -> None:
@@ -152,9 +165,13 @@ def _check_size_before_packing(dataset: DataFrame, request: FitRequest, features
         check_driver_memory(k, d, 8 * ComponentStatistics.size(k, d), 1, 0)
 
 
-def _release(cache: BlockCache) -> None:
-    cache.describe(None)
-    cache.unpersist()
+def _release(cache: BlockCache, resident: barrier.ResidentEngine | None) -> None:
+    try:
+        if resident is not None:
+            resident.close()
+    finally:
+        cache.describe(None)
+        cache.unpersist()
 
 
 def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
@@ -234,15 +251,13 @@ def _em_for(summary: InputSummary) -> Callable[..., list[em.FitResult]]:
 
 
 def _fit_one(cache: BlockCache, summary: InputSummary, spark, request: FitRequest,
-             run: Callable[..., list[em.FitResult]]) -> em.FitResult:
+             run: Callable[..., list[em.FitResult]], spare: int, resident) -> em.FitResult:
     """One fit by `run`: the best of nInit restarts in shared passes, or a single fit with checkpoints."""
     settings = _with_start(request, request.settings, summary)
     restarts = request.n_init > 1 and settings.start is None
     checkpointer = None if restarts else _checkpointer(spark, summary, request)
     resume = checkpointer.latest() if checkpointer else None
-    # Checkpoint writes are Spark jobs: they need a task slot the barrier stage leaves free.
-    spare = 1 if checkpointer else 0
-    with barrier.reducer(request.engine, cache, summary, spark, spare) as reduce:
+    with barrier.reducer(request.engine, cache, summary, spark, spare, resident) as reduce:
         if restarts:
             candidates = [replace(settings, seed=settings.seed + i) for i in range(request.n_init)]
             return _best(run(reduce, summary.d, summary.total_weight, candidates, describe=cache.describe), candidates)

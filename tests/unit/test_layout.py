@@ -12,7 +12,7 @@ MOST_LINES = 400
 #: (`_save`, `_load`), which every persistable class implements and the persistence code calls.
 FRAMEWORK_NAMES = {
     "_set", "_setDefault", "_copyValues", "_resetUid", "_dummy", "_paramMap", "_defaultParamMap",
-    "_jvm", "_jsc", "_gateway", "_ensure_initialized", "_actions", "_save", "_load",
+    "_jvm", "_jsc", "_jdf", "_gateway", "_ensure_initialized", "_actions", "_save", "_load",
 }
 
 

@@ -1,0 +1,103 @@
+"""Resident tasks that pack their own input partition (no shuffle, no more partitions than task
+slots): the fit reads its input once and gives the driver engine's model bit for bit; a rerun
+after a lost task reads the input again and must find the same rows; a partition too large for
+its task, or input that cannot be fitted, ends the stage and takes the cached-blocks path or the
+plain error."""
+
+import logging
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from spark_gmm import GaussianMixture, engine_choice
+from spark_gmm.exceptions import InvalidInputError
+from support import array_frame, assert_identical
+from test_engines import KillAtIteration
+
+PACKING = "engine: resident (a barrier stage of 2 task(s) packing their own partition"
+
+
+@pytest.fixture(scope="module")
+def unshuffled(spark):
+    """Three blobs far from the origin, with weights, in the session's 2 partitions: no shuffle."""
+    rng = np.random.default_rng(21)
+    centers = np.array([[0.0, 0.0, 0.0], [5.0, 5.0, 0.0], [0.0, 7.0, 4.0]])
+    x = np.vstack([rng.normal(c, [1.0, 0.5, 2.0], size=(700, 3)) for c in centers]) + 1e5
+    df = array_frame(spark, x, partitions=None, w=rng.uniform(0.5, 2.0, len(x)).tolist())
+    assert df.rdd.getNumPartitions() == 2
+    return df
+
+
+@pytest.fixture
+def log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    return lambda prefix: [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
+
+
+@pytest.mark.parametrize("dtype, weighted", [("float64", False), ("float32", True)])
+def test_packing_tasks_give_the_driver_engines_model(unshuffled, log_lines, dtype, weighted):
+    settings = dict(k=3, seed=2, maxIter=8, tol=0.0, dtype=dtype, weightCol="w" if weighted else None)
+    resident = GaussianMixture(**settings).fit(unshuffled)
+    assert log_lines("engine: ")[-1].startswith(PACKING)
+    assert log_lines("resident engine: its tasks cannot pack") == []
+    assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(unshuffled))
+
+
+def test_a_packing_task_killed_mid_fit_reads_its_partition_again(spark, unshuffled, caplog):
+    est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0)
+    calm = est.fit(unshuffled)
+    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration=3)
+    logger = logging.getLogger("spark_gmm")
+    logger.addHandler(killer)
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    try:
+        disturbed = est.fit(unshuffled)
+    finally:
+        logger.removeHandler(killer)
+    assert killer.killed, "no resident task was found to kill"
+    assert "packing their own partition" in caplog.text
+    assert "running the barrier stage again (failure 1 of at most 2 in a row)" in caplog.text
+    assert "runs on the driver engine" not in caplog.text
+    assert_identical(disturbed, calm)
+
+
+def test_input_that_changes_between_reads_is_refused(spark, caplog):
+    # A Python UDF drawing fresh numbers on every read: the rerun after the kill sees other rows.
+    noise = F.udf(lambda i: [float(v) for v in np.random.default_rng().normal(size=2) + 6 * (i % 2)],
+                  "array<double>").asNondeterministic()
+    df = spark.range(0, 2000, numPartitions=2).select(noise("id").alias("features"))
+    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration=2)
+    logger = logging.getLogger("spark_gmm")
+    logger.addHandler(killer)
+    caplog.set_level(logging.INFO, logger="spark_gmm")
+    try:
+        with pytest.raises(InvalidInputError, match="^the input changed between two reads in one fit"):
+            GaussianMixture(k=2, seed=1, maxIter=6, tol=0.0).fit(df)
+    finally:
+        logger.removeHandler(killer)
+    assert killer.killed and "packing their own partition" in caplog.text
+
+
+def test_a_partition_too_large_for_its_task_is_packed_into_cached_blocks(unshuffled, monkeypatch, log_lines):
+    monkeypatch.setattr(engine_choice, "python_memory_per_task", lambda conf, master, slots: (10_000, "a test budget"))
+    auto = GaussianMixture(k=3, seed=4, maxIter=5).fit(unshuffled)
+    (cannot,) = log_lines("resident engine: its tasks cannot pack the input")
+    assert "bytes in its task, above the 10000 its Python worker may use" in cannot
+    assert log_lines("engine: ")[-1].startswith("engine: driver (")
+    assert_identical(auto, GaussianMixture(k=3, seed=4, maxIter=5, engine="driver").fit(unshuffled))
+
+
+def test_input_refused_after_packing_ends_the_stage(spark, unshuffled, log_lines):
+    bad = unshuffled.withColumn("features", F.when(F.col("w") > 1.9, F.array(F.lit(float("nan")), F.lit(0.0),
+                                                                             F.lit(0.0))).otherwise(F.col("features")))
+    count = bad.where(F.col("w") > 1.9).count()
+    with pytest.raises(InvalidInputError, match=f"^{count} rows with NaN or infinite features in 'features'"):
+        GaussianMixture(k=3).fit(bad)
+    assert log_lines("engine: ")[-1].startswith(PACKING)
+    # The refused fit's stage has ended: the next one gets both task slots and packs again.
+    skipped = GaussianMixture(k=3, seed=1, maxIter=4, handleInvalid="skip").fit(bad)
+    assert log_lines("engine: ")[-1].startswith(PACKING)
+    assert skipped.summary.invalidRowsSkipped == count > 0
+    driver = GaussianMixture(k=3, seed=1, maxIter=4, handleInvalid="skip", engine="driver").fit(bad)
+    assert_identical(skipped, driver)
