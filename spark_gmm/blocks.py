@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from operator import itemgetter
 
 import numpy as np
@@ -29,7 +30,7 @@ from .codec import binary_views as _binary_views
 from .engine_choice import pass_tasks
 from .inputs import arrow_batches_of
 from .kernels import mix64
-from .rows import batch_rows
+from .rows import RowBlocker, batch_rows
 
 #: Target bytes of one block: large enough that numpy calls amortise, small enough for the cache.
 BLOCK_BYTES = 1 << 19
@@ -97,10 +98,10 @@ def block_values(data: np.ndarray, n: int, d: int, dtype=np.float64) -> np.ndarr
     return rows if stored == dtype else rows.astype(dtype)
 
 
-def block_batch(pid, seq, x, w, counts, dims, digest=0):
+def block_batch(pid, seq, x, w, counts, dims, digest=0, values=True):
     """One output row: a block of valid rows plus what the driver needs to validate the input:
     `counts` of rows [null, non-finite, bad weight, kept with missing values], per-feature ranges
-    over the observed (not NaN) values."""
+    over the observed (not NaN) values. Without `values`, the summary alone (`x` and `w` empty)."""
     n, d = x.shape if x is not None else (0, -1)
     finite = x if x is not None else np.empty((0, 0))
     return pa.RecordBatch.from_pydict(
@@ -109,8 +110,8 @@ def block_batch(pid, seq, x, w, counts, dims, digest=0):
             "seq": pa.array([seq], pa.int32()),
             "n": pa.array([n], pa.int32()),
             "d": pa.array([d], pa.int32()),
-            "x": pa.array([stored_values(finite)], pa.binary()),
-            "w": pa.array([b"" if w is None else w.tobytes()], pa.binary()),
+            "x": pa.array([stored_values(finite) if values else b""], pa.binary()),
+            "w": pa.array([b"" if w is None or not values else w.tobytes()], pa.binary()),
             "wsum": pa.array([float(n if w is None else w.sum())], pa.float64()),
             "xmin": pa.array([np.fmin.reduce(finite, axis=0).tobytes() if n else b""], pa.binary()),
             "xmax": pa.array([np.fmax.reduce(finite, axis=0).tobytes() if n else b""], pa.binary()),
@@ -125,65 +126,41 @@ def block_batch(pid, seq, x, w, counts, dims, digest=0):
     )
 
 
-class RowBlocker:
-    """Rows arriving in batches of any size, cut into blocks of exactly `block_rows` rows (the last
-    one of a partition shorter), in order, with their weights: what every packer emits."""
-
-    def __init__(self, has_weight: bool):
-        self.has_weight = has_weight
-        self.xs, self.ws, self.pending = [], [], 0
-
-    def add(self, x: np.ndarray, w: np.ndarray | None, block_rows: int):
-        """Take rows x (n, d) and weights w (n,) (None without weights); yield each full block."""
-        self.xs.append(x)
-        if self.has_weight:
-            self.ws.append(w)
-        self.pending += len(x)
-        if self.pending >= block_rows:
-            yield from self._cut(self.pending - self.pending % block_rows, block_rows)
-
-    def rest(self, block_rows: int):  # the rows left over: the partition's last block
-        if self.pending:
-            yield from self._cut(self.pending, block_rows)
-
-    def _cut(self, stop: int, block_rows: int):
-        x = np.concatenate(self.xs)
-        w = np.concatenate(self.ws) if self.has_weight else None
-        for start in range(0, stop, block_rows):
-            end = min(start + block_rows, stop)
-            yield x[start:end], (w[start:end] if self.has_weight else None)
-        self.xs, self.ws = [x[stop:]], ([w[stop:]] if self.has_weight else [])
-        self.pending = len(x) - stop
+def pack_blocks(batches, has_weight: bool, keep_missing: bool = False):
+    """Input rows (Arrow batches of the `x` and optional `w` columns of one partition) cut into
+    blocks: (pid, seq, rows, weights, counts, dims, digest) per block, then one that carries the
+    partition's counts of invalid rows and its digest; with `keep_missing`, rows with some finite
+    feature are kept, NaN marking the others (`rows.batch_rows`)."""
+    pid, block_rows, seq, blocker = partition_id(), None, 0, RowBlocker(has_weight)
+    counts, dims, digest = np.zeros(4, np.int64), (-1, -1), 0
+    for batch in batches:
+        x, w, c, batch_dims = batch_rows(batch, has_weight, keep_missing)
+        counts += c
+        if batch_dims[0] >= 0:
+            dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
+        if x is None or dims[0] != dims[1]:
+            # Vectors of different lengths: report, the driver refuses the input.
+            yield pid, seq, None, None, counts.tolist(), dims, 0
+            return
+        if not len(x):
+            continue
+        digest = (digest + content_digest(x, w)) & _U64
+        block_rows = block_rows or block_rows_for(x.shape[1])
+        for bx, bw in blocker.add(x, w, block_rows):
+            yield pid, seq, bx, bw, NO_COUNTS, (bx.shape[1],) * 2, 0
+            seq += 1
+    for bx, bw in blocker.rest(block_rows):
+        yield pid, seq, bx, bw, NO_COUNTS, (bx.shape[1],) * 2, 0
+        seq += 1
+    yield pid, seq, None, None, counts.tolist(), dims, digest
 
 
 def make_packer(has_weight: bool, keep_missing: bool = False):
-    """The `mapInArrow` function that turns input rows into blocks (and invalid-row counts); with
-    `keep_missing`, rows with some finite feature are kept, NaN marking the others (`rows.batch_rows`)."""
+    """The `mapInArrow` function that turns input rows into cached blocks (`pack_blocks`)."""
 
     def pack(batches):
-        pid, block_rows, seq, blocker = partition_id(), None, 0, RowBlocker(has_weight)
-        counts, dims, digest = np.zeros(4, np.int64), (-1, -1), 0
-        for batch in batches:
-            x, w, c, batch_dims = batch_rows(batch, has_weight, keep_missing)
-            counts += c
-            if batch_dims[0] >= 0:
-                dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
-            if x is None or dims[0] != dims[1]:
-                # Vectors of different lengths: report, the driver refuses the input.
-                yield block_batch(pid, seq, None, None, counts.tolist(), dims)
-                return
-            if not len(x):
-                continue
-            digest = (digest + content_digest(x, w)) & _U64
-            block_rows = block_rows or block_rows_for(x.shape[1])
-            for bx, bw in blocker.add(x, w, block_rows):
-                yield block_batch(pid, seq, bx, bw, NO_COUNTS, (bx.shape[1],) * 2)
-                seq += 1
-        for bx, bw in blocker.rest(block_rows):
-            yield block_batch(pid, seq, bx, bw, NO_COUNTS, (bx.shape[1],) * 2)
-            seq += 1
-        # Counts of invalid rows and the digest travel on a row of their own.
-        yield block_batch(pid, seq, None, None, counts.tolist(), dims, digest)
+        for block in pack_blocks(batches, has_weight, keep_missing):
+            yield block_batch(*block)
 
     return pack
 
@@ -312,10 +289,15 @@ class BlockCache:
         self.has_weight, self.keep_missing, self.aggregation_depth = has_weight, keep_missing, aggregation_depth
         # The rows to pack: what a resident task packing its own partition reads (`resident_tasks`).
         self.input = df.select(*([x_col.alias("x")] + ([weight_col.alias("w")] if has_weight else [])))
-        self.blocks = self.input.mapInArrow(make_packer(has_weight, keep_missing), BLOCK_SCHEMA).persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
+        self.session = df.sparkSession
         self.shift, self.dtype, self.partitions = None, np.float64, 0
+
+    @cached_property
+    def blocks(self) -> DataFrame:
+        """The packed blocks, cached; made on first use: a fit whose resident tasks pack the input
+        needs them only if it hands over to the driver engine."""
+        packer = make_packer(self.has_weight, self.keep_missing)
+        return self.input.mapInArrow(packer, BLOCK_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
 
     def summarize(self) -> InputSummary:
         """Materialise the cache and take its summary (`adopt`)."""
@@ -371,7 +353,7 @@ class BlockCache:
     def reduce(self, pass_) -> np.ndarray:
         """Run `pass_` over every block, a task per slot of the moment (`pass_tasks`); the partials,
         one per input partition whatever the slots, combined in partition order (in a tree if large)."""
-        tasks = pass_tasks(self.blocks.sparkSession)
+        tasks = pass_tasks(self.session)
         blocks = self.blocks.coalesce(tasks) if tasks else self.blocks
         parts = blocks.select("pid", "seq", "n", "d", "x", "w").mapInArrow(
             make_partition_fold(pass_, self.shift, self.has_weight, self.dtype), PARTIAL_SCHEMA
@@ -383,17 +365,18 @@ class BlockCache:
                 width *= fanout
                 group = F.floor(F.col("pid") / F.lit(width))
                 parts = parts.groupBy(group).applyInArrow(make_combiner(pass_), PARTIAL_SCHEMA)
-        with arrow_batches_of(self.blocks.sparkSession, BLOCKS_PER_BATCH):
+        with arrow_batches_of(self.session, BLOCKS_PER_BATCH):
             table = parts.toArrow()
         return combine_in_order(pass_, _partials(table))
 
     def describe(self, text: str | None) -> None:
         """Name the next Spark jobs in the UI (`spark_gmm: EM iteration 3`); None clears the name."""
         try:
-            context = self.blocks.sparkSession.sparkContext
+            context = self.session.sparkContext
         except Exception:  # Spark Connect: no job descriptions
             return
         context.setJobDescription(f"spark_gmm: {text}" if text else None)
 
     def unpersist(self) -> None:
-        self.blocks.unpersist()
+        if "blocks" in vars(self):  # made
+            self.blocks.unpersist()

@@ -25,7 +25,6 @@ from .blocks import (
     BLOCK_SCHEMA,
     NO_COUNTS,
     BlockCache,
-    RowBlocker,
     block_batch,
     block_rows_for,
     content_digest,
@@ -34,6 +33,7 @@ from .blocks import (
 from .exceptions import InvalidInputError
 from .inputs import named_column
 from .latent import Columns
+from .rows import RowBlocker
 
 #: Feature kinds in packing order (the order of `latent.Columns`).
 KINDS = ("gaussian", "bernoulli", "categorical", "poisson")
@@ -336,8 +336,7 @@ class MixedBlockCache(BlockCache):
     def __init__(self, df: DataFrame, schema: MixedSchema, weight: Column | None, handle: str,
                  aggregation_depth: int = 2):
         # The attributes `BlockCache.reduce` reads, set here: its __init__ would pack vectors.
-        self.has_weight = weight is not None
-        self.aggregation_depth = aggregation_depth
+        self.has_weight, self.aggregation_depth, self.session = weight is not None, aggregation_depth, df.sparkSession
         selected = [coded(df, f) for f in schema.features] + ([weight.alias("__w")] if self.has_weight else [])
         self.blocks = (
             df.select(*selected)

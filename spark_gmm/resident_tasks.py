@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import channel, wire
-from .blocks import SUMMARY_COLUMNS, arrow_blocks, fold_blocks, make_float32_converter, make_packer
+from .blocks import SUMMARY_COLUMNS, arrow_blocks, block_batch, fold_blocks, pack_blocks
 from .engine_choice import RESIDENT_HEADROOM
 
 PASS, FINISH, GO = b"P", b"F", b"G"
@@ -68,31 +68,34 @@ def make_task(address, key: bytes, run: int, shift, has_weight: bool, dtype, rea
 
 def make_packing_task(address, key: bytes, run: int, has_weight: bool, keep_missing: bool, budget_bytes: int,
                       read_seconds: float, handshake_seconds: float):
-    """The barrier stage's `mapInArrow` function over input rows: pack them, report their summary,
-    and serve passes once the driver says GO (a task over its budget reports that and stops)."""
+    """The barrier stage's `mapInArrow` function over input rows: pack them as the cached blocks'
+    packing pass does (`blocks.pack_blocks`), keep the blocks as they come, report their summary
+    rows, and serve passes once the driver says GO (a task over its budget reports that and stops)."""
 
     def task(batches):
-        packed, held = [], 0
-        for batch in make_packer(has_weight, keep_missing)(batches):
-            packed.append(batch)
-            rows, d = batch.column("n")[0].as_py(), max(batch.column("d")[0].as_py(), 0)
-            held += rows * 8 * (d + has_weight)
-            if RESIDENT_HEADROOM * held > budget_bytes:
-                break
+        summaries, by_partition, held = [], {}, 0
+        for pid, seq, x, w, counts, dims, digest in pack_blocks(batches, has_weight, keep_missing):
+            summaries.append(block_batch(pid, seq, x, w, counts, dims, digest, values=False))
+            if x is not None and len(x):
+                by_partition.setdefault(pid, []).append((seq, x, w))
+                held += x.nbytes + (0 if w is None else w.nbytes)
+                if RESIDENT_HEADROOM * held > budget_bytes:
+                    break
         link = _link(address, key, run, handshake_seconds, read_seconds)
         try:
             if RESIDENT_HEADROOM * held > budget_bytes:
                 link.send(TOO_LARGE + str(int(RESIDENT_HEADROOM * held)).encode())
                 return iter(())
-            link.send(SUMMARY + summary_bytes(packed))
+            link.send(SUMMARY + summary_bytes(summaries))
             reply = link.receive(2 + 8 * (1 << 20))
             if reply[:1] != GO:
                 return iter(())
             width, shift = decode_go(bytes(reply))
-            dtype = np.float32 if width == 4 else np.float64
-            if dtype == np.float32:  # as `BlockCache.store_as_float32` converts the cache
-                packed, shift = list(make_float32_converter(shift)(packed)), None
-            serve(link, held_blocks(packed, has_weight, dtype), shift)
+            if width == 4:  # as `BlockCache.store_as_float32` converts the cached blocks
+                by_partition = {pid: [(seq, (x - shift).astype(np.float32), w) for seq, x, w in blocks]
+                                for pid, blocks in by_partition.items()}
+                shift = None
+            serve(link, by_partition, shift)
         except channel.ChannelError:
             pass  # the driver ended this run
         finally:
@@ -102,9 +105,9 @@ def make_packing_task(address, key: bytes, run: int, has_weight: bool, keep_miss
     return task
 
 
-def summary_bytes(packed: list[pa.RecordBatch]) -> bytes:
-    """The summary rows of packed blocks (the packer always emits one), as an Arrow stream."""
-    table = pa.Table.from_batches(packed).select(SUMMARY_COLUMNS)
+def summary_bytes(summaries: list[pa.RecordBatch]) -> bytes:
+    """Summary rows of blocks (a partition has at least one), as an Arrow stream."""
+    table = pa.Table.from_batches(summaries).select(SUMMARY_COLUMNS)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)

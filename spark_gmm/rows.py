@@ -96,3 +96,34 @@ def batch_rows(batch: pa.RecordBatch, has_weight: bool, keep_missing: bool = Fal
     keep = ~(missing | nonfinite | bad_weight)
     counts = [int(missing.sum()), int(nonfinite.sum()), int(bad_weight.sum()), int((incomplete & keep).sum())]
     return x[keep], (w[keep] if has_weight else None), counts, dims
+
+
+class RowBlocker:
+    """Rows arriving in batches of any size, cut into blocks of exactly `block_rows` rows (the last
+    one of a partition shorter), in order, with their weights: what every packer emits."""
+
+    def __init__(self, has_weight: bool):
+        self.has_weight = has_weight
+        self.xs, self.ws, self.pending = [], [], 0
+
+    def add(self, x: np.ndarray, w: np.ndarray | None, block_rows: int):
+        """Take rows x (n, d) and weights w (n,) (None without weights); yield each full block."""
+        self.xs.append(x)
+        if self.has_weight:
+            self.ws.append(w)
+        self.pending += len(x)
+        if self.pending >= block_rows:
+            yield from self._cut(self.pending - self.pending % block_rows, block_rows)
+
+    def rest(self, block_rows: int):  # the rows left over: the partition's last block
+        if self.pending:
+            yield from self._cut(self.pending, block_rows)
+
+    def _cut(self, stop: int, block_rows: int):
+        x = np.concatenate(self.xs)
+        w = np.concatenate(self.ws) if self.has_weight else None
+        for start in range(0, stop, block_rows):
+            end = min(start + block_rows, stop)
+            yield x[start:end], (w[start:end] if self.has_weight else None)
+        self.xs, self.ws = [x[stop:]], ([w[stop:]] if self.has_weight else [])
+        self.pending = len(x) - stop
