@@ -1,11 +1,12 @@
 """What a resident task runs on its executor: take its blocks, then answer the driver's passes.
 
 A task gets its blocks in one of two ways. `make_task` reads them from the fit's cached blocks.
-`make_packing_task` packs its input partition itself with the packing pass's own function, so a
-fit whose input has no more partitions than there are task slots reads its input once, and never
-writes the blocks to Spark's cache or reads them back. Such a task first sends the driver its
-blocks' summary rows (the ones the cache would have given) and serves passes only once the driver,
-having validated the whole input, answers GO with the data's shift and the fit's dtype.
+`make_packing_task` cuts its input partition into blocks as the caching pass does
+(`blocks.pack_blocks`) and keeps them as they come, so a fit whose input has no more partitions
+than there are task slots reads its input once, and never writes the blocks to Spark's cache or
+reads them back. Such a task first sends the driver its blocks' summary rows (the ones the cache
+would have given) and serves passes only once the driver, having validated the whole input,
+answers GO with the data's shift and the fit's dtype.
 
 Messages, after the channel's handshake: task → driver SUMMARY + an Arrow stream of the summary
 rows, or TOO_LARGE + the bytes it would hold; driver → task GO + dtype width + shift, PASS + a pass
@@ -40,22 +41,16 @@ def _link(address, key: bytes, run: int, handshake_seconds: float, read_seconds:
         raise RuntimeError(f"{UNREACHABLE}: {error}") from None
 
 
-def held_blocks(batches, has_weight: bool, dtype) -> dict[int, list]:
-    """{partition: [(seq, raw rows, weights)] in storage order} of Arrow batches of blocks."""
-    by_partition: dict[int, list] = {}
-    for pid, seq, raw, w in arrow_blocks(batches, has_weight, dtype):
-        by_partition.setdefault(pid, []).append((seq, raw, w))
-    for blocks in by_partition.values():
-        blocks.sort(key=lambda item: item[0])
-    return by_partition
-
-
 def make_task(address, key: bytes, run: int, shift, has_weight: bool, dtype, read_seconds: float,
               handshake_seconds: float):
     """The barrier stage's `mapInArrow` function over cached blocks: load them, then serve passes."""
 
     def task(batches):
-        by_partition = held_blocks(batches, has_weight, dtype)
+        by_partition: dict[int, list] = {}  # partition: [(seq, raw rows, weights)] in storage order
+        for pid, seq, raw, w in arrow_blocks(batches, has_weight, dtype):
+            by_partition.setdefault(pid, []).append((seq, raw, w))
+        for blocks in by_partition.values():
+            blocks.sort(key=lambda item: item[0])
         link = _link(address, key, run, handshake_seconds, read_seconds)
         try:
             serve(link, by_partition, shift)

@@ -37,7 +37,7 @@ def log_lines(caplog):
 
 @pytest.mark.parametrize("dtype, weighted", [("float64", False), ("float32", True)])
 def test_packing_tasks_give_the_driver_engines_model(unshuffled, log_lines, dtype, weighted):
-    settings = dict(k=3, seed=2, maxIter=8, tol=0.0, dtype=dtype, weightCol="w" if weighted else None)
+    settings = dict(k=3, seed=2, maxIter=5, tol=0.0, dtype=dtype, weightCol="w" if weighted else None)
     resident = GaussianMixture(**settings).fit(unshuffled)
     assert log_lines("engine: ")[-1].startswith(PACKING)
     assert log_lines("resident engine: its tasks cannot pack") == []
@@ -81,11 +81,11 @@ def test_input_that_changes_between_reads_is_refused(spark, caplog):
 
 def test_a_partition_too_large_for_its_task_is_packed_into_cached_blocks(unshuffled, monkeypatch, log_lines):
     monkeypatch.setattr(engine_choice, "python_memory_per_task", lambda conf, master, slots: (10_000, "a test budget"))
-    auto = GaussianMixture(k=3, seed=4, maxIter=5).fit(unshuffled)
+    auto = GaussianMixture(k=3, seed=4, maxIter=3).fit(unshuffled)
     (cannot,) = log_lines("resident engine: its tasks cannot pack the input")
     assert "bytes in its task, above the 10000 its Python worker may use" in cannot
     assert log_lines("engine: ")[-1].startswith("engine: driver (")
-    assert_identical(auto, GaussianMixture(k=3, seed=4, maxIter=5, engine="driver").fit(unshuffled))
+    assert_identical(auto, GaussianMixture(k=3, seed=4, maxIter=3, engine="driver").fit(unshuffled))
 
 
 def test_input_refused_after_packing_ends_the_stage(spark, unshuffled, log_lines):

@@ -98,3 +98,34 @@ def test_blocks_of_float32_numbers_are_cached_in_half_the_bytes_and_read_back_un
     narrowed = pa.Table.from_batches(list(blocks.make_float32_converter(shift)(table.to_batches())))
     read = [raw for _, _, raw, _ in blocks.arrow_blocks(narrowed.to_batches(), False, np.float32)]
     np.testing.assert_array_equal(read[1], (inexact - shift).astype(np.float32))
+
+
+def test_a_packing_tasks_summary_is_the_cached_blocks_summary_and_survives_its_message(monkeypatch):
+    from spark_gmm import resident_tasks, wire
+
+    monkeypatch.setattr(blocks, "block_rows_for", lambda d: 4)
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(11, 3)).tolist() + [None, [1.0, np.nan, 2.0]]
+    weights = rng.uniform(0.5, 2.0, len(rows)).tolist()
+    batches = [batch(rows[:5], weights[:5]), batch(rows[5:], weights[5:])]
+    cached = pa.Table.from_batches(list(blocks.make_packer(True)(batches))).select(blocks.SUMMARY_COLUMNS)
+    summaries = [blocks.block_batch(*block, values=False) for block in blocks.pack_blocks(batches, True)]
+    sent = resident_tasks.summary_bytes(summaries)
+    assert resident_tasks.read_summary(sent).equals(cached)
+    other = pa.BufferOutputStream()
+    with pa.ipc.new_stream(other, pa.schema([("n", pa.int64())])) as writer:
+        writer.write_table(pa.table({"n": [1]}))
+    for bad in (sent[: len(sent) // 2], b"not an arrow stream", other.getvalue().to_pybytes()):
+        with pytest.raises(wire.WireError):
+            resident_tasks.read_summary(bad)
+
+
+def test_the_go_message_carries_the_dtype_and_the_exact_shift():
+    from spark_gmm import resident_tasks
+
+    shift = np.array([1e7 + 0.1, -0.5, 0.0])
+    for dtype, width in ((np.float64, 8), (np.float32, 4)):
+        message = resident_tasks.encode_go(shift, dtype)
+        assert message[:1] == resident_tasks.GO
+        got_width, got_shift = resident_tasks.decode_go(message)
+        assert got_width == width and got_shift.tobytes() == shift.tobytes()
