@@ -34,7 +34,7 @@ from pyspark.sql import SparkSession
 
 from . import channel, wire
 from .blocks import BlockCache, combine_in_order, tree_fanout
-from .engine_choice import Plan, choose, network_timeout_seconds, packing_plan
+from .engine_choice import Plan, barrier_readable, choose, network_timeout_seconds, packing_plan
 from .exceptions import InvalidInputError
 from .resident_tasks import (
     FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
@@ -105,15 +105,16 @@ class ResidentEngine:
         own partition (`rows` is then set by `go`)."""
         self.cache, self.spark, self.plan, self.packing = cache, spark, plan, packing
         self.partitions, self.rows, self.dtype = partitions, rows, cache.dtype
-        self.summary_rows: pa.Table | None = None  # packing: the first run's, which reruns must match
-        self.go_message: bytes | None = None  # packing: what lets the tasks serve, once the input is valid
+        self.summary_rows: pa.Table | None = None  # packing: the first run's; reruns must match them
+        self.go_message: bytes | None = None  # packing: GO, once the input is valid
         if packing:
             self.blocks = cache.input
         else:
             blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
-            # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks need a shuffle,
-            # by ranges of `pid`, so that each partition's blocks all reach one task.
-            self.blocks = blocks.repartitionByRange(plan.tasks, "pid") if partitions > plan.tasks else blocks
+            # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks, or a source
+            # Spark would refuse, need a shuffle, by ranges of `pid` (a partition's blocks in one task).
+            shuffle = partitions > plan.tasks or not barrier_readable(blocks)
+            self.blocks = blocks.repartitionByRange(plan.tasks, "pid") if shuffle else blocks
         self.read_seconds = network_timeout_seconds(spark)
         self.handshake_seconds = min(HANDSHAKE_SECONDS, self.read_seconds)
         self.key = secrets.token_bytes(channel.KEY_BYTES)
@@ -267,10 +268,8 @@ class ResidentEngine:
                 return self._hand_over(str(why), pass_)
 
     def _hand_over(self, why: str, pass_):
-        log.warning(
-            "resident engine: %s; the rest of the fit runs on the driver engine, which gives the same model",
-            why,
-        )
+        log.warning("resident engine: %s; the rest of the fit runs on the driver engine, which gives the "
+                    "same model", why)
         if self.dtype != self.cache.dtype:  # packing tasks held float32 blocks: the cache's become the same
             self.cache.store_as_float32()
         return self.cache.reduce(pass_)

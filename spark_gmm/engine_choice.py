@@ -156,11 +156,31 @@ def packing_plan(engine: str, spark: SparkSession, rows, spare_slots: int = 0) -
 
 
 def _partitions_known(df) -> int:
-    """Partitions Spark reads `df` in, where it knows them before running anything; 0 for a plan
-    with a shuffle (its partitions exist once the shuffle has run)."""
-    if "Exchange" in df._jdf.queryExecution().executedPlan().toString():
+    """Partitions a barrier stage would read `df` in, where Spark knows them before running
+    anything; 0 for a plan with a shuffle (its partitions exist once the shuffle has run) or one
+    a barrier stage cannot read (`barrier_readable`)."""
+    if "Exchange" in df._jdf.queryExecution().executedPlan().toString() or not barrier_readable(df):
         return 0
     return df.rdd.getNumPartitions()
+
+
+def barrier_readable(df) -> bool:
+    """Whether a barrier stage can read `df` as it is. Spark refuses one (SPARK-24820) whose RDDs,
+    back to the stage's shuffle boundaries, include one with another partition count than the
+    last (coalesce, union), also through a cache; asking first keeps its refusal, a stack trace
+    at WARN, out of the log."""
+    last = df._jdf.queryExecution().toRdd()
+    pending, partitions = [last], last.getNumPartitions()
+    while pending:
+        rdd = pending.pop()
+        if rdd.getNumPartitions() != partitions:
+            return False
+        dependencies = rdd.dependencies()
+        for i in range(dependencies.size()):
+            dependency = dependencies.apply(i)
+            if dependency.getClass().getSimpleName() != "ShuffleDependency":
+                pending.append(dependency.rdd())
+    return True
 
 
 def _refusal(engine: str, spark: SparkSession, spare_slots: int) -> tuple[str | None, int]:

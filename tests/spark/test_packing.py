@@ -101,3 +101,12 @@ def test_input_refused_after_packing_ends_the_stage(spark, unshuffled, log_lines
     assert skipped.summary.invalidRowsSkipped == count > 0
     driver = GaussianMixture(k=3, seed=1, maxIter=4, handleInvalid="skip", engine="driver").fit(bad)
     assert_identical(skipped, driver)
+
+
+def test_a_coalesced_input_runs_resident_without_sparks_refusal(unshuffled, log_lines):
+    # Spark refuses a barrier stage over a coalesce, even through the cache: the blocks are shuffled.
+    df = unshuffled.coalesce(1)
+    resident = GaussianMixture(k=3, seed=7, maxIter=3).fit(df)
+    assert log_lines("engine: ")[-1].startswith("engine: resident (a barrier stage of 1 task(s) over 1 partition(s)")
+    assert log_lines("resident engine unavailable") == [] and log_lines("resident engine: its tasks") == []
+    assert_identical(resident, GaussianMixture(k=3, seed=7, maxIter=3, engine="driver").fit(df))
