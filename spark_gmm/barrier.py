@@ -34,7 +34,7 @@ from pyspark.sql import SparkSession
 
 from . import channel, wire
 from .blocks import BlockCache, combine_in_order, tree_fanout
-from .engine_choice import Plan, barrier_readable, choose, network_timeout_seconds, packing_plan
+from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan
 from .exceptions import InvalidInputError
 from .resident_tasks import (
     FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
@@ -113,7 +113,7 @@ class ResidentEngine:
             blocks = cache.blocks.select("pid", "seq", "n", "d", "x", "w")
             # Barrier stages refuse coalesce (SPARK-24820): more partitions than tasks, or a source
             # Spark would refuse, need a shuffle, by ranges of `pid` (a partition's blocks in one task).
-            shuffle = partitions > plan.tasks or not barrier_readable(blocks)
+            shuffle = partitions > plan.tasks or not barrier_partitions(blocks)
             self.blocks = blocks.repartitionByRange(plan.tasks, "pid") if shuffle else blocks
         self.read_seconds = network_timeout_seconds(spark)
         self.handshake_seconds = min(HANDSHAKE_SECONDS, self.read_seconds)

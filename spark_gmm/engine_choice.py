@@ -143,12 +143,11 @@ def packing_plan(engine: str, spark: SparkSession, rows, spare_slots: int = 0) -
     refusal, slots = _refusal(engine, spark, spare_slots)
     if refusal:
         return None
+    conf, master = spark.sparkContext.getConf(), spark.sparkContext.master
+    if any(conf.get(name, "false").strip().lower() == "true" for name in ENCRYPTION_SETTINGS):
+        return None
     partitions = _partitions_known(rows)
     if not 0 < partitions <= slots - spare_slots:
-        return None
-    context = spark.sparkContext
-    conf, master = context.getConf(), context.master
-    if any(conf.get(name, "false").strip().lower() == "true" for name in ENCRYPTION_SETTINGS):
         return None
     budget, source = python_memory_per_task(conf, master, slots)
     reason = f"a barrier stage of {partitions} task(s) packing their own partition, each within the {_size(budget)} of {source}"
@@ -158,29 +157,29 @@ def packing_plan(engine: str, spark: SparkSession, rows, spare_slots: int = 0) -
 def _partitions_known(df) -> int:
     """Partitions a barrier stage would read `df` in, where Spark knows them before running
     anything; 0 for a plan with a shuffle (its partitions exist once the shuffle has run) or one
-    a barrier stage cannot read (`barrier_readable`)."""
-    if "Exchange" in df._jdf.queryExecution().executedPlan().toString() or not barrier_readable(df):
+    Spark would refuse in a barrier stage."""
+    if "Exchange" in df._jdf.queryExecution().executedPlan().toString():
         return 0
-    return df.rdd.getNumPartitions()
+    return barrier_partitions(df)
 
 
-def barrier_readable(df) -> bool:
-    """Whether a barrier stage can read `df` as it is. Spark refuses one (SPARK-24820) whose RDDs,
-    back to the stage's shuffle boundaries, include one with another partition count than the
-    last (coalesce, union), also through a cache; asking first keeps its refusal, a stack trace
-    at WARN, out of the log."""
+def barrier_partitions(df) -> int:
+    """Partitions a barrier stage reads `df` in; 0 where Spark would refuse that stage (SPARK-24820):
+    when an RDD back to the stage's shuffle boundaries has another partition count than the last
+    (coalesce, union), also through a cache. Asking first keeps Spark's refusal, a stack trace at
+    WARN, out of the log."""
     last = df._jdf.queryExecution().toRdd()
     pending, partitions = [last], last.getNumPartitions()
     while pending:
         rdd = pending.pop()
         if rdd.getNumPartitions() != partitions:
-            return False
+            return 0
         dependencies = rdd.dependencies()
         for i in range(dependencies.size()):
             dependency = dependencies.apply(i)
             if dependency.getClass().getSimpleName() != "ShuffleDependency":
                 pending.append(dependency.rdd())
-    return True
+    return partitions
 
 
 def _refusal(engine: str, spark: SparkSession, spare_slots: int) -> tuple[str | None, int]:

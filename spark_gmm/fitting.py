@@ -5,8 +5,8 @@ The Spark side of a fit, in data-flow order: the input packed by the resident en
 cannot be fitted; the initial model moved into the fit's shifted coordinates; the engine chosen
 (`barrier.reducer`); restarts (nInit) or several candidates run in shared passes (`em.fit`), or,
 when handleInvalid='keep' finds rows with missing values, the exact EM over their observed values
-(`marginal.fit`); checkpoints wired; the result moved back to the data's coordinates. `GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results
-into models.
+(`marginal.fit`); checkpoints wired; the result moved back to the data's coordinates.
+`GaussianMixture` only turns its Params into a `FitRequest` and the `Fitted` results into models.
 """
 
 from __future__ import annotations
