@@ -110,3 +110,13 @@ def test_a_coalesced_input_runs_resident_without_sparks_refusal(unshuffled, log_
     assert log_lines("engine: ")[-1].startswith("engine: resident (a barrier stage of 1 task(s) over 1 partition(s)")
     assert log_lines("resident engine unavailable") == [] and log_lines("resident engine: its tasks") == []
     assert_identical(resident, GaussianMixture(k=3, seed=7, maxIter=3, engine="driver").fit(df))
+
+
+def test_rows_with_missing_values_are_packed_and_marginalised_alike(unshuffled, log_lines):
+    hole = F.array(F.lit(float("nan")), F.col("features")[1], F.col("features")[2])
+    holes = unshuffled.withColumn("features", F.when(F.col("w") > 1.8, hole).otherwise(F.col("features")))
+    settings = dict(k=3, seed=3, maxIter=3, tol=0.0, handleInvalid="keep")
+    resident = GaussianMixture(**settings).fit(holes)
+    assert log_lines("engine: ")[-1].startswith(PACKING)
+    assert resident.summary.rowsWithMissingValues == holes.where(F.col("w") > 1.8).count() > 0
+    assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(holes))
