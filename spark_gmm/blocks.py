@@ -9,7 +9,8 @@ combines one partial per input partition in partition order. The hot path uses D
 the SparkContext only where there is one: `pass_tasks`), so the same code runs under Spark Connect.
 
 The packing pass also takes a digest of the rows it keeps (`content_digest`), so a checkpoint can
-tell the data it was made from without another pass.
+tell the data it was made from without another pass. Its cutting of rows into blocks
+(`pack_blocks`) is also what resident tasks that pack their own partition run (`resident_tasks`).
 """
 
 from __future__ import annotations
