@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import channel, wire
-from .blocks import SUMMARY_COLUMNS, arrow_blocks, block_batch, fold_blocks, pack_blocks
+from .blocks import NO_COUNTS, SUMMARY_COLUMNS, arrow_blocks, block_batch, fold_blocks, pack_blocks
 from .engine_choice import RESIDENT_HEADROOM
 
 PASS, FINISH, GO = b"P", b"F", b"G"
@@ -110,13 +110,14 @@ def summary_bytes(summaries: list[pa.RecordBatch]) -> bytes:
 
 
 def read_summary(data) -> pa.Table:
-    """A task's summary rows; WireError if malformed."""
+    """A task's summary rows; WireError if malformed or not of the summary's columns and types."""
     try:
         table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
     except pa.ArrowException as error:
         raise wire.WireError(f"malformed summary: {error}") from None
-    if table.schema.names != SUMMARY_COLUMNS:
-        raise wire.WireError(f"summary with columns {table.schema.names}")
+    expected = pa.Table.from_batches([block_batch(0, 0, None, None, NO_COUNTS, (-1, -1))]).select(SUMMARY_COLUMNS)
+    if not table.schema.equals(expected.schema):
+        raise wire.WireError(f"a summary of schema {table.schema}")
     return table
 
 

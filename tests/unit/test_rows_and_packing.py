@@ -112,10 +112,14 @@ def test_a_packing_tasks_summary_is_the_cached_blocks_summary_and_survives_its_m
     summaries = [blocks.block_batch(*block, values=False) for block in blocks.pack_blocks(batches, True)]
     sent = resident_tasks.summary_bytes(summaries)
     assert resident_tasks.read_summary(sent).equals(cached)
-    other = pa.BufferOutputStream()
-    with pa.ipc.new_stream(other, pa.schema([("n", pa.int64())])) as writer:
-        writer.write_table(pa.table({"n": [1]}))
-    for bad in (sent[: len(sent) // 2], b"not an arrow stream", other.getvalue().to_pybytes()):
+    def stream(table):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        return sink.getvalue().to_pybytes()
+
+    retyped = cached.set_column(1, "n", cached.column("n").cast(pa.int64()))  # right names, wrong type
+    for bad in (sent[: len(sent) // 2], b"not an arrow stream", stream(pa.table({"n": [1]})), stream(retyped)):
         with pytest.raises(wire.WireError):
             resident_tasks.read_summary(bad)
 
