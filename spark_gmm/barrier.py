@@ -346,15 +346,20 @@ def start_packing(engine: str, cache: BlockCache, spark: SparkSession, spare_slo
         return None
     log.info("engine: resident (%s)", plan.reason)
     try:
-        resident = ResidentEngine(cache, spark, plan, plan.tasks, packing=True)
-        try:
-            resident.start()
-        except BaseException:
-            resident.close()
-            raise
+        resident = _started(ResidentEngine(cache, spark, plan, plan.tasks, packing=True))
     except BarrierUnavailable as why:
         log.info("resident engine: its tasks cannot pack the input (%s); packing it into cached blocks", why)
         return None
+    return resident
+
+
+def _started(resident: ResidentEngine) -> ResidentEngine:
+    """`resident` with its stage running; closed if it cannot start."""
+    try:
+        resident.start()
+    except BaseException:
+        resident.close()
+        raise
     return resident
 
 
@@ -374,12 +379,7 @@ def reducer(engine: str, cache: BlockCache, summary, spark: SparkSession, spare_
         yield cache.reduce
         return
     try:
-        resident = ResidentEngine(cache, spark, plan, summary.partitions, summary.rows)
-        try:
-            resident.start()
-        except BaseException:
-            resident.close()
-            raise
+        resident = _started(ResidentEngine(cache, spark, plan, summary.partitions, summary.rows))
     except BarrierUnavailable as why:
         log.warning("resident engine unavailable (%s); using the driver engine", why)
         yield cache.reduce

@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -324,18 +325,25 @@ class KillAtIteration(logging.Handler):
                 self.killed.append(victims[0])
 
 
-def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
-    df = blobs.repartition(2)
-    est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0, engine="barrier")
-    calm = est.fit(df)
-    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration=3)
+@contextmanager
+def killing_at_iteration(spark, caplog, iteration):
+    """A `KillAtIteration` listening to spark_gmm's log (at INFO, also into `caplog`) in the block."""
+    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration)
     logger = logging.getLogger("spark_gmm")
     logger.addHandler(killer)
     caplog.set_level(logging.INFO, logger="spark_gmm")
     try:
-        disturbed = est.fit(df)
+        yield killer
     finally:
         logger.removeHandler(killer)
+
+
+def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
+    df = blobs.repartition(2)
+    est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0, engine="barrier")
+    calm = est.fit(df)
+    with killing_at_iteration(spark, caplog, 3) as killer:
+        disturbed = est.fit(df)
     assert killer.killed, "no resident task was found to kill"
     assert "running the barrier stage again (failure 1 of at most 2 in a row)" in caplog.text
     assert "runs on the driver engine" not in caplog.text  # the rerun itself finished the fit

@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 from spark_gmm import GaussianMixture, engine_choice
 from spark_gmm.exceptions import InvalidInputError
 from support import array_frame, assert_identical
-from test_engines import KillAtIteration
+from test_engines import killing_at_iteration
 
 PACKING = "engine: resident (a barrier stage of 2 task(s) packing their own partition"
 
@@ -47,14 +47,8 @@ def test_packing_tasks_give_the_driver_engines_model(unshuffled, log_lines, dtyp
 def test_a_packing_task_killed_mid_fit_reads_its_partition_again(spark, unshuffled, caplog):
     est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0)
     calm = est.fit(unshuffled)
-    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration=3)
-    logger = logging.getLogger("spark_gmm")
-    logger.addHandler(killer)
-    caplog.set_level(logging.INFO, logger="spark_gmm")
-    try:
+    with killing_at_iteration(spark, caplog, 3) as killer:
         disturbed = est.fit(unshuffled)
-    finally:
-        logger.removeHandler(killer)
     assert killer.killed, "no resident task was found to kill"
     assert "packing their own partition" in caplog.text
     assert "running the barrier stage again (failure 1 of at most 2 in a row)" in caplog.text
@@ -67,15 +61,9 @@ def test_input_that_changes_between_reads_is_refused(spark, caplog):
     noise = F.udf(lambda i: [float(v) for v in np.random.default_rng().normal(size=2) + 6 * (i % 2)],
                   "array<double>").asNondeterministic()
     df = spark.range(0, 2000, numPartitions=2).select(noise("id").alias("features"))
-    killer = KillAtIteration(spark.sparkContext._gateway.proc.pid, iteration=2)
-    logger = logging.getLogger("spark_gmm")
-    logger.addHandler(killer)
-    caplog.set_level(logging.INFO, logger="spark_gmm")
-    try:
+    with killing_at_iteration(spark, caplog, 2) as killer:
         with pytest.raises(InvalidInputError, match="^the input changed between two reads in one fit"):
             GaussianMixture(k=2, seed=1, maxIter=6, tol=0.0).fit(df)
-    finally:
-        logger.removeHandler(killer)
     assert killer.killed and "packing their own partition" in caplog.text
 
 
