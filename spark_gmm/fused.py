@@ -10,9 +10,12 @@ bit-identical statistics on the same machine, whatever the scheduling. All arith
 float32 blocks are widened in numpy before the call (a copy per block, a few per cent of the kernel's
 time), so that each kernel has a single compiled specialisation.
 
-Compiled on first use in each process, one function at a time (a fit compiles `_estep`, scoring
-`_posterior`), and cached on disk where numba can write its cache (see `disk_cache_usable` and
-docs/performance.md); otherwise compiled again in each process.
+Also the packing pass's content digest (`content_digest`, `blocks.content_digest` its reference):
+one pass over a block's bits, where numpy needs a dozen over temporaries of the block's size.
+
+Compiled on first use in each process, one function at a time (a fit compiles `_estep` and
+`_digest`, scoring `_posterior`), and cached on disk where numba can write its cache (see
+`disk_cache_usable` and docs/performance.md); otherwise compiled again in each process.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ _LN2_HI = 0.6931471803691238  # ln 2 split in two: n·_LN2_HI is exact for every
 _LN2_LO = 1.9082149292705877e-10
 LOG_2PI = float(np.log(2.0 * np.pi))
 _NO_WEIGHTS = np.empty(0)
+_U64 = np.uint64
+_MIX1, _MIX2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_NEGATIVE_ZERO, _ONE = _U64(1 << 63), np.float64(1.0).view(_U64)
 
 
 def _writable(path: str) -> bool:
@@ -286,6 +292,42 @@ def _posterior(x, shift, consts, means, prec, diagonal, tile, log_density, resp)
             log_density[start + t] = total[t]
             for j in range(k):
                 resp[start + t, j] = joint[j, t]
+
+
+@njit(cache=CACHE)
+def _mix64(h):
+    h = (h ^ (h >> _U64(30))) * _MIX1
+    h = (h ^ (h >> _U64(27))) * _MIX2
+    return h ^ (h >> _U64(31))
+
+
+@njit(cache=CACHE)
+def _hashed(bits, salt):
+    return _mix64((_U64(0) if bits == _NEGATIVE_ZERO else bits) ^ salt)
+
+
+@njit(cache=CACHE)
+def _digest(bits, weight_bits):
+    """Σ_i mix64(Σ_j mix64(bits_ij ^ salt_j) + mix64(bits of w_i ^ salt_d)) mod 2⁶⁴, salt_j =
+    mix64(j + 1), -0.0 taken as 0.0; empty `weight_bits` means weights of 1."""
+    n, d = bits.shape
+    salts = np.empty(d + 1, dtype=_U64)
+    for j in range(d + 1):
+        salts[j] = _mix64(_U64(j + 1))
+    total = _U64(0)
+    for i in range(n):
+        per_row = _hashed(weight_bits[i] if weight_bits.size else _ONE, salts[d])
+        for j in range(d):
+            per_row += _hashed(bits[i, j], salts[j])
+        total += _mix64(per_row)
+    return total
+
+
+def content_digest(x: np.ndarray, w) -> int:
+    """`blocks.content_digest` (its definition and numpy reference) of the rows x (n, d) and weights
+    w (n,) or None, in one compiled pass."""
+    weights = _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64)
+    return int(_digest(np.ascontiguousarray(x, dtype=np.float64).view(_U64), weights.view(_U64)))
 
 
 def _parameters(mixture):

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from spark_gmm import codec
+from spark_gmm import blocks, codec
 from spark_gmm.blocks import content_digest
 
 SPECIAL = np.array([0.0, -0.0, 5e-324, -1.7976931348623157e308, 1e-300, np.pi, 1 / 3, 2.0**-1074, 1e7 + 0.1])
@@ -156,11 +156,18 @@ def reference_digest(x, w):
     return total
 
 
-def test_content_digest_matches_its_definition(rng):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
+def test_content_digest_matches_its_definition(rng, monkeypatch, compiled):
+    if not compiled:
+        monkeypatch.setattr(blocks, "fused", None)  # the numpy reference, as without numba
     x = rng.normal(size=(40, 3)) * 1e5
+    x[[3, 9], [0, 2]] = -0.0, np.nan
     w = rng.random(40)
+    w[5] = -0.0
     assert content_digest(x, w) == reference_digest(x, w)
     assert content_digest(x, None) == reference_digest(x, None) == content_digest(x, np.ones(40))
+    assert content_digest(np.asfortranarray(x[::2]), w[::2]) == reference_digest(x[::2], w[::2])
+    assert content_digest(np.empty((0, 3)), None) == 0
 
 
 def test_content_digest_ignores_order_and_splits_but_not_content(rng):
