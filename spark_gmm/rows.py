@@ -95,6 +95,8 @@ def batch_rows(batch: pa.RecordBatch, has_weight: bool, keep_missing: bool = Fal
         bad_weight = ~missing & ~nonfinite & ~usable_weights(w)
     keep = ~(missing | nonfinite | bad_weight)
     counts = [int(missing.sum()), int(nonfinite.sum()), int(bad_weight.sum()), int((incomplete & keep).sum())]
+    if keep.all():  # the usual batch: no copy
+        return x, w, counts, dims
     return x[keep], (w[keep] if has_weight else None), counts, dims
 
 
