@@ -10,9 +10,10 @@ measured in one run on the same cached data.
 Per-iteration time of spark_gmm is the median wall time of its EM passes in a fit of --iters
 iterations from a fixed start (tol=0), the better of two such fits (a warm-up fit of each engine
 first, then the timed one: a new JVM packs more slowly for its first fits, which would charge
-whichever engine ran first); the rest of the timed fit (packing the input, into the resident
+whichever engine ran first); the rest of a fit's wall time (packing the input, into the resident
 engine's tasks where its partitions fit in the task slots, else into the cache; starting the
-barrier stage; building the model) is printed as its fixed cost per fit. `auto` is the
+barrier stage; building the model), the better of the same two fits, is printed as its fixed cost
+per fit. `auto` is the
 default engine (`engine="auto"`); the engine it chose is printed after its time (r: resident, d:
 driver). `kern1` is the same EM (the compiled kernel of `spark_gmm.fused`, the reduction and the
 M-step) on one core in one process, without Spark; the kernel alone against its floors is
@@ -233,14 +234,18 @@ def run_case(spark, rows, dims, k, args, floor):
     }
     # Warm-ups first: the JVM's first fits pack more slowly, whichever engine. An engine's time per
     # iteration is the better of its two fits' medians, as MLlib's is the better of two fits.
-    warm = {run: float(np.median(fit.fit(df).summary.iterationSeconds)) for run, fit in fits.items()}
-    for (engine, dtype), fit in fits.items():
+    def timed(fit):  # (the model, its median seconds per iteration, the rest of its wall time)
         began = time.perf_counter()
-        models[engine, dtype] = fit.fit(df)
-        seconds = models[engine, dtype].summary.iterationSeconds
+        model = fit.fit(df)
+        seconds = model.summary.iterationSeconds
+        return model, float(np.median(seconds)), time.perf_counter() - began - sum(seconds)
+
+    warm = {run: timed(fit) for run, fit in fits.items()}
+    for (engine, dtype), fit in fits.items():
+        models[engine, dtype], iteration, fixed = timed(fit)
         name = engine + ("32" if dtype == "float32" else "")
-        times[name] = min(warm[engine, dtype], float(np.median(seconds)))
-        times[name + "_fixed"] = time.perf_counter() - began - sum(seconds)
+        times[name] = min(warm[engine, dtype][1], iteration)
+        times[name + "_fixed"] = min(warm[engine, dtype][2], fixed)
         times[name + "_chose"] = choices.last
     logging.getLogger("spark_gmm").removeHandler(choices)
     wide, narrow = models["barrier", "float64"], models["barrier", "float32"]
