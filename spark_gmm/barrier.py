@@ -165,7 +165,7 @@ class ResidentEngine:
         if self.packing:
             task = make_packing_task(
                 self.listener.address, self.key, self.run, self.cache.has_weight, self.cache.keep_missing,
-                self.plan.budget, self.read_seconds, self.handshake_seconds,
+                self.cache.widest, self.plan.budget, self.read_seconds, self.handshake_seconds,
             )
         else:
             task = make_task(

@@ -129,11 +129,12 @@ def block_batch(pid, seq, x, w, counts, dims, digest=0, values=True):
     )
 
 
-def pack_blocks(batches, has_weight: bool, keep_missing: bool = False):
+def pack_blocks(batches, has_weight: bool, keep_missing: bool = False, widest: int | None = None):
     """Input rows (Arrow batches of the `x` and optional `w` columns of one partition) cut into
     blocks: (pid, seq, rows, weights, counts, dims, digest) per block, then one that carries the
     partition's counts of invalid rows and its digest; with `keep_missing`, rows with some finite
-    feature are kept, NaN marking the others (`rows.batch_rows`)."""
+    feature are kept, NaN marking the others (`rows.batch_rows`). Vectors of different lengths, or
+    longer than `widest`, end the reading: the driver refuses such input."""
     pid, block_rows, seq, blocker = partition_id(), None, 0, RowBlocker(has_weight)
     counts, dims, digest = np.zeros(4, np.int64), (-1, -1), 0
     for batch in batches:
@@ -141,8 +142,7 @@ def pack_blocks(batches, has_weight: bool, keep_missing: bool = False):
         counts += c
         if batch_dims[0] >= 0:
             dims = batch_dims if dims[0] < 0 else (min(dims[0], batch_dims[0]), max(dims[1], batch_dims[1]))
-        if x is None or dims[0] != dims[1]:
-            # Vectors of different lengths: report, the driver refuses the input.
+        if x is None or dims[0] != dims[1] or (widest is not None and dims[1] > widest):
             yield pid, seq, None, None, counts.tolist(), dims, 0
             return
         if not len(x):
@@ -158,11 +158,11 @@ def pack_blocks(batches, has_weight: bool, keep_missing: bool = False):
     yield pid, seq, None, None, counts.tolist(), dims, digest
 
 
-def make_packer(has_weight: bool, keep_missing: bool = False):
+def make_packer(has_weight: bool, keep_missing: bool = False, widest: int | None = None):
     """The `mapInArrow` function that turns input rows into cached blocks (`pack_blocks`)."""
 
     def pack(batches):
-        for block in pack_blocks(batches, has_weight, keep_missing):
+        for block in pack_blocks(batches, has_weight, keep_missing, widest):
             yield block_batch(*block)
 
     return pack
@@ -287,9 +287,12 @@ class BlockCache:
     """The input packed into cached blocks (float64 rows, or float32 shifted rows after `store_as_float32`);
     `reduce` runs a pass over all of them."""
 
-    def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2, keep_missing: bool = False):
+    def __init__(self, df: DataFrame, x_col, weight_col, aggregation_depth: int = 2, keep_missing: bool = False,
+                 widest: int | None = None):
+        """`widest`: the packers stop at vectors longer than this (`pack_blocks`)."""
         has_weight = weight_col is not None
         self.has_weight, self.keep_missing, self.aggregation_depth = has_weight, keep_missing, aggregation_depth
+        self.widest = widest
         # The rows to pack: what a resident task packing its own partition reads (`resident_tasks`).
         self.input = df.select(*([x_col.alias("x")] + ([weight_col.alias("w")] if has_weight else [])))
         self.session = df.sparkSession
@@ -299,7 +302,7 @@ class BlockCache:
     def blocks(self) -> DataFrame:
         """The packed blocks, cached; made on first use: a fit whose resident tasks pack the input
         needs them only if it hands over to the driver engine."""
-        packer = make_packer(self.has_weight, self.keep_missing)
+        packer = make_packer(self.has_weight, self.keep_missing, self.widest)
         return self.input.mapInArrow(packer, BLOCK_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
 
     def summarize(self) -> InputSummary:

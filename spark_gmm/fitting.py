@@ -18,15 +18,18 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
-from pyspark.sql import DataFrame, functions as F
+from pyspark.sql import DataFrame
 
 from . import barrier, codec, em, marginal
 from .blocks import BlockCache, InputSummary, partials_at_driver
 from .checkpoint import Checkpointer
 from .exceptions import ComponentWarning, InputWarning, InvalidInputError
 from .inputs import (
+    MEMORY_SHARE,
+    available_memory_bytes,
     check_driver_memory,
     check_executor_memory,
+    driver_memory_need,
     executor_errors_explained,
     feature_array,
     feature_count,
@@ -124,8 +127,10 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int, spare_slots: int):
     require_batch(dataset, "GaussianMixture.fit")
     features = feature_array(dataset, request.features_col, request.input_cols)
     weights = weight_column(dataset, request.weight_col)
-    _check_size_before_packing(dataset, request, features, k)
-    cache = BlockCache(dataset, features, weights, request.aggregation_depth, request.handle_invalid == "keep")
+    have = available_memory_bytes()
+    _check_width(k, feature_count(dataset, request.features_col, request.input_cols) or 0, have)
+    cache = BlockCache(dataset, features, weights, request.aggregation_depth, request.handle_invalid == "keep",
+                       widest=_widest(k, have))
     resident = None
     try:
         log.info("reading and validating the input")
@@ -136,6 +141,7 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int, spare_slots: int):
         else:
             cache.describe("reading the input into cached blocks")
             summary = executor_errors_explained(cache.summarize)
+        _check_width(k, summary.d, have)  # before other checks: wider input was read in part only
         skipped = _validate(summary, request, k, dataset.sparkSession)
         seconds = time.perf_counter() - began
         log.info(
@@ -154,15 +160,23 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int, spare_slots: int):
     return cache, summary, skipped, resident
 
 
-def _check_size_before_packing(dataset: DataFrame, request: FitRequest, features, k: int) -> None:
-    """Refuse a fit too large for the driver before the input is read in full: the feature count
-    comes from the schema, or from the first row that has features."""
-    d = feature_count(dataset, request.features_col, request.input_cols)
-    if d is None:
-        first = dataset.select(F.size(features).alias("d")).where(features.isNotNull()).first()
-        d = int(first["d"]) if first is not None else 0
+def _check_width(k: int, d: int, have: int) -> None:
+    """Refuse a fit whose d features (if known, > 0) are too many for the driver's `have` bytes."""
     if d > 0:
-        check_driver_memory(k, d, 8 * ComponentStatistics.size(k, d), 1, 0)
+        check_driver_memory(k, d, 8 * ComponentStatistics.size(k, d), 1, 0, have)
+
+
+def _widest(k: int, have: int) -> int:
+    """The most features `_check_width` lets a fit of k components have. The packers stop reading
+    at the first batch of wider rows, so a fit too wide for the driver is refused after one batch
+    per partition, not after reading the whole input (the schema tells the width of columns listed
+    in inputCols, or of vectors with ML attributes, before any read)."""
+    lo, hi = 0, 1 << 24
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        fits = driver_memory_need(k, mid, 8 * ComponentStatistics.size(k, mid), 1) <= MEMORY_SHARE * have
+        lo, hi = (mid, hi) if fits else (lo, mid - 1)
+    return lo
 
 
 def _release(cache: BlockCache, resident: barrier.ResidentEngine | None) -> None:

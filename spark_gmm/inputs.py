@@ -249,10 +249,17 @@ def _gib(byte_count: float) -> str:
     return f"{byte_count / 2**30:.3g} GiB"
 
 
-def check_driver_memory(k: int, d: int, partial_bytes: int, partials: int, max_result_bytes: int) -> None:
-    """Refuse a fit whose covariance storage (k·d² doubles) or collected statistics the driver cannot hold."""
-    need = 8 * k * d * d * DRIVER_COPIES + 2 * partials * partial_bytes
-    have = available_memory_bytes()
+def driver_memory_need(k: int, d: int, partial_bytes: int, partials: int) -> int:
+    """Bytes the driver needs for the covariances (k·d² doubles, a few copies) and the collected statistics."""
+    return 8 * k * d * d * DRIVER_COPIES + 2 * partials * partial_bytes
+
+
+def check_driver_memory(k: int, d: int, partial_bytes: int, partials: int, max_result_bytes: int,
+                        have: int | None = None) -> None:
+    """Refuse a fit whose covariance storage (k·d² doubles) or collected statistics the driver cannot
+    hold in `have` bytes (by default, the memory available now)."""
+    need = driver_memory_need(k, d, partial_bytes, partials)
+    have = available_memory_bytes() if have is None else have
     if need > MEMORY_SHARE * have:
         raise InvalidInputError(
             f"k={k} components × d={d} features need about {_gib(need)} of driver memory for "

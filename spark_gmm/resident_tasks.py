@@ -61,15 +61,15 @@ def make_task(address, key: bytes, run: int, shift, has_weight: bool, dtype, rea
     return task
 
 
-def make_packing_task(address, key: bytes, run: int, has_weight: bool, keep_missing: bool, budget_bytes: int,
-                      read_seconds: float, handshake_seconds: float):
+def make_packing_task(address, key: bytes, run: int, has_weight: bool, keep_missing: bool, widest: int | None,
+                      budget_bytes: int, read_seconds: float, handshake_seconds: float):
     """The barrier stage's `mapInArrow` function over input rows: pack them as the cached blocks'
     packing pass does (`blocks.pack_blocks`), keep the blocks as they come, report their summary
     rows, and serve passes once the driver says GO (a task over its budget reports that and stops)."""
 
     def task(batches):
         summaries, by_partition, held = [], {}, 0
-        for pid, seq, x, w, counts, dims, digest in pack_blocks(batches, has_weight, keep_missing):
+        for pid, seq, x, w, counts, dims, digest in pack_blocks(batches, has_weight, keep_missing, widest):
             summaries.append(block_batch(pid, seq, x, w, counts, dims, digest, values=False))
             if x is not None and len(x):
                 by_partition.setdefault(pid, []).append((seq, x, w))

@@ -108,3 +108,19 @@ def test_rows_with_missing_values_are_packed_and_marginalised_alike(unshuffled, 
     assert log_lines("engine: ")[-1].startswith(PACKING)
     assert resident.summary.rowsWithMissingValues == holes.where(F.col("w") > 1.8).count() > 0
     assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(holes))
+
+
+def test_a_fit_reads_no_first_row_before_the_packing_tasks(spark):
+    """The packing tasks learn the input's width themselves. A job that read a first row (a limit)
+    stopped a DataFrame made from Python objects before its Python worker had written its
+    partition, and Spark printed that worker's BrokenPipeError on stderr, on every fit."""
+    from pyspark.ml.linalg import Vectors
+
+    rng = np.random.default_rng(5)
+    rows = [(Vectors.dense(r),) for r in np.vstack([rng.normal(c, 1.0, size=(300, 2)) for c in (0.0, 9.0)])]
+    df = spark.createDataFrame(rows, ["features"])  # rows pickled by Python: a Python worker makes each partition
+    tracker = spark.sparkContext.statusTracker()
+    before = set(tracker.getJobIdsForGroup(None))
+    fitted = GaussianMixture(k=2, seed=1).fit(df)
+    assert set(tracker.getJobIdsForGroup(None)) - before == set()  # the packing stage runs in its own group
+    assert sorted(np.round(fitted.means[:, 0])) == [0.0, 9.0]

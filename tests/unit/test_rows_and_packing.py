@@ -71,6 +71,34 @@ def test_packing_reports_vectors_of_different_lengths():
     assert all(n == 0 for n, _ in packed)
 
 
+def test_packing_stops_at_the_first_batch_wider_than_the_driver_allows():
+    read = []
+
+    def batches():
+        for i in range(3):
+            read.append(i)
+            yield batch([[float(i)] * 5] * 4)
+
+    table, packed = unpack(blocks.make_packer(False, widest=4)(batches()))
+    assert read == [0]  # the rest of the partition is never read
+    assert table.column("dmax").to_pylist() == [5] and packed == [(0, None)]
+    table = pa.Table.from_batches(list(blocks.make_packer(False, widest=5)(batches())))
+    assert read == [0, 0, 1, 2] and sum(table.column("n").to_pylist()) == 12
+
+
+def test_the_widest_fit_is_the_last_width_the_driver_memory_check_accepts():
+    from spark_gmm import fitting
+    from spark_gmm.exceptions import InvalidInputError
+
+    for k, have in [(2, 8 << 30), (10, 1 << 30), (1, 123_456_789)]:
+        widest = fitting._widest(k, have)
+        assert widest > 0
+        fitting._check_width(k, widest, have)
+        with pytest.raises(InvalidInputError, match=f"^k={k} components × d={widest + 1} features need about"):
+            fitting._check_width(k, widest + 1, have)
+    assert fitting._widest(3, 0) == 0
+
+
 def test_the_content_digest_ignores_how_rows_are_batched():
     rng = np.random.default_rng(1)
     rows = rng.normal(size=(50, 3)).tolist()
