@@ -122,5 +122,5 @@ def test_a_fit_reads_no_first_row_before_the_packing_tasks(spark):
     tracker = spark.sparkContext.statusTracker()
     before = set(tracker.getJobIdsForGroup(None))
     fitted = GaussianMixture(k=2, seed=1).fit(df)
-    assert set(tracker.getJobIdsForGroup(None)) - before == set()  # the packing stage runs in its own group
+    assert len(set(tracker.getJobIdsForGroup(None)) - before) == 1  # the packing stage, which runs EM too
     assert sorted(np.round(fitted.means[:, 0])) == [0.0, 9.0]
