@@ -303,11 +303,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", help="ROWSxDIMSxK, repeatable")
     parser.add_argument("--grid", action="store_true", help="run the README grid")
-    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=6, help="iterations of the timed fits (≥ 2: MLlib's time per "
+                        "iteration is the difference between a fit of ITERS and one of 1)")
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument("--skip-mllib", action="store_true")
     parser.add_argument("--float32-data", action="store_true", help="values rounded to float32 numbers")
     args = parser.parse_args()
+    if args.iters < 2:
+        parser.error(f"--iters {args.iters}: at least 2 are needed to separate the time per iteration from the fixed cost")
     cases = GRID if args.grid else [tuple(int(v) for v in c.split("x")) for c in (args.case or ["1000000x10x5"])]
 
     from pyspark.sql import SparkSession
