@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from . import kernels  # noqa: F401 — tests recognise the Gaussian E-step as em.kernels.EStepPass
-from .exceptions import ComponentWarning
+from .exceptions import ComponentWarning, warn
 from .families import GaussianFamily, ModelFamily
 from .initialisation import run_passes
 from .mixture import Mixture
@@ -183,12 +182,11 @@ class _Candidate:
         change = mean_ll - s.history[-1] / total_weight if s.history else None
         reseeded_here = bool(s.reseeded) and s.reseeded[-1][0] == iteration  # not an EM step
         if change is not None and not reseeded_here and change < -self._decrease_budget(mean_ll):
-            warnings.warn(
+            warn(
                 f"{self.label}log-likelihood decreased by {-change:.3g} per row at iteration {iteration}, "
                 "more than regularisation and round-off allow: a numerical problem (try dtype='float64' "
                 "or a larger regCovar); stopping at the previous parameters, converged=False",
                 ComponentWarning,
-                stacklevel=4,
             )
             s.mixture, s.iteration = s.previous, iteration - 1
             self.revert, self.done, self.stop_reason = True, True, "decrease"
@@ -247,11 +245,10 @@ class _Candidate:
                 )
         revived = {j for at, j, _ in s.reseeded if at == s.iteration}
         for j in sorted(set(newly_empty.tolist()) - set(s.empty) - revived):
-            warnings.warn(
+            warn(
                 f"{self.label}component {j} lost all its data at iteration {s.iteration}; it keeps its "
                 "previous parameters with a negligible weight (consider a smaller k)",
                 ComponentWarning,
-                stacklevel=4,
             )
         s.empty = sorted((set(s.empty) | set(newly_empty.tolist())) - revived)
         if self.on_state:

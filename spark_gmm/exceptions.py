@@ -1,5 +1,21 @@
 """Every error and warning spark_gmm raises, in one module (exported from the package)."""
 
+import inspect
+import warnings
+
+#: Packages whose frames a warning passes over to reach the code that called the library.
+_LIBRARIES = ("spark_gmm", "pyspark", "py4j")
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """Warn at the first frame outside spark_gmm and pyspark: the user's line that called the
+    library, however deep the call (a fixed stacklevel breaks when the path or Python changes:
+    3.11 gives a comprehension a frame of its own, 3.12 does not)."""
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)
+
 
 class InvalidInputError(ValueError):
     """The input data cannot be clustered as given; the message says which column and why."""

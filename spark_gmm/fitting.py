@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -23,7 +22,7 @@ from pyspark.sql import DataFrame
 from . import barrier, codec, em, marginal
 from .blocks import BlockCache, InputSummary, partials_at_driver
 from .checkpoint import Checkpointer
-from .exceptions import ComponentWarning, InputWarning, InvalidInputError
+from .exceptions import ComponentWarning, InputWarning, InvalidInputError, warn
 from .inputs import (
     MEMORY_SHARE,
     available_memory_bytes,
@@ -44,8 +43,8 @@ log = logging.getLogger("spark_gmm")
 
 #: Largest feature magnitude (and range) a fit accepts: squared distances must stay finite.
 LARGEST_FEATURE = 1e150
-#: Frames between a warning raised here and the caller of `GaussianMixture.fit`.
-_CALLER = 5
+#: Items a warning names before it says how many more there are.
+LISTED = 10
 
 
 @dataclass(frozen=True)
@@ -230,15 +229,23 @@ def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
             f"feature {request.feature_label(i)} has values as large as {extreme[i]:.3g}: their squares "
             "overflow float64 in the densities; rescale it (e.g. StandardScaler)"
         )
-    for i in np.flatnonzero(summary.span == 0):
-        constant = f"feature {request.feature_label(i)} is constant ({summary.shift[i]:.17g})"
-        if reg_covar <= 0:
-            raise InvalidInputError(
-                f"{constant}: with regCovar=0 every covariance is singular; set regCovar > 0 or "
-                "drop the feature"
-            )
-        warnings.warn(f"{constant}: its variance is regCovar={reg_covar:g} in every component",
-                      InputWarning, stacklevel=_CALLER + 1)
+    constant = np.flatnonzero(summary.span == 0)
+    if len(constant) and reg_covar <= 0:
+        i = constant[0]
+        raise InvalidInputError(
+            f"feature {request.feature_label(i)} is constant ({summary.shift[i]:.17g}): with regCovar=0 "
+            "every covariance is singular; set regCovar > 0 or drop the feature"
+        )
+    if len(constant) == 1:
+        i = constant[0]
+        warn(f"feature {request.feature_label(i)} is constant ({summary.shift[i]:.17g}): its variance is "
+             f"regCovar={reg_covar:g} in every component", InputWarning)
+    elif len(constant):
+        named = [f"'{request.input_cols[i]}'" if request.input_cols else str(i) for i in constant]
+        where = "" if request.input_cols else f" of '{request.features_col}'"
+        warn(f"{len(constant)} features{where} are constant: "
+             f"{_listed([f'{n} ({summary.shift[i]:.17g})' for n, i in zip(named, constant)])}; their "
+             f"variance is regCovar={reg_covar:g} in every component", InputWarning)
     partial_bytes = 8 * ComponentStatistics.size(k, summary.d)
     check_driver_memory(
         k,
@@ -249,6 +256,12 @@ def _validate(summary: InputSummary, request: FitRequest, k: int, spark) -> int:
     )
     check_executor_memory(k, summary.d, spark)
     return invalid
+
+
+def _listed(items: list[str]) -> str:
+    """`items` joined, the first `LISTED` of them, and how many more."""
+    more = f" and {len(items) - LISTED} more" if len(items) > LISTED else ""
+    return ", ".join(items[:LISTED]) + more
 
 
 def _em_for(summary: InputSummary) -> Callable[..., list[em.FitResult]]:
@@ -334,11 +347,10 @@ def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSum
     for j in range(k):
         for i in range(j):
             if np.array_equal(means[i], means[j]) and np.array_equal(covariances[i], covariances[j]):
-                warnings.warn(
+                warn(
                     f"initial components {i} and {j} are identical; EM cannot tell them apart, "
                     "so they stay identical (give distinct starting means)",
                     ComponentWarning,
-                    stacklevel=_CALLER + 1,
                 )
     return replace(settings, start=start)
 
@@ -347,13 +359,18 @@ def _fitted(result: em.FitResult, settings: em.FitSettings, summary: InputSummar
             names: list[str] | None, all_missing: int) -> Fitted:
     """`result` in the data's coordinates, with a warning for each component the regulariser shapes."""
     final = result.mixture.shifted(summary.shift)
-    for j, variance in thin_components(final.covariances, settings.reg_covar, summary.span > 0):
-        warnings.warn(
-            f"component {j} is singular without regCovar (its smallest own variance is "
-            f"{max(variance, 0.0):.3g} ≤ regCovar={settings.reg_covar:g}): it sits on fewer distinct "
-            "points than features, or on collinear features, and regCovar sets its shape there",
+    thin = thin_components(final.covariances, settings.reg_covar, summary.span > 0)
+    if thin:
+        many = len(thin) > 1
+        warn(
+            f"component{'s' if many else ''} {', '.join(str(j) for j, _ in thin)} "
+            f"{'are' if many else 'is'} singular without regCovar (smallest own variance "
+            f"{max(min(v for _, v in thin), 0.0):.3g} ≤ regCovar={settings.reg_covar:g}): "
+            f"{'each' if many else 'it'} sits on fewer distinct points than features, or on features "
+            "constant or collinear within it, and regCovar sets its shape there. The likelihood "
+            "favours such components over broader ones: for clusters rather than a density, raise "
+            "regCovar (to about 1e-2 of the features' variance: 0.01 on standardised features)",
             ComponentWarning,
-            stacklevel=_CALLER,
         )
     log.info(
         "fit done: k=%d, %d iterations, converged=%s, log-likelihood %.10g",

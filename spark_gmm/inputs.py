@@ -8,13 +8,12 @@ import re
 import resource
 import sys
 import threading
-import warnings
 from contextlib import contextmanager
 
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, NumericType, StructType, UserDefinedType
 
-from .exceptions import ExecutorEnvironmentError, InvalidInputError
+from .exceptions import ExecutorEnvironmentError, InvalidInputError, warn
 from .options import OPTIONS
 
 
@@ -119,7 +118,7 @@ def adds_no_column(names: dict[str, str]) -> bool:
     is empty: a transform then returns its input, as MLlib's does."""
     if any(names.values()):
         return False
-    warnings.warn(f"transform adds no column: {', '.join(names)} are all empty", UserWarning, stacklevel=4)
+    warn(f"transform adds no column: {', '.join(names)} are all empty", UserWarning)
     return True
 
 

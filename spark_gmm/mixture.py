@@ -8,12 +8,11 @@ M-step can add the mean update without cancellation.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .exceptions import SpectralRepairWarning
+from .exceptions import SpectralRepairWarning, warn
 
 #: A component whose responsibility mass is below this share of the total weight is "empty": its
 #: mean and covariance cannot be estimated, so it keeps its previous ones (an M-step maximiser too).
@@ -56,11 +55,10 @@ def positive_definite(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
             )
         covariances[j] = (vectors * np.maximum(values, reg_covar)) @ vectors.T
         covariances[j] = (covariances[j] + covariances[j].T) / 2
-        warnings.warn(
+        warn(
             f"component {j}: covariance not positive definite (smallest eigenvalue "
             f"{values.min():.3g}); clipped its spectrum at regCovar={reg_covar:g}",
             SpectralRepairWarning,
-            stacklevel=3,
         )
     return covariances
 

@@ -41,7 +41,9 @@ def fit_catching(estimator, df):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = estimator.fit(df)
-    return model, [str(w.message) for w in caught if issubclass(w.category, (ComponentWarning, InputWarning))]
+    ours = [w for w in caught if issubclass(w.category, (ComponentWarning, InputWarning))]
+    assert all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]  # the caller's line
+    return model, [str(w.message) for w in ours]
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -100,6 +102,13 @@ def test_constant_feature_fits_with_a_warning(spark, rng):
         GaussianMixture(k=3, regCovar=0.0).fit(frame(spark, x))
 
 
+def test_constant_features_are_named_in_one_warning(spark, rng):
+    x = np.column_stack([np.full(300, 7.0), blobs(rng), np.full(300, -1.5)])
+    df = spark.createDataFrame([tuple(map(float, row)) for row in x], ["c", "a", "b", "z"])
+    _, said = fit_catching(GaussianMixture(k=3, seed=1, inputCols=["c", "a", "b", "z"]), df)
+    assert said == ["2 features are constant: 'c' (7), 'z' (-1.5); their variance is regCovar=1e-06 in every component"]
+
+
 def test_duplicate_points_fit_and_too_few_distinct_points_are_refused(spark):
     points = np.array([[0.0, 0.0], [5.0, 1.0], [1.0, 7.0], [9.0, 9.0]])
     x = np.repeat(points, 50, axis=0)
@@ -108,7 +117,8 @@ def test_duplicate_points_fit_and_too_few_distinct_points_are_refused(spark):
     assert_finite(model)
     np.testing.assert_allclose(np.sort(model.means, axis=0), np.sort(points, axis=0), atol=1e-9)
     np.testing.assert_allclose(model.covariances, np.broadcast_to(1e-6 * np.eye(2), (4, 2, 2)), rtol=1e-6)
-    assert sum("is singular without regCovar" in s for s in said) == 4, said
+    (singular,) = [s for s in said if "singular without regCovar" in s]  # one warning for all four
+    assert singular.startswith("components 0, 1, 2, 3 are singular without regCovar (smallest own variance 0 ≤")
     for params in [dict(), dict(initMode="random"), dict(engine="barrier")]:
         with pytest.raises(ValueError, match="^k=5 but the data has only 4 distinct points; lower k"):
             GaussianMixture(k=5, **params).fit(df)

@@ -113,8 +113,9 @@ def test_plain_em_keeps_the_empty_component_when_asked():
     x = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0], [6.0, 6.0]])[rng.integers(0, 4, 2000)]
     x = x + rng.normal(size=x.shape)
     reduce = local_reduce(x, block_rows=256)
-    with pytest.warns(em.ComponentWarning, match="component 3 lost all its data"):
+    with pytest.warns(em.ComponentWarning, match="component 3 lost all its data") as caught:
         result = fit(reduce, x, k=4, start=far_start(reduce, x), reseed=False)
+    assert caught[0].filename == __file__  # the line in this file that called into spark_gmm
     assert result.reseeded == [] and result.empty_components == [3]
     assert result.cluster_sizes[3] == 0 and result.mixture.weights[3] < 1e-12
 
