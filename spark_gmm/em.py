@@ -299,7 +299,9 @@ def _run_em(
     def evaluate(group: list[_Candidate], label: str, models: list[list]) -> list[list]:
         if describe:
             describe(label)
-        estep = family.estep_pass([m for each in models for m in each])
+        estep = family.estep_pass(
+            [m for each in models for m in each], [c.settings for c, each in zip(group, models) for _ in each]
+        )
         flat = iter(estep.split(reduce(estep)))
         return [[next(flat) for _ in each] for each in models]
 

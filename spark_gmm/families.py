@@ -20,6 +20,7 @@ import numpy as np
 from . import kernels
 from .initialisation import initial_mixture_steps
 from .mixture import (
+    DIAGONAL_TYPES,
     ComponentStatistics,
     Mixture,
     challengers,
@@ -44,8 +45,9 @@ class ModelFamily(Protocol):
     `log_likelihood` (Σw·log p), `resp` ((k,) Σwγ, per component) and `hard_counts` ((k,) rows
     whose most probable component is j)."""
 
-    def estep_pass(self, models: list):
-        """One pass (see `kernels`) evaluating every model; its `split(flat)` gives their stats."""
+    def estep_pass(self, models: list, settings: list["FitSettings"]):
+        """One pass (see `kernels`) evaluating every model (fitted with the `settings` beside it);
+        its `split(flat)` gives their stats."""
 
     def m_step(self, stats, model, settings: "FitSettings") -> tuple[object, np.ndarray]:
         """(next model, indices of components too empty to estimate) from `model`'s stats."""
@@ -89,8 +91,8 @@ class GaussianFamily:
     """Gaussian mixtures (`mixture.Mixture`, shifted coordinates) over every column of the cached
     blocks; the objective is the log-likelihood."""
 
-    def estep_pass(self, models: list[Mixture]) -> kernels.EStepPass:
-        return kernels.EStepPass(models)
+    def estep_pass(self, models: list[Mixture], settings: list["FitSettings"]) -> kernels.EStepPass:
+        return kernels.EStepPass(models, [s.covariance_type in DIAGONAL_TYPES for s in settings])
 
     def m_step(self, stats: ComponentStatistics, model: Mixture, settings: "FitSettings"):
         return m_step(stats, model, settings.reg_covar, settings.covariance_type)
@@ -110,8 +112,10 @@ class GaussianFamily:
     def restart(self, stats: ComponentStatistics, previous: Mixture, model: Mixture, dead: np.ndarray,
                 budget: int, settings: "FitSettings"):
         """Each dead component, in order, becomes one half of the live component with the largest
-        mass × widest variance (`mixture.split_component`), each donor splitting once."""
-        scatter = gaussians_from_moments(stats, previous.means, 0.0, "full")[2]
+        mass × widest variance (`mixture.split_component`), each donor splitting once. Diagonal
+        types gather no cross moments: their donors split along their widest feature."""
+        own = "diag" if settings.covariance_type in DIAGONAL_TYPES else "full"
+        scatter = gaussians_from_moments(stats, previous.means, 0.0, own)[2]
         spread = stats.resp * np.linalg.eigvalsh(scatter)[:, -1]  # mass × widest variance
         spread[dead] = -np.inf
         restarted = []

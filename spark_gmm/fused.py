@@ -201,9 +201,10 @@ def _posterior_tile(x, shift, start, m, consts, means, prec, diagonal, xt, diff,
 
 
 @njit(cache=CACHE, fastmath=FAST)
-def _estep(x, shift, w, consts, means, prec, diagonal, tile, out):
+def _estep(x, shift, w, consts, means, prec, diagonal, diagonal_moments, tile, out):
     """Adds the `ComponentStatistics` of the rows `x` minus `shift` (flat, second moments around
-    `means`) to `out`; `w` is the row weights, or empty for unit weights."""
+    `means`; with `diagonal_moments` only their diagonal) to `out`; `w` is the row weights, or
+    empty for unit weights."""
     n, d = x.shape
     k = means.shape[0]
     p = d * (d + 1) // 2
@@ -244,6 +245,17 @@ def _estep(x, shift, w, consts, means, prec, diagonal, tile, out):
             out[1 + j] += mass
             first = 1 + 2 * k + j * d
             second = 1 + 2 * k + k * d + j * p
+            if diagonal_moments:  # both sums in one sweep, no temporaries
+                for a in range(d):
+                    mu = means[j, a]
+                    s1 = s2 = 0.0
+                    for t in range(m):
+                        g = y[t] * (xt[a, t] - mu)
+                        s1 += g
+                        s2 += g * (xt[a, t] - mu)
+                    out[first + a] += s1
+                    out[second + a * d - a * (a - 1) // 2] += s2  # (a, a) in the packed upper triangle
+                continue
             for a in range(d):
                 mu = means[j, a]
                 s = 0.0
@@ -340,14 +352,16 @@ def _parameters(mixture):
     return consts, np.ascontiguousarray(mixture.means, dtype=np.float64), prec, diagonal
 
 
-def statistics(raw: np.ndarray, shift, w, mixture) -> np.ndarray:
+def statistics(raw: np.ndarray, shift, w, mixture, diagonal_moments: bool = False) -> np.ndarray:
     """Flat `ComponentStatistics` of the rows raw (n, d) float32 or float64 minus `shift` (d,), or
     of raw itself for shift None, with weights w (or None), second moments around the mixture's
-    means. The shift is subtracted tile by tile: no shifted copy of the block."""
+    means (only their diagonal with `diagonal_moments`). The shift is subtracted tile by tile: no
+    shifted copy of the block."""
     out = np.zeros(ComponentStatistics.size(mixture.k, mixture.d))
     weights = _NO_WEIGHTS if w is None else np.ascontiguousarray(w, dtype=np.float64)
     shift = np.zeros(mixture.d) if shift is None else np.ascontiguousarray(shift, dtype=np.float64)
-    _estep(np.ascontiguousarray(raw, dtype=np.float64), shift, weights, *_parameters(mixture), TILE_ROWS, out)
+    _estep(np.ascontiguousarray(raw, dtype=np.float64), shift, weights, *_parameters(mixture), diagonal_moments,
+           TILE_ROWS, out)
     return out
 
 

@@ -91,8 +91,7 @@ def log_gaussian_density(x: np.ndarray, mixture: Mixture) -> np.ndarray:
     n, d = x.shape
     k = mixture.k
     stacked = np.swapaxes(mixture.precisions_cholesky, 1, 2).reshape(k * d, d).astype(x.dtype)
-    offsets = np.einsum("jd,jde->je", mixture.means, mixture.precisions_cholesky).ravel()
-    offsets = offsets.astype(x.dtype)
+    offsets = np.einsum("jd,jde->je", mixture.means, mixture.precisions_cholesky).ravel().astype(x.dtype)
     maha = np.empty((k, n))
     step = max(1, TEMPORARY_DOUBLES // max(n * d, 1))
     for start in range(0, k, step):
@@ -145,10 +144,10 @@ def packed_outer(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def moment_statistics(x, w, resp, centers, log_likelihood: float, around_centers=True) -> np.ndarray:
+def moment_statistics(x, w, resp, centers, log_likelihood: float, around_centers=True, diagonal=False) -> np.ndarray:
     """Flat `ComponentStatistics` (`ComponentStatistics.size(k, d)`,) of the shifted rows `x` (n, d)
     with weights `w` (n,) or None and responsibilities `resp` (n, k), second moments centred on
-    `centers` (k, d).
+    `centers` (k, d); with `diagonal`, only their diagonal (the rest zero, see `DIAGONAL_TYPES`).
 
     With `around_centers`, Σγ(x−c)(x−c)ᵀ is formed from √γ-scaled centred rows, one symmetric
     product per component. Otherwise Σγxxᵀ for all components comes from one product with the
@@ -161,7 +160,10 @@ def moment_statistics(x, w, resp, centers, log_likelihood: float, around_centers
     mass = weighted.sum(axis=0)
     raw_first = weighted.T @ x
     rows, cols = np.triu_indices(d)
-    if around_centers:
+    if diagonal:
+        second = np.zeros((k, packed_size(d)))
+        second[:, rows == cols] = [weighted[:, j] @ (x - centers[j]) ** 2 for j in range(k)]
+    elif around_centers:
         root = np.sqrt(weighted)
         second = np.empty((k, packed_size(d)))
         for j in range(k):
@@ -220,8 +222,9 @@ class EStepPass(SumPass):
 
     label = "E-step"
 
-    def __init__(self, mixtures: list[Mixture]):
+    def __init__(self, mixtures: list[Mixture], diagonal: list[bool] | None = None):
         self.mixtures = mixtures
+        self.diagonal = diagonal or [False] * len(mixtures)  # per mixture: only diagonal second moments
         self.offsets = [  # how far each mixture's means sit from the shift, in its narrowest σ²
             float(((m.means**2).sum(axis=1) / np.linalg.eigvalsh(m.covariances)[:, 0]).max())
             for m in mixtures
@@ -231,17 +234,17 @@ class EStepPass(SumPass):
     def map_block(self, raw, shift, w):
         if fused is None:
             return self.reference_statistics(shifted(raw, shift), w)
-        return np.concatenate([fused.statistics(raw, shift, w, mixture) for mixture in self.mixtures])
+        return np.concatenate([fused.statistics(raw, shift, w, m, diag) for m, diag in zip(self.mixtures, self.diagonal)])
 
     def reference_statistics(self, x, w):
         """The same statistics from the numpy kernels (the reference of `fused`)."""
         parts = []
         limit = CANCELLATION_LIMIT if x.dtype == np.float64 else FLOAT32_CANCELLATION_LIMIT
-        for mixture, offset in zip(self.mixtures, self.offsets):
+        for mixture, offset, diagonal in zip(self.mixtures, self.offsets, self.diagonal):
             around_centers = mixture.d > SHIFTED_MOMENTS_MAX_D or offset > limit
             log_norm, resp = normalize_log(weighted_log_joint(x, mixture))
             ll = float(log_norm.sum() if w is None else w @ log_norm)
-            parts.append(moment_statistics(x, w, resp, mixture.means, ll, around_centers))
+            parts.append(moment_statistics(x, w, resp, mixture.means, ll, around_centers, diagonal))
         return np.concatenate(parts)
 
     def split(self, flat: np.ndarray) -> list[ComponentStatistics]:
@@ -266,14 +269,18 @@ def nearest(x: np.ndarray, centers: np.ndarray):
     return index, best
 
 
-class HardAssignmentPass(SumPass):
+class CentersPass(SumPass):
+    """A pass around `centers` (k, d): the k-means steps of the initialisation."""
+
+    def __init__(self, centers: np.ndarray):
+        self.centers = centers
+
+
+class HardAssignmentPass(CentersPass):
     """Statistics of a hard assignment of rows to their nearest of `centers` (k, d), to start EM
     from k-means: a flat `ComponentStatistics` partial."""
 
     label = "assignment to the k-means centres"
-
-    def __init__(self, centers: np.ndarray):
-        self.centers = centers
 
     def map_block(self, raw, shift, w):
         x = shifted(raw, shift)
@@ -282,15 +289,12 @@ class HardAssignmentPass(SumPass):
         return moment_statistics(x, w, resp, self.centers, 0.0)
 
 
-class LloydPass(SumPass):
+class LloydPass(CentersPass):
     """One Lloyd step over all rows from `centers` (k, d): [Σw·min‖x − c‖², Σw per centre (k),
     Σw·x per centre (k·d), Σw·x (d), Σw·x² (d)]. The last two give the data's variance, the scale
     of the stopping test."""
 
     label = "Lloyd's k-means step"
-
-    def __init__(self, centers: np.ndarray):
-        self.centers = centers
 
     def map_block(self, raw, shift, w):
         x = shifted(raw, shift)
@@ -314,26 +318,20 @@ class LloydPass(SumPass):
         return float(cost[0]), mass, sums.reshape(k, d), variance
 
 
-class CostPass(SumPass):
+class CostPass(CentersPass):
     """Σ w·min_j ‖x − c_j‖² over `centers` (c, d), the k-means|| potential φ: a (1,) partial."""
 
     label = "k-means|| cost"
-
-    def __init__(self, centers: np.ndarray):
-        self.centers = centers
 
     def map_block(self, raw, shift, w):
         _, dist = nearest(shifted(raw, shift), self.centers)
         return np.array([dist.sum() if w is None else w @ dist])
 
 
-class ClosestWeightPass(SumPass):
+class ClosestWeightPass(CentersPass):
     """Weight of the rows closest to each of `centers` (c, d), to weigh k-means|| candidates: (c,)."""
 
     label = "k-means|| candidate weights"
-
-    def __init__(self, centers: np.ndarray):
-        self.centers = centers
 
     def map_block(self, raw, shift, w):
         index, _ = nearest(shifted(raw, shift), self.centers)

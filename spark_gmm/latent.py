@@ -355,8 +355,8 @@ class LatentFamily:
         if len(self.levels) != self.columns.c:
             raise ValueError(f"{len(self.levels)} level counts for {self.columns.c} categorical columns")
 
-    def estep_pass(self, models: list[LatentClassModel]) -> MixedEStepPass:
-        return MixedEStepPass(models, self.columns)
+    def estep_pass(self, models: list[LatentClassModel], settings: list) -> MixedEStepPass:
+        return MixedEStepPass(models, self.columns)  # each model knows its covariance type
 
     def m_step(self, stats: LatentStatistics, model: LatentClassModel, settings):
         return m_step(stats, model, settings.reg_covar, self.smoothing)

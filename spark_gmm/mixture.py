@@ -301,6 +301,9 @@ CONSTRAINTS = {
     "tied": _tied_covariances,
 }
 COVARIANCE_TYPES = tuple(CONSTRAINTS)
+#: Types whose M-step reads only the diagonal of the second moments: their E-step gathers d sums
+#: per component instead of d(d+1)/2, and leaves the rest of the packed triangle at zero.
+DIAGONAL_TYPES = ("diag", "spherical")
 
 
 def gaussians_from_moments(
