@@ -357,7 +357,7 @@ def _with_start(request: FitRequest, settings: em.FitSettings, summary: InputSum
 
 def _fitted(result: em.FitResult, settings: em.FitSettings, summary: InputSummary, skipped: int,
             names: list[str] | None, all_missing: int) -> Fitted:
-    """`result` in the data's coordinates, with a warning for each component the regulariser shapes."""
+    """`result` in the data's coordinates, with one warning naming the components the regulariser shapes."""
     final = result.mixture.shifted(summary.shift)
     thin = thin_components(final.covariances, settings.reg_covar, summary.span > 0)
     if thin:

@@ -234,7 +234,8 @@ class EStepPass(SumPass):
     def map_block(self, raw, shift, w):
         if fused is None:
             return self.reference_statistics(shifted(raw, shift), w)
-        return np.concatenate([fused.statistics(raw, shift, w, m, diag) for m, diag in zip(self.mixtures, self.diagonal)])
+        pairs = zip(self.mixtures, self.diagonal)
+        return np.concatenate([fused.statistics(raw, shift, w, m, diagonal) for m, diagonal in pairs])
 
     def reference_statistics(self, x, w):
         """The same statistics from the numpy kernels (the reference of `fused`)."""
