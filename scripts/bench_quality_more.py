@@ -1,6 +1,6 @@
 """Fit quality beyond the panel: many components, heavy tails, rounded, skewed and mixed-scale features.
 
-    .venv/bin/python scripts/bench_quality_more.py            # seeds 0-2, about a minute
+    .venv/bin/python scripts/bench_quality_more.py            # seeds 0-2, about 30 s
 
 The default EM loop (k-means start over all rows, restarts, challengers) runs in memory
 (`spark_gmm.local`: the same passes as the Spark engines, folded over numpy blocks) against
