@@ -1,24 +1,23 @@
 """The resident engine: the blocks held in the tasks of one barrier stage, EM on the driver.
 
-The driver runs the same `em` loop as the driver engine; only `reduce(pass)` differs. A barrier stage,
-run from a background thread of the driver, gives each task its blocks, which it keeps in its Python
-worker: where the input has no shuffle and no more partitions than free task slots, each task packs
-its own input partition (`start_packing`: the input is read once, and never written to Spark's cache
-and read back); else each task loads a share of the cached blocks. Each task connects to a listener on the driver
-(`channel`) and serves passes: it receives a pass (`wire`), folds it over its blocks per source
-partition (`fold_blocks`) and sends back the (partition, partial) pairs; the driver combines them
-in partition order exactly as the driver engine does (in the same tree when partials are large), so
-both engines give bit-identical models. A pass costs no Spark job and no data movement, and what
-hooks into the EM loop (per-iteration logs, checkpoints, nInit restarts, fitMultiple candidates)
-works unchanged. At the end the driver tells the tasks to finish.
+The driver runs the same `em` loop as the driver engine; only `reduce(pass)` differs. A barrier stage, run
+from a background thread of the driver, gives each task its blocks, which it keeps in its Python worker: where
+the input has no shuffle and no more partitions than free task slots, each task packs its own input partition
+(`start_packing`: the input is read once, and never written to Spark's cache and read back); else each task
+loads a share of the cached blocks. Each task connects to a listener on the driver (`channel`) and serves
+passes: it receives a pass (`wire`), folds it over its blocks per source partition (`fold_blocks`) and sends
+back the (partition, partial) pairs; the driver combines them in partition order exactly as the driver engine
+does (in the same tree when partials are large), so both engines give bit-identical models. A pass costs no
+Spark job and no data movement, and what hooks into the EM loop (per-iteration logs, checkpoints, nInit
+restarts, fitMultiple candidates) works unchanged. At the end the driver tells the tasks to finish.
 
-A task that dies fails the barrier stage (Spark does not retry barrier result stages): the driver
-sees the connection drop or the stage end, runs the stage again and repeats the pending pass. The
-EM state lives on the driver, so the model is the same. After ATTEMPTS failed runs with no pass
-completed in between, the rest of the fit runs on the driver engine, which computes the same
-partials (so still the same model). Packing tasks read their partition again in a rerun, and
-their blocks' summary rows must equal the first run's, or the fit stops with an error rather than
-fit rows that changed under it. Nothing goes through accumulators or `allGather`.
+A task that dies fails the barrier stage (Spark does not retry barrier result stages): the driver sees the
+connection drop or the stage end, runs the stage again and repeats the pending pass. The EM state lives on the
+driver, so the model is the same. After ATTEMPTS failed runs with no pass completed in between, the rest of
+the fit runs on the driver engine, which computes the same partials (so still the same model). Packing tasks
+read their partition again in a rerun, and their blocks' summary rows must equal the first run's, or the fit
+stops with an error rather than fit rows that changed under it. Nothing goes through accumulators or
+`allGather`.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from pyspark.sql import SparkSession
 from . import channel, wire
 from .blocks import BlockCache, combine_in_order, tree_fanout
 from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan
-from .exceptions import InvalidInputError
+from .exceptions import InvalidInputError, missing_executor_module
 from .resident_tasks import (
     FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
 )
@@ -146,7 +145,7 @@ class ResidentEngine:
 
     def start(self) -> None:
         """Run the stage until every task holds its blocks and is connected. Packing tasks get one
-        try: where it fails, the cached blocks' packing pass reads the input and explains the error."""
+        try: the cached blocks' packing pass reads the input again and explains what failed."""
         while True:
             try:
                 return self._start_run()
@@ -176,6 +175,8 @@ class ResidentEngine:
         with self.ready:
             while not (self.expected and len(self.members) == self.expected):
                 if self.stage.done.is_set():
+                    if (missing := missing_executor_module(self.stage.error)) is not None:
+                        raise missing  # every stage would fail alike: no second try
                     text = str(self.stage.error)
                     if UNREACHABLE in text or any(name in text for name in REFUSALS):
                         raise BarrierUnavailable(self.stage.reason())

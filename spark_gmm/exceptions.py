@@ -1,6 +1,8 @@
 """Every error and warning spark_gmm raises, in one module (exported from the package)."""
 
 import inspect
+import re
+import sys
 import warnings
 
 #: Packages whose frames a warning passes over to reach the code that called the library.
@@ -35,6 +37,23 @@ class SpectralRepairWarning(UserWarning):
 
 class ExecutorEnvironmentError(RuntimeError):
     """The executors' Python cannot run spark_gmm's code (a module it needs is missing there)."""
+
+
+#: Modules the executors' Python must import to run spark_gmm's passes.
+EXECUTOR_MODULES = ("numpy", "pandas", "pyarrow", "spark_gmm")
+
+
+def missing_executor_module(error: BaseException | None) -> ExecutorEnvironmentError | None:
+    """The one-line error for a Spark failure caused by the executors' Python lacking a module
+    spark_gmm needs, or None for any other failure."""
+    missing = re.search(r"No module named '([\w.]+)'", str(error))
+    if error is None or not missing or missing.group(1).split(".")[0] not in EXECUTOR_MODULES:
+        return None
+    return ExecutorEnvironmentError(
+        f"the executors' Python cannot import '{missing.group(1)}': point PYSPARK_PYTHON (or "
+        f"spark.pyspark.python) at an interpreter that has numpy, pandas, pyarrow and spark_gmm "
+        f"(this driver runs {sys.executable}), or ship spark_gmm with --py-files"
+    )
 
 
 class InvalidMixtureError(ValueError):

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import re
 import resource
-import sys
 import threading
 from contextlib import contextmanager
 
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, NumericType, StructType, UserDefinedType
 
-from .exceptions import ExecutorEnvironmentError, InvalidInputError, warn
+from .exceptions import InvalidInputError, missing_executor_module, warn
 from .options import OPTIONS
 
 
@@ -300,21 +299,12 @@ def check_executor_memory(k: int, d: int, spark) -> None:
         )
 
 
-#: Modules the executors' Python must import to run spark_gmm's passes.
-EXECUTOR_MODULES = ("numpy", "pandas", "pyarrow", "spark_gmm")
-
-
 def executor_errors_explained(action):
     """Run the first Spark action of a fit; if the executors' Python lacks a module spark_gmm needs,
     say so in one line instead of a worker traceback."""
     try:
         return action()
     except Exception as error:
-        missing = re.search(r"No module named '([\w.]+)'", str(error))
-        if not missing or missing.group(1).split(".")[0] not in EXECUTOR_MODULES:
+        if (explained := missing_executor_module(error)) is None:
             raise
-        raise ExecutorEnvironmentError(
-            f"the executors' Python cannot import '{missing.group(1)}': point PYSPARK_PYTHON (or "
-            f"spark.pyspark.python) at an interpreter that has numpy, pandas, pyarrow and spark_gmm "
-            f"(this driver runs {sys.executable}), or ship spark_gmm with --py-files"
-        ) from None
+        raise explained from None

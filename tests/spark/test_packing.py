@@ -44,6 +44,24 @@ def test_packing_tasks_give_the_driver_engines_model(unshuffled, log_lines, dtyp
     assert_identical(resident, GaussianMixture(engine="driver", **settings).fit(unshuffled))
 
 
+def test_packing_tasks_missing_a_module_stop_the_fit_at_once(unshuffled, log_lines, monkeypatch):
+    """An executor Python without pyarrow fails every stage alike: the packing stage's failure is
+    explained in one line, without a second stage over cached blocks (which here would succeed)."""
+    from spark_gmm import ExecutorEnvironmentError, barrier
+
+    def without_pyarrow(*args):
+        def task(batches):
+            raise ModuleNotFoundError("No module named 'pyarrow'")
+
+        return task
+
+    monkeypatch.setattr(barrier, "make_packing_task", without_pyarrow)
+    with pytest.raises(ExecutorEnvironmentError, match=r"^the executors' Python cannot import 'pyarrow'"):
+        GaussianMixture(k=3, seed=2, maxIter=2).fit(unshuffled)
+    assert log_lines("engine: ")[-1].startswith(PACKING)
+    assert log_lines("resident engine: its tasks cannot pack") == []
+
+
 def test_a_packing_task_killed_mid_fit_reads_its_partition_again(spark, unshuffled, caplog):
     est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0)
     calm = est.fit(unshuffled)
