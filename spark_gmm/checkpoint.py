@@ -75,6 +75,8 @@ class Checkpointer:
             "empty": state.empty,
             "reseeded": state.reseeded,
             "finishing": state.finishing,
+            "floor": None if state.floor is None else state.floor.tolist(),
+            "flooredUntil": state.floored_until,
         }
         self.spark.createDataFrame([(json.dumps(record),)], "value string").coalesce(1).write.mode(
             "overwrite"
@@ -137,6 +139,8 @@ class Checkpointer:
                 empty=record["empty"],
                 reseeded=[tuple(item) for item in record["reseeded"]],
                 finishing=record["finishing"],
+                floor=None if record.get("floor") is None else np.array(record["floor"], dtype=np.float64),
+                floored_until=record.get("flooredUntil", 0),
             )
         return None
 

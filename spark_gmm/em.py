@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -35,7 +35,9 @@ DEAD_ROWS = 2.0
 #: EM steps a challenger may take to overtake the converged mixture; after the first, only the
 #: `KEPT` best go on.
 CHALLENGE_STEPS, KEPT = 3, 2
-
+#: Most iterations of EM under a covariance floor (`ModelFamily.floor`), whatever maxIter: a fit's
+#: path does not depend on maxIter, which only says where it stops (see `checkpoint`).
+FLOOR_ITERATIONS = 50
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class FitSettings:
     init_mode: str = "k-means||"  # Gaussian family only
     start: object | None = None  # explicit start: a model of `family` (shifted coordinates)
     covariance_type: str = "full"
-    reseed: bool = True  # restart dead components (at most k times per fit), try challengers
+    reseed: bool = True  # restart dead components (at most k times per fit), try challengers, floor a thin start
     dtype: str = "float64"  # of the cached blocks: sets the round-off budget
     family: ModelFamily = GaussianFamily()  # the kind of model; candidates fitted together share it
 
@@ -71,6 +73,7 @@ class FitResult:
     reseeded: list[tuple[int, int, int]] = field(default_factory=list)  # (iteration, component, donor)
     iteration_seconds: list[float] = field(default_factory=list)  # wall time of each EM pass
     resumed_from: int = 0  # the iteration a resumed fit started from (0: a fresh fit)
+    floored_until: int = 0  # the iteration EM under a covariance floor ended at (0: none; see `EMState.floor`)
 
 
 @dataclass
@@ -85,15 +88,19 @@ class EMState:
     empty: list[int]
     reseeded: list[tuple[int, int, int]] = field(default_factory=list)
     finishing: bool = False  # converged: the next pass evaluates the last M-step, then EM stops
+    # EM's first phase adds `floor` (d,) to regCovar (`ModelFamily.floor`) until it stops; then
+    # `floor` is None and `floored_until` the iteration EM went on at regCovar from, without challengers
+    floor: np.ndarray | None = None
+    floored_until: int = 0
 
     @classmethod
-    def fresh(cls, start: Mixture) -> "EMState":
-        return cls(0, start, None, [], [], [], [])
+    def fresh(cls, start: Mixture, floor: np.ndarray | None = None) -> "EMState":
+        return cls(0, start, None, [], [], [], [], floor=floor)
 
     def copy(self) -> "EMState":
         return EMState(
             self.iteration, self.mixture, self.previous, list(self.history), list(self.seconds),
-            list(self.empty), list(self.reseeded), self.finishing,
+            list(self.empty), list(self.reseeded), self.finishing, self.floor, self.floored_until,
         )
 
 
@@ -113,6 +120,17 @@ class _Candidate:
     refined: list = field(default_factory=list)  # the challengers EM steps further, to compare
     challenge_step: int = 0  # EM steps the refined challengers have taken
 
+    def __post_init__(self):
+        self.fit_settings = self.settings
+        self.settings = self._phase_settings()
+
+    def _phase_settings(self) -> FitSettings:
+        """The settings of the phase EM is in: under a floor, regCovar + floor for FLOOR_ITERATIONS at most."""
+        s, own = self.state, self.fit_settings
+        if s.floor is None:
+            return own
+        return replace(own, reg_covar=own.reg_covar + s.floor, max_iter=min(own.max_iter, FLOOR_ITERATIONS))
+
     @property
     def family(self) -> ModelFamily:
         return self.settings.family
@@ -125,7 +143,7 @@ class _Candidate:
         if self.refined:
             return [c[0] for c in self.refined]
         self.challengers = []
-        if s.finishing and settings.reseed and len(s.reseeded) < settings.k:
+        if s.finishing and settings.reseed and not s.floored_until and len(s.reseeded) < settings.k:
             self.challengers = self.family.challengers(s.mixture, settings)
         return [s.mixture] + [c[0] for c in self.challengers]
 
@@ -166,7 +184,22 @@ class _Candidate:
         return self.family.m_step(stats, model, self.settings)[0], changed, change
 
     def observe(self, evaluated: list, total_weight: float, seconds: float) -> None:
-        """Take the pass's statistics of `to_evaluate()`'s models: record them, then stop or step."""
+        """Take the pass's statistics of `to_evaluate()`'s models: record them, then stop or step;
+        where EM under a floor stops, lift the floor (at maxIter the fit ends under it, unconverged)."""
+        self._observe(evaluated, total_weight, seconds)
+        s, own = self.state, self.fit_settings
+        if self.done and s.floor is not None and s.iteration >= own.max_iter:
+            self.stop_reason = "max-iter" if self.stop_reason == "converged" else self.stop_reason
+        elif self.done and s.floor is not None and self.stop_reason != "decrease":
+            log.info(
+                "%sEM under the covariance floor stopped at iteration %d (%s); EM goes on at regCovar=%g",
+                self.label, s.iteration, self.stop_reason, own.reg_covar,
+            )
+            s.floor, s.floored_until, s.finishing = None, s.iteration, False
+            self.settings, self.done, self.stop_reason = self._phase_settings(), False, "max-iter"
+            self._step(self.stats, total_weight)
+
+    def _observe(self, evaluated: list, total_weight: float, seconds: float) -> None:
         s, iteration, settings = self.state, self.state.iteration, self.settings
         if not self.refined:
             stats = evaluated[0]
@@ -269,7 +302,16 @@ class _Candidate:
             reseeded=list(s.reseeded),
             iteration_seconds=s.seconds,
             resumed_from=resumed_from,
+            floored_until=s.floored_until,
         )
+
+
+def _floor(family: ModelFamily, start, settings: FitSettings) -> np.ndarray | None:
+    """The floor of a first phase of EM (`ModelFamily.floor`) from a start the fit computed, unless plain EM."""
+    floor = None if settings.start is not None or not settings.reseed else family.floor(start, settings)
+    if floor is not None:
+        log.info("the start has components singular but for regCovar: EM runs under a covariance floor first")
+    return floor
 
 
 def _dead_components(stats, total_weight: float) -> np.ndarray:
@@ -345,7 +387,7 @@ def fit(
         what = family.start_name(candidates[0]) if len(candidates) == 1 else f"{len(candidates)} candidates"
         log.info("initialisation (%s)", what)
         starts = run_passes(reduce, [family.start_steps(d, c) for c in candidates], describe)
-        states = [EMState.fresh(start) for start in starts]
+        states = [EMState.fresh(start, _floor(family, start, c)) for start, c in zip(starts, candidates)]
     runs = [
         _Candidate(
             c, state, label=f"candidate {i} ({c.describe()}): " if len(candidates) > 1 else "",

@@ -30,11 +30,15 @@ from .mixture import (
     regularisation_allowance,
     rows_to_determine,
     split_component,
+    thin_components,
 )
 
 if TYPE_CHECKING:
     from .em import FitSettings
 
+#: The covariance floor of the first phase of EM from a start that is singular but for regCovar,
+#: as a share of each feature's variance (see `GaussianFamily.floor`).
+FLOOR_SHARE = 0.03
 #: Where EM converges, the lightest component is tried on splits of this many heaviest ones, and
 #: this many closest pairs of components are tried re-split (see `mixture.challengers`).
 DONORS, PAIRS = 3, 2
@@ -65,6 +69,10 @@ class ModelFamily(Protocol):
 
     def start_name(self, settings: "FitSettings") -> str:
         """How `start_steps` starts, for the log."""
+
+    def floor(self, start, settings: "FitSettings") -> np.ndarray | None:
+        """A regulariser per feature (d,) for a first phase of EM from `start`, lifted once it
+        converges; None for a single phase."""
 
     def restart(self, stats, previous, model, dead: np.ndarray, budget: int, settings: "FitSettings"):
         """(model, [(dead component, donor)]): up to `budget` of the `dead` components of `model`
@@ -109,6 +117,21 @@ class GaussianFamily:
     def start_name(self, settings: "FitSettings") -> str:
         return "initial model" if settings.start is not None else f"{settings.init_mode}, k={settings.k}"
 
+    def floor(self, start: Mixture, settings: "FitSettings") -> np.ndarray | None:
+        """`FLOOR_SHARE` of each feature's variance when a component of `start` is singular but
+        for regCovar (features constant within a k-means cluster: pixels, counts, indicators).
+        The likelihood is unbounded there but for regCovar, and EM climbs from such a start into
+        shapes that regCovar sets instead of clusters (a spurious maximiser); EM under the floor
+        first finds the clusters, and EM at regCovar then refines them."""
+        own = start.covariances - settings.reg_covar * np.eye(start.d)
+        centre = start.weights @ start.means
+        variance = start.weights @ (np.diagonal(own, axis1=1, axis2=2) + (start.means - centre) ** 2)
+        if not thin_components(start.covariances, settings.reg_covar, variance > settings.reg_covar):
+            return None
+        if settings.covariance_type == "spherical":  # the floor must keep it spherical
+            return np.full(start.d, FLOOR_SHARE * variance.mean())
+        return FLOOR_SHARE * variance
+
     def restart(self, stats: ComponentStatistics, previous: Mixture, model: Mixture, dead: np.ndarray,
                 budget: int, settings: "FitSettings"):
         """Each dead component, in order, becomes one half of the live component with the largest
@@ -131,7 +154,7 @@ class GaussianFamily:
     def challengers(self, model: Mixture, settings: "FitSettings") -> list[tuple]:
         """Only with a regulariser: without one a split may leave a singular covariance, which
         `mixture.positive_definite` refuses, failing a fit that had converged."""
-        if not settings.reg_covar > 0:
+        if not np.min(settings.reg_covar) > 0:
             return []
         return challengers(model, settings.covariance_type, settings.reg_covar, DONORS, PAIRS)
 

@@ -25,13 +25,7 @@ import numpy as np
 
 from .kernels import SumPass, row_uniforms, shifted
 from .latent_estep import (
-    Layout,
-    LatentStatistics,
-    MixedBlock,
-    block_statistics,
-    check_levels,
-    discrete_counts,
-    log_probability,
+    Layout, LatentStatistics, MixedBlock, block_statistics, check_levels, discrete_counts, log_probability,
 )
 from .mixture import (
     CONSTRAINTS,
@@ -365,9 +359,8 @@ class LatentFamily:
         return stats.log_likelihood + log_prior(model, self.smoothing)
 
     def decrease_allowance(self, previous, current: LatentClassModel, stats, settings) -> float:
-        """`mixture.regularisation_allowance` of the Gaussian block, whose weights the M-step set
-        to its own masses (rows with a Gaussian value observed), the N_j of the penalty it
-        maximises against; `stats` are not needed, so a resumed fit tests the same bound."""
+        """`mixture.regularisation_allowance` of the Gaussian block, whose weights are its own masses
+        (the N_j of the M-step's penalty); without `stats`, so a resumed fit tests the same bound."""
         if current.gaussian is None:
             return 0.0
         return regularisation_allowance(previous.gaussian, current.gaussian, settings.reg_covar)
@@ -383,6 +376,9 @@ class LatentFamily:
 
     def start_name(self, settings) -> str:
         return "initial model" if settings.start is not None else f"random responsibilities, k={settings.k}"
+
+    def floor(self, start: LatentClassModel, settings) -> None:
+        return None
 
     def restart(self, stats, previous, model: LatentClassModel, dead, budget: int, settings):
         return model, []

@@ -36,11 +36,13 @@ def unpack_symmetric(packed: np.ndarray, d: int) -> np.ndarray:
     return out
 
 
-def positive_definite(covariances: np.ndarray, reg_covar: float) -> np.ndarray:
+def positive_definite(covariances: np.ndarray, reg_covar) -> np.ndarray:
     """The `covariances` (k, d, d), each one that fails Cholesky repaired: its spectrum clipped at
-    `reg_covar` (round-off on a collapsed component), with a warning naming it. Without a
-    regulariser there is nothing to clip to: the fit is refused, as scikit-learn does."""
+    `reg_covar` (its smallest entry, if per feature: round-off on a collapsed component), with a
+    warning naming it. Without a regulariser there is nothing to clip to: the fit is refused, as
+    scikit-learn does."""
     covariances = np.array(covariances, dtype=np.float64)
+    reg_covar = float(np.min(reg_covar))
     for j, cov in enumerate(covariances):
         try:
             np.linalg.cholesky(cov)
@@ -71,20 +73,21 @@ def precision_cholesky(covariances: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.linalg.solve(lower, eye), -1, -2)
 
 
-def regularisation_allowance(previous: "Mixture | None", current: "Mixture", reg_covar: float) -> float:
+def regularisation_allowance(previous: "Mixture | None", current: "Mixture", reg_covar) -> float:
     """How much the mean log-likelihood may fall in the EM step `previous` → `current` because of
-    the regulariser.
+    the regulariser `reg_covar` = ε (a number, or one per feature: E = diag(ε)).
 
-    Adding ε·I to a covariance is the exact M-step of Q(θ) − pen(θ) with pen = Σ_j N_j (ε/2)
-    tr Σ_j⁻¹ (for every covariance type), so L(current) − L(previous) ≥ pen(current) − pen(previous),
-    where N_j are the responsibilities behind the step (`current.weights` per row). Exact
-    arithmetic never falls further; more than this (plus round-off) is a numerical problem.
+    Adding E to a covariance is the exact M-step of Q(θ) − pen(θ) with pen = Σ_j N_j ½ tr(E Σ_j⁻¹)
+    (for every covariance type), so L(current) − L(previous) ≥ pen(current) − pen(previous), where
+    N_j are the responsibilities behind the step (`current.weights` per row). Exact arithmetic
+    never falls further; more than this (plus round-off) is a numerical problem.
     """
-    if previous is None or not reg_covar > 0:
+    if previous is None or not np.min(reg_covar) > 0:
         return 0.0
-    trace_before = (previous.precisions_cholesky**2).sum(axis=(1, 2))
-    trace_after = (current.precisions_cholesky**2).sum(axis=(1, 2))
-    return max(0.0, 0.5 * reg_covar * float(current.weights @ (trace_before - trace_after)))
+    reg = np.broadcast_to(reg_covar, current.d)
+    before = (previous.precisions_cholesky**2).sum(axis=2) @ reg  # tr(E Σ⁻¹): (Σ⁻¹)_ii = Σ_c P_ic²
+    after = (current.precisions_cholesky**2).sum(axis=2) @ reg
+    return max(0.0, 0.5 * float(current.weights @ (before - after)))
 
 
 def split_component(

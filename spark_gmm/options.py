@@ -80,8 +80,11 @@ OPTIONS: dict[str, Option] = {
     "reseedComponents": Option(
         True, bool,
         "Restart a component that empties or collapses onto one row during the fit, by splitting "
-        "the component with the widest spread (at most k restarts per fit, logged and listed in "
-        "summary.reseeded). False keeps plain EM: such a component stays with weight ≈ 0.",
+        "the component with the widest spread, and where EM converges try moving the lightest "
+        "component or re-splitting the closest pairs (at most k changes per fit, logged and listed in "
+        "summary.reseeded); from a start with components singular but for regCovar, run EM under a "
+        "covariance floor first (summary.flooredUntilIteration). False keeps plain EM: such a "
+        "component stays with weight ≈ 0.",
     ),
     "handleInvalid": Option(
         "error", str,

@@ -39,6 +39,8 @@ class GaussianMixtureSummary:
         self.rowsWithMissingValues = int(incomplete)
         self.rowsAllMissing = int(all_missing)
         self.resumedFromIteration = int(result.resumed_from)
+        # EM under a covariance floor until this iteration (a start singular but for regCovar), 0 if not
+        self.flooredUntilIteration = int(result.floored_until)
         self.totalWeight = float(total_weight)  # rows fitted, or their total weight with weightCol
         self.featuresCol = model.getFeaturesCol()
         self.predictionCol = model.getPredictionCol()
@@ -93,5 +95,6 @@ class GaussianMixtureSummary:
             "rowsWithMissingValues": self.rowsWithMissingValues,
             "rowsAllMissing": self.rowsAllMissing,
             "resumedFromIteration": self.resumedFromIteration,
+            "flooredUntilIteration": self.flooredUntilIteration,
             "totalWeight": self.totalWeight,
         }

@@ -22,3 +22,14 @@ def assert_identical(a, b):
     np.testing.assert_array_equal(a.covariances, b.covariances)
     assert a.summary.logLikelihoodHistory == b.summary.logLikelihoodHistory
     assert a.summary.numIter == b.summary.numIter
+
+
+def indicator_clusters(seed=4, n=300):
+    """(x (n, 3), labels): three unit blobs 8 apart in 2-D and an indicator column that is 0 in the
+    first, 1 in the second and either in the third: a k-means start over them has two components
+    singular but for regCovar (EM then runs under a covariance floor first)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    x = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])[labels] + rng.normal(size=(n, 2))
+    flag = np.where(labels == 2, rng.integers(0, 2, n), labels == 1)
+    return np.column_stack([x, flag]).astype(float), labels

@@ -198,7 +198,7 @@ def _model_flags(group, command: str, api: GaussianMixture, selection: GaussianM
                        help=f"initialisations, the best kept (default: {api.getNInit()})")
     group.add_argument("--no-reseed", dest="reseed_components", action="store_false",
                        help="plain EM: keep a component that empties or collapses onto one row instead "
-                       "of restarting it")
+                       "of restarting it; no challengers, no covariance floor")
     group.add_argument("--engine", choices=ENGINES, default=api.getEngine(),
                        help="driver: one Spark job per EM pass; barrier: the whole fit in one barrier "
                        f"stage (default: {api.getEngine()})")
