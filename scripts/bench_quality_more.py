@@ -1,4 +1,4 @@
-"""Fit quality beyond the panel: many components, heavy tails, rounded, skewed and mixed-scale features.
+"""Fit quality beyond the panel: many components, heavy tails, rounded, skewed, mixed-scale and one-hot features.
 
     .venv/bin/python scripts/bench_quality_more.py            # seeds 0-2, about 30 s
 
@@ -43,7 +43,7 @@ def data_sets():
     rounded = mixture_rows(rng, 10_000, 4, 3, 3)
     skewed = mixture_rows(rng, 10_000, 3, 3, 2)
     scaled = mixture_rows(rng, 10_000, 4, 5, 3)
-    return {
+    sets = {
         "k=30 in 2-D, 20,000 rows": (*mixture_rows(rng, 20_000, 30, 2, 6), 30),
         "k=50 in 5-D, 20,000 rows": (*mixture_rows(rng, 20_000, 50, 5, 4), 50),
         "Student-t (3 dof), k=5 in 4-D": (*mixture_rows(rng, 10_000, 5, 4, 3, tails=3), 5),
@@ -51,6 +51,20 @@ def data_sets():
         "log-normal, k=3 in 3-D": (np.exp(skewed[0] / 2), skewed[1], 3),
         "scales 1e-3 … 1e5, k=4 in 5-D": (scaled[0] * [1e-3, 1, 1e3, 1e5, 10], scaled[1], 4),
     }
+    # drawn last, so the sets above stay as they were: clusters beside a one-hot feature unrelated
+    # to them, whose levels are constant within any component that splits on them
+    for name, (x, labels) in {
+        "k=3 in 2-D": mixture_rows(rng, 6_000, 3, 2, 3),
+        "3 unit blobs 3 apart": unit_blobs(rng, 3_000, [[0, 0], [3, 0], [0, 3]]),
+    }.items():
+        unrelated = np.eye(4)[rng.integers(0, 4, len(x))]
+        sets[f"{name} + an unrelated one-hot feature (4 levels)"] = (np.column_stack([x, unrelated]), labels, 3)
+    return sets
+
+
+def unit_blobs(rng, rows, centres):
+    labels = rng.integers(0, len(centres), rows)
+    return np.asarray(centres, dtype=float)[labels] + rng.normal(size=(rows, len(centres[0]))), labels
 
 
 def score(x, labels, weights, means, covariances):

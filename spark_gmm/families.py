@@ -30,7 +30,6 @@ from .mixture import (
     regularisation_allowance,
     rows_to_determine,
     split_component,
-    thin_components,
 )
 
 if TYPE_CHECKING:
@@ -119,15 +118,19 @@ class GaussianFamily:
 
     def floor(self, start: Mixture, settings: "FitSettings") -> np.ndarray | None:
         """`FLOOR_SHARE` of each feature's variance when a component of `start` is singular but
-        for regCovar (features constant within a k-means cluster: pixels, counts, indicators).
-        The likelihood is unbounded there but for regCovar, and EM climbs from such a start into
-        shapes that regCovar sets instead of clusters (a spurious maximiser); EM under the floor
-        first finds the clusters, and EM at regCovar then refines them."""
+        for regCovar in more directions than the data as a whole (features constant within a
+        k-means cluster: pixels, counts, indicators; not the levels of a one-hot feature, which
+        sum to 1 in every row). The likelihood is unbounded there but for regCovar, and EM climbs
+        from such a start into shapes that regCovar sets instead of clusters (a spurious
+        maximiser); EM under the floor first finds the clusters, and EM at regCovar then refines
+        them."""
         own = start.covariances - settings.reg_covar * np.eye(start.d)
-        centre = start.weights @ start.means
-        variance = start.weights @ (np.diagonal(own, axis1=1, axis2=2) + (start.means - centre) ** 2)
-        if not thin_components(start.covariances, settings.reg_covar, variance > settings.reg_covar):
+        gaps = start.means - start.weights @ start.means
+        total = np.tensordot(start.weights, own, axes=1) + np.einsum("j,ja,jb->ab", start.weights, gaps, gaps)
+        thin = (np.linalg.eigvalsh(own) <= settings.reg_covar).sum(axis=1)
+        if not (thin > (np.linalg.eigvalsh(total) <= settings.reg_covar).sum()).any():
             return None
+        variance = np.diagonal(total)
         if settings.covariance_type == "spherical":  # the floor must keep it spherical
             return np.full(start.d, FLOOR_SHARE * variance.mean())
         return FLOOR_SHARE * variance

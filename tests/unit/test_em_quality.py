@@ -336,6 +336,19 @@ def test_a_start_singular_but_for_regcovar_is_fitted_under_a_floor_first():
         np.testing.assert_array_equal(resumed.mixture.covariances, result.mixture.covariances)
 
 
+def test_the_levels_of_a_one_hot_feature_call_for_no_floor():
+    """The levels of a one-hot feature sum to 1 in every row, so every component is singular along
+    that sum, as the data are: that is no reason to floor (a floor there led EM from clusters to
+    components that split the levels instead); a level constant within a cluster is."""
+    rng = np.random.default_rng(7)
+    _, x = standardised_clusters(7, n=900)
+    levels = np.eye(4)[rng.integers(0, 4, len(x))]
+    reduce = local_reduce(np.column_stack([x, levels]))
+    assert fit(reduce, np.column_stack([x, levels])).floored_until == 0
+    x, _ = indicator_clusters()
+    assert fit(local_reduce(np.column_stack([x, levels[:300]])), np.column_stack([x, levels[:300]])).floored_until > 0
+
+
 def test_on_digits_em_under_a_floor_first_ends_nearer_the_classes_than_plain_em():
     """Digits (64 standardised pixels, many constant within a digit): plain EM from the k-means
     start climbs to components shaped by regCovar; EM under a floor first, from the same starts,
