@@ -287,6 +287,11 @@ def test_a_challenger_that_leaves_a_component_underdetermined_is_not_taken():
         assert (sorted(result.cluster_sizes)[0] == rows) == taken
 
 
+def statistics(reduce, mixture):
+    estep = kernels.EStepPass([mixture])
+    return estep.split(reduce(estep))[0]
+
+
 def test_em_under_a_regulariser_per_feature_falls_only_within_its_allowance():
     """Adding diag(ε) is the M-step of a penalised objective, so the likelihood may fall by at most
     `regularisation_allowance` with ε per feature; a number ε is the same as ε for every feature."""
@@ -298,10 +303,9 @@ def test_em_under_a_regulariser_per_feature_falls_only_within_its_allowance():
         current = Mixture.from_covariances(np.full(3, 1 / 3), x[rng.choice(len(x), 3)] - reduce.shift,
                                            [0.3 * np.eye(2)] * 3, reg)
         for _ in range(6):
-            estep = kernels.EStepPass([current])
-            (stats,) = estep.split(reduce(estep))
+            stats = statistics(reduce, current)
             following, _ = m_step(stats, current, reg)
-            (after,) = estep.split(reduce(kernels.EStepPass([following])))
+            after = statistics(reduce, following)
             change = (after.log_likelihood - stats.log_likelihood) / len(x)
             allowance = regularisation_allowance(current, following, reg)
             assert change >= -allowance - 1e-12
@@ -340,13 +344,12 @@ def test_the_levels_of_a_one_hot_feature_call_for_no_floor():
     """The levels of a one-hot feature sum to 1 in every row, so every component is singular along
     that sum, as the data are: that is no reason to floor (a floor there led EM from clusters to
     components that split the levels instead); a level constant within a cluster is."""
-    rng = np.random.default_rng(7)
-    _, x = standardised_clusters(7, n=900)
-    levels = np.eye(4)[rng.integers(0, 4, len(x))]
-    reduce = local_reduce(np.column_stack([x, levels]))
-    assert fit(reduce, np.column_stack([x, levels])).floored_until == 0
-    x, _ = indicator_clusters()
-    assert fit(local_reduce(np.column_stack([x, levels[:300]])), np.column_stack([x, levels[:300]])).floored_until > 0
+    rng, blobs = standardised_clusters(7, n=900)
+    levels = np.eye(4)[rng.integers(0, 4, len(blobs))]
+    with_levels = np.column_stack([blobs, levels])
+    assert fit(local_reduce(with_levels), with_levels).floored_until == 0
+    with_indicator = np.column_stack([indicator_clusters()[0], levels[:300]])
+    assert fit(local_reduce(with_indicator), with_indicator).floored_until > 0
 
 
 def test_on_digits_em_under_a_floor_first_ends_nearer_the_classes_than_plain_em():
