@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from spark_gmm import GaussianMixture, GaussianMixtureModel
+from spark_gmm import ComponentWarning, GaussianMixture, GaussianMixtureModel
 from spark_gmm.checkpoint import Checkpointer, CheckpointMismatchError
 from spark_gmm.em import EMState, FitSettings
 from spark_gmm.mixture import Mixture
@@ -43,12 +43,14 @@ def test_resumed_fit_equals_the_unbroken_fit(data, tmp_path):
 def test_a_fit_stopped_under_the_covariance_floor_resumes_to_the_unbroken_fit(spark, tmp_path):
     """A start singular but for regCovar runs EM under a floor first: the floor is checkpointed."""
     df = array_frame(spark, indicator_clusters()[0]).cache()
-    unbroken = GaussianMixture(k=3, seed=0, checkpointInterval=1).fit(df)
+    with pytest.warns(ComponentWarning, match="singular without regCovar"):  # the indicator, in two clusters
+        unbroken = GaussianMixture(k=3, seed=0, checkpointInterval=1).fit(df)
     assert unbroken.summary.flooredUntilIteration > 2 and unbroken.summary.converged
     directory = str(tmp_path / "ckpt")
     stopped = GaussianMixture(k=3, seed=0, maxIter=2, checkpointDir=directory, checkpointInterval=1).fit(df)
     assert stopped.summary.flooredUntilIteration == 0 and stopped.summary.stopReason == "max-iter"
-    resumed = GaussianMixture(k=3, seed=0, checkpointDir=directory, checkpointInterval=1).fit(df)
+    with pytest.warns(ComponentWarning, match="singular without regCovar"):
+        resumed = GaussianMixture(k=3, seed=0, checkpointDir=directory, checkpointInterval=1).fit(df)
     assert resumed.summary.resumedFromIteration == 2
     assert resumed.summary.flooredUntilIteration == unbroken.summary.flooredUntilIteration
     assert_identical(resumed, unbroken)
