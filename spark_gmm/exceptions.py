@@ -49,8 +49,13 @@ def missing_executor_module(error: BaseException | None) -> ExecutorEnvironmentE
     missing = re.search(r"No module named '([\w.]+)'", str(error))
     if error is None or not missing or missing.group(1).split(".")[0] not in EXECUTOR_MODULES:
         return None
+    return executor_module_error(missing.group(1), "the executors' Python")
+
+
+def executor_module_error(module: str, interpreter: str) -> ExecutorEnvironmentError:
+    """The error for executors whose `interpreter` cannot import `module`."""
     return ExecutorEnvironmentError(
-        f"the executors' Python cannot import '{missing.group(1)}': point PYSPARK_PYTHON (or "
+        f"{interpreter} cannot import '{module}': point PYSPARK_PYTHON (or "
         f"spark.pyspark.python) at an interpreter that has numpy, pandas, pyarrow and spark_gmm "
         f"(this driver runs {sys.executable}), or ship spark_gmm with --py-files"
     )

@@ -35,6 +35,7 @@ from .inputs import (
     feature_names,
     jvm_bytes,
     require_batch,
+    require_executor_python,
     weight_column,
 )
 from .mixture import ComponentStatistics, Mixture, thin_components
@@ -128,6 +129,7 @@ def _prepare(dataset: DataFrame, request: FitRequest, k: int, spare_slots: int):
     weights = weight_column(dataset, request.weight_col)
     have = available_memory_bytes()
     _check_width(k, feature_count(dataset, request.features_col, request.input_cols) or 0, have)
+    require_executor_python(dataset.sparkSession)
     cache = BlockCache(dataset, features, weights, request.aggregation_depth, request.handle_invalid == "keep",
                        widest=_widest(k, have))
     resident = None

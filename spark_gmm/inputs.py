@@ -3,16 +3,25 @@ fit of this size. Errors name the problem (column, count, value) in their first 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
 import threading
+import weakref
 from contextlib import contextmanager
 
 from pyspark.sql import Column, DataFrame, functions as F
 from pyspark.sql.types import ArrayType, DataType, MapType, NumericType, StructType, UserDefinedType
 
-from .exceptions import InvalidInputError, missing_executor_module, warn
+from .exceptions import (
+    EXECUTOR_MODULES,
+    ExecutorEnvironmentError,
+    InvalidInputError,
+    executor_module_error,
+    missing_executor_module,
+    warn,
+)
 from .options import OPTIONS
 
 
@@ -308,3 +317,75 @@ def executor_errors_explained(action):
         if (explained := missing_executor_module(error)) is None:
             raise
         raise explained from None
+
+
+#: Sessions whose executors' Python was found to import spark_gmm and what its tasks need.
+_PYTHON_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def require_executor_python(spark) -> None:
+    """Refuse, in one line and before any pass, executors whose Python lacks a module spark_gmm's
+    tasks import or has another spark_gmm version. A plain Python UDF, which needs none of those
+    modules, looks each up in one task per slot: a pass would fail inside its Arrow worker instead,
+    and Spark would log a JVM and a Python traceback per task. Once per session."""
+    if spark in _PYTHON_CHECKED:
+        return
+    from . import __version__
+    from .engine_choice import task_slots
+
+    try:
+        tasks = max(1, task_slots(spark))
+    except Exception:  # Spark Connect: no SparkContext to ask
+        tasks = 1
+    probe = F.udf(_import_probe(EXECUTOR_MODULES), "string", useArrow=False)
+    try:
+        found = spark.range(0, tasks, numPartitions=tasks).select(probe("id")).collect()
+    except Exception as error:
+        if (explained := _unstartable_python(error)) is None:
+            raise
+        raise explained from None
+    for interpreter, missing, version in sorted({tuple(json.loads(row[0])) for row in found}):
+        if missing is not None:
+            raise executor_module_error(missing, f"the executors' Python ({interpreter})")
+        if version != __version__:
+            raise ExecutorEnvironmentError(
+                f"the executors' Python ({interpreter}) has spark_gmm {version}, this driver {__version__}: "
+                "install the same version on both, or ship the driver's with --py-files"
+            )
+    _PYTHON_CHECKED.add(spark)
+
+
+def _import_probe(modules: tuple[str, ...]):
+    """The probe UDF's function: a closure, so that cloudpickle sends it by value and the worker
+    unpickles it without importing spark_gmm. It looks the modules up without importing them
+    (pandas and pyarrow take a second to import in a task that does not use them)."""
+    def probe(_) -> str:
+        import importlib.util
+        import json
+        import sys
+
+        missing = next((name for name in modules if importlib.util.find_spec(name) is None), None)
+        if missing is not None:
+            return json.dumps([sys.executable, missing, None])
+        import spark_gmm  # light: its modules load on first use
+
+        return json.dumps([sys.executable, None, spark_gmm.__version__])
+
+    return probe
+
+
+def _unstartable_python(error: BaseException) -> ExecutorEnvironmentError | None:
+    """The one-line error for executors that cannot start their Python or run another minor
+    version of it than the driver's (Spark's own checks, before the probe runs), else None."""
+    text = str(error)
+    if mismatch := re.search(r"different version:? (\d+\.\d+) than that in driver:? (\d+\.\d+)", text):
+        return ExecutorEnvironmentError(
+            f"the executors run Python {mismatch.group(1)}, this driver {mismatch.group(2)}: point "
+            "PYSPARK_PYTHON (or spark.pyspark.python) at an interpreter of the driver's version"
+        )
+    if unstartable := re.search(r'Cannot run program "([^"]+)"', text):
+        return ExecutorEnvironmentError(
+            f"the executors cannot start Python '{unstartable.group(1)}': point PYSPARK_PYTHON (or "
+            "spark.pyspark.python) at an interpreter installed on every executor"
+        )
+    return None

@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame
 from . import barrier, em, persistence
 from .checkpoint import Checkpointer
 from .exceptions import InvalidInputError
-from .inputs import require_batch, weight_column
+from .inputs import require_batch, require_executor_python, weight_column
 from .latent import Columns, LatentFamily
 from .mixed_input import (
     UNUSABLE,
@@ -263,6 +263,7 @@ class MixedMixture(MixedMixtureParams, KeywordParams, Estimator, persistence.Per
                  "categorical": self.getCategoricalCols(), "poisson": self.getPoissonCols()}
         features = typed_features(dataset, kinds)
         weight = weight_column(dataset, self.weightName())
+        require_executor_python(dataset.sparkSession)
         log.info("surveying the input: levels, ranges, missing values")
         found = survey(dataset, features, weight, self.getMaxLevels())
         skipped = self._validate(found, features)

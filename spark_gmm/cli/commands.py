@@ -10,7 +10,8 @@ import time
 import traceback
 import warnings
 
-from spark_gmm.inputs import named_column
+from spark_gmm.exceptions import ExecutorEnvironmentError
+from spark_gmm.inputs import named_column, require_executor_python
 
 from . import mixed
 from .arguments import COMMANDS, output_kind, parse_args
@@ -285,12 +286,13 @@ def main(argv=None, prog: str | None = None) -> int:
             try:
                 spark, created = job_session(f"spark-gmm {command}")
                 check_outputs(spark, args)  # before the input is read: a clash costs seconds, not a fit
+                require_executor_python(spark)
                 _check_optional_dependencies(args)
                 fields = {"status": "ok", "command": command, **_RUN[command](spark, args)}
                 code = 0
                 if fields.get("driftExceeded"):
                     code, fields["status"] = DRIFT_EXIT_CODE, "drift"
-            except (JobError, UsageError) as error:
+            except (JobError, UsageError, ExecutorEnvironmentError) as error:
                 code = 2 if isinstance(error, UsageError) else 1
                 fields = {"status": "error", "command": command, "error": " ".join(str(error).split())}
             except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """The Spark estimator and model through the public API, against scikit-learn, scipy and known truth."""
 
+import re
 import warnings
 
 import numpy as np
@@ -782,3 +783,67 @@ def test_a_missing_module_on_the_executors_is_one_clear_line():
         executor_errors_explained(failing)
     with pytest.raises(RuntimeError, match="something else"):
         executor_errors_explained(lambda: (_ for _ in ()).throw(RuntimeError("something else")))
+
+
+@pytest.fixture
+def unchecked_executors(monkeypatch):
+    """Executors this session has not yet checked (the check runs once per session)."""
+    from spark_gmm import inputs
+
+    monkeypatch.setattr(inputs, "_PYTHON_CHECKED", type(inputs._PYTHON_CHECKED)())
+    return inputs
+
+
+@pytest.mark.parametrize("estimator", ["GaussianMixture", "MixedMixture"])
+def test_executors_missing_a_module_are_refused_before_any_pass(spark, unchecked_executors, monkeypatch, caplog,
+                                                                estimator):
+    import spark_gmm
+    from spark_gmm import ExecutorEnvironmentError
+
+    monkeypatch.setattr(unchecked_executors, "EXECUTOR_MODULES", ("numpy", "spark_gmm_absent_module"))
+    df = spark.createDataFrame([(float(i), float(i % 3)) for i in range(20)], "a double, b double")
+    fit = (GaussianMixture(k=2, inputCols=["a", "b"]) if estimator == "GaussianMixture" else
+           spark_gmm.MixedMixture(k=2, gaussianCols=["a", "b"]))
+    with caplog.at_level("INFO", logger="spark_gmm"), pytest.raises(ExecutorEnvironmentError) as refused:
+        fit.fit(df)
+    first_line = str(refused.value).splitlines()[0]
+    assert first_line.startswith("the executors' Python (") and "cannot import 'spark_gmm_absent_module'" in first_line
+    assert not [r for r in caplog.records if "input" in r.getMessage()]  # no pass over the input began
+
+
+def test_executors_with_another_spark_gmm_are_refused(spark, unchecked_executors, monkeypatch):
+    import spark_gmm
+    from spark_gmm import ExecutorEnvironmentError
+
+    executors_version = spark_gmm.__version__
+    monkeypatch.setattr(spark_gmm, "__version__", "9.9.9")
+    df = spark.createDataFrame([(float(i),) for i in range(20)], "a double")
+    with pytest.raises(ExecutorEnvironmentError, match=rf"^the executors' Python \(.+\) has spark_gmm "
+                                                       rf"{executors_version}, this driver 9\.9\.9"):
+        GaussianMixture(k=2, inputCols=["a"]).fit(df)
+
+
+def test_executors_that_pass_the_check_are_not_checked_again(spark, unchecked_executors):
+    df = spark.createDataFrame([(float(i % 5),) for i in range(20)], "a double")
+    GaussianMixture(k=2, inputCols=["a"], maxIter=2).fit(df)
+    assert spark in unchecked_executors._PYTHON_CHECKED
+    jobs = spark.sparkContext.statusTracker().getJobIdsForGroup
+    spark.sparkContext.setJobGroup("second-check", "the check again")
+    try:
+        unchecked_executors.require_executor_python(spark)
+    finally:
+        spark.sparkContext.setJobGroup("", "")
+    assert jobs("second-check") == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[PYTHON_VERSION_MISMATCH] Python in worker has different version: 3.10 than that in driver: 3.11, PySpark "
+     "cannot run with different minor versions.", "^the executors run Python 3.10, this driver 3.11: "),
+    ('java.io.IOException: Cannot run program "/opt/py/bin/python3": error=2, No such file or directory',
+     "^the executors cannot start Python '/opt/py/bin/python3': "),
+])
+def test_executors_whose_python_does_not_start_are_one_clear_line(text, message):
+    from spark_gmm.inputs import _unstartable_python
+
+    assert re.match(message, str(_unstartable_python(RuntimeError(text))))
+    assert _unstartable_python(RuntimeError("Task 0 in stage 1.0 failed: something else")) is None

@@ -259,6 +259,26 @@ def test_a_killed_spark_submit_fit_resumes_quietly_from_the_console_script(spark
     assert summary["logLikelihood"] == fresh["logLikelihood"]
 
 
+def test_executors_without_the_dependencies_end_a_spark_submit_job_in_one_line(table, tmp_path):
+    """Executors whose Python has none of numpy, pandas, pyarrow (a bare venv; a common slip on a
+    cluster): the job ends before any pass with one line naming the module and the interpreter,
+    and Spark logs no task failure (a pass would fail in every task, each with a JVM and a Python
+    traceback)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    bare = tmp_path / "bare" / "bin" / "python"
+    env = dict(_env(), PYSPARK_PYTHON=str(bare))
+    spark_submit = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]",
+                    "--conf", "spark.ui.enabled=false", str(ROOT / "jobs" / "fit_gmm.py")]
+    job = subprocess.run(spark_submit + ["--input", table, "--features", "x,y", "--k", "2", "--model-out", "model"],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert job.returncode == 1, job.stderr[-2000:]
+    error = summary_line(job.stdout)["error"]
+    assert error.startswith(f"the executors' Python ({bare}) cannot import 'numpy': "), error
+    assert f"error: {error}" in job.stderr
+    assert noise(job.stderr) == [] and " ERROR " not in job.stderr and "Traceback" not in job.stderr
+    assert not (tmp_path / "model").exists()
+
+
 def test_select_chooses_k_by_bic(spark, table, tmp_path, capsys):
     model_dir = str(tmp_path / "best")
     code, summary = run(capsys, "select", "--input", table, "--features", "x,y", "--k-values", "1-3",
