@@ -30,6 +30,11 @@ def spark():
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")
+    # The executors' Python is checked once per session, in a job of its own; checked here, the
+    # tests that count a fit's jobs count the same whatever runs before them.
+    from spark_gmm.inputs import require_executor_python
+
+    require_executor_python(session)
     yield session
     session.stop()
 
