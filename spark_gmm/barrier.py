@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 
@@ -33,7 +34,7 @@ from pyspark.sql import SparkSession
 
 from . import channel, wire
 from .blocks import BlockCache, combine_in_order, tree_fanout
-from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan
+from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan, task_slots
 from .exceptions import InvalidInputError, missing_executor_module
 from .resident_tasks import (
     FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
@@ -41,6 +42,9 @@ from .resident_tasks import (
 
 #: Runs of the barrier stage, with no pass completed in between, before a failure is final.
 ATTEMPTS = 3
+#: Longest wait, before a run of the barrier stage, for the task slots it needs (after an executor
+#: was lost). Spark would keep the stage waiting for 40 × 15 s; the driver engine needs no slot count.
+SLOT_WAIT_SECONDS = 60.0
 #: Longest wait for a task's hello; the per-read timeout is `spark.network.timeout`.
 HANDSHAKE_SECONDS = 10.0
 #: Largest summary a packing task may send: its blocks' summary rows are well under 1% of its data.
@@ -158,6 +162,7 @@ class ResidentEngine:
                     raise BarrierUnavailable(f"{ATTEMPTS} runs of the barrier stage failed; last: {failure}")
 
     def _start_run(self) -> None:
+        self._await_slots()
         with self.ready:
             self.run += 1
             self.members, self.expected, self.accepting = {}, 0, True
@@ -186,6 +191,23 @@ class ResidentEngine:
                 self.ready.wait(0.2)
         if self.packing:
             self._take_summaries()
+
+    def _await_slots(self) -> None:
+        """A barrier stage runs all its tasks at once: with fewer task slots than that (an executor
+        was lost), wait a while for replacements, then give up to the driver engine."""
+        deadline, told = time.monotonic() + SLOT_WAIT_SECONDS, False
+        while (slots := task_slots(self.spark)) < self.plan.tasks:
+            if not told:
+                log.warning("resident engine: %d task slot(s) left of the %d its barrier stage needs; waiting up "
+                            "to %.0f s for executors", slots, self.plan.tasks, SLOT_WAIT_SECONDS)
+                told = True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BarrierUnavailable(
+                    f"{slots} task slot(s) left of the {self.plan.tasks} its barrier stage needs "
+                    f"(executors lost), after {SLOT_WAIT_SECONDS:.0f} s"
+                )
+            time.sleep(min(1.0, left))
 
     def _take_summaries(self) -> None:
         """Read every packing task's summary rows; on a rerun they must match the first run's,

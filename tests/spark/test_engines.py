@@ -350,6 +350,47 @@ def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
     assert_identical(disturbed, calm)
 
 
+def losing_a_slot_with_the_kill(monkeypatch, killer, back_after: int | None = None):
+    """Once `killer` has killed a task, the session reports one task slot fewer (as if the task's
+    executor was lost), for `back_after` asks or for good; the resident engine waits 2 s at most."""
+    from spark_gmm import barrier
+
+    spark_slots, short = barrier.task_slots, []
+
+    def slots(session):
+        if not killer.killed or (back_after is not None and len(short) >= back_after):
+            return spark_slots(session)
+        short.append(spark_slots(session) - 1)
+        return short[-1]
+
+    monkeypatch.setattr(barrier, "task_slots", slots)
+    monkeypatch.setattr(barrier, "SLOT_WAIT_SECONDS", 2.0)
+
+
+#: The log lines of a rerun short of one of its 2 task slots: waiting, and giving up to the driver engine.
+SHORT_OF_SLOTS = "resident engine: 1 task slot(s) left of the 2 its barrier stage needs; waiting up to 2 s"
+HANDED_OVER = ("1 task slot(s) left of the 2 its barrier stage needs (executors lost), after 2 s; the rest of "
+               "the fit runs on the driver engine")
+
+
+@pytest.mark.parametrize("slots_return", [True, False])
+def test_a_rerun_short_of_task_slots_waits_for_them_then_leaves_the_stage(spark, blobs, caplog, monkeypatch,
+                                                                          slots_return):
+    """An executor lost with its task leaves fewer task slots than the barrier stage needs at once,
+    which Spark would wait for 40 × 15 s. The rerun waits a while: slots that come back resume the
+    resident engine; else the driver engine finishes the fit. The model is the same either way."""
+    df = blobs.repartition(2)
+    est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0, engine="barrier")
+    calm = est.fit(df)
+    with killing_at_iteration(spark, caplog, 3) as killer:
+        losing_a_slot_with_the_kill(monkeypatch, killer, back_after=2 if slots_return else None)
+        disturbed = est.fit(df)
+    assert killer.killed, "no resident task was found to kill"
+    assert SHORT_OF_SLOTS in caplog.text
+    assert (HANDED_OVER in caplog.text) is not slots_return
+    assert_identical(disturbed, calm)
+
+
 def test_partitions_of_several_blocks_stay_whole_in_one_resident_task(spark, engine_log, monkeypatch):
     """Five partitions of three blocks each (64 features: 1,024 rows a block) on two tasks: every
     partition's blocks must reach the same task, or two tasks would each answer for it. The driver

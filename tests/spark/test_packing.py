@@ -13,7 +13,7 @@ from pyspark.sql import functions as F
 from spark_gmm import GaussianMixture, engine_choice
 from spark_gmm.exceptions import InvalidInputError
 from support import array_frame, assert_identical
-from test_engines import killing_at_iteration
+from test_engines import HANDED_OVER, SHORT_OF_SLOTS, killing_at_iteration, losing_a_slot_with_the_kill
 
 PACKING = "engine: resident (a barrier stage of 2 task(s) packing their own partition"
 
@@ -71,6 +71,20 @@ def test_a_packing_task_killed_mid_fit_reads_its_partition_again(spark, unshuffl
     assert "packing their own partition" in caplog.text
     assert "running the barrier stage again (failure 1 of at most 2 in a row)" in caplog.text
     assert "runs on the driver engine" not in caplog.text
+    assert_identical(disturbed, calm)
+
+
+def test_a_packing_task_lost_with_its_slot_leaves_the_fit_to_the_driver_engine(spark, unshuffled, caplog,
+                                                                               monkeypatch):
+    """The packing tasks held the input: the driver engine packs it into cached blocks and ends
+    the fit with the same model."""
+    est = GaussianMixture(k=3, seed=6, maxIter=8, tol=0.0)
+    calm = est.fit(unshuffled)
+    with killing_at_iteration(spark, caplog, 3) as killer:
+        losing_a_slot_with_the_kill(monkeypatch, killer)
+        disturbed = est.fit(unshuffled)
+    assert killer.killed, "no resident task was found to kill"
+    assert SHORT_OF_SLOTS in caplog.text and HANDED_OVER in caplog.text
     assert_identical(disturbed, calm)
 
 
