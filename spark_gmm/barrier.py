@@ -415,7 +415,7 @@ def reducer(engine: str, cache: BlockCache, summary, spark: SparkSession, spare_
 
 def _reason(text: str) -> str:
     """The informative line of a Py4J/Spark error (its first line is often just 'An error occurred')."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line.strip().removeprefix(": ") for line in text.splitlines() if line.strip()]  # Py4J's ": org…"
     for line in lines:
         if "Exception:" in line or "Job aborted" in line:
             return line
