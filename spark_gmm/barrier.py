@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-import time
 import uuid
 from contextlib import contextmanager
 
@@ -34,7 +33,8 @@ from pyspark.sql import SparkSession
 
 from . import channel, wire
 from .blocks import BlockCache, combine_in_order, tree_fanout
-from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan, task_slots
+from .barrier_stage import BarrierUnavailable, StageRun, await_slots
+from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan
 from .exceptions import InvalidInputError, missing_executor_module
 from .resident_tasks import (
     FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
@@ -42,9 +42,6 @@ from .resident_tasks import (
 
 #: Runs of the barrier stage, with no pass completed in between, before a failure is final.
 ATTEMPTS = 3
-#: Longest wait, before a run of the barrier stage, for the task slots it needs (after an executor
-#: was lost). Spark would keep the stage waiting for 40 × 15 s; the driver engine needs no slot count.
-SLOT_WAIT_SECONDS = 60.0
 #: Longest wait for a task's hello; the per-read timeout is `spark.network.timeout`.
 HANDSHAKE_SECONDS = 10.0
 #: Largest summary a packing task may send: its blocks' summary rows are well under 1% of its data.
@@ -59,44 +56,8 @@ REFUSALS = (
 log = logging.getLogger("spark_gmm")
 
 
-class BarrierUnavailable(RuntimeError):
-    """The barrier stage cannot start here (Spark refused it, or its tasks cannot reach the driver)."""
-
-
 class _RunFailed(Exception):
     """The current run of the barrier stage is lost (a task died or its connection failed)."""
-
-
-class _Stage:
-    """One run of the barrier stage, its Spark action running in a background thread."""
-
-    def __init__(self, spark: SparkSession, blocks, task, tag: str, run: int):
-        from pyspark import InheritableThread
-
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-        def act():
-            context = spark.sparkContext
-            try:
-                context.addJobTag(tag)
-                context.setInterruptOnCancel(True)
-                context.setJobDescription(f"spark_gmm: resident engine, stage run {run}")
-                blocks.mapInArrow(task, "done int", barrier=True).collect()
-            except BaseException as error:  # reported to the driver's EM thread
-                self.error = error
-            finally:
-                self.done.set()
-
-        # Inherits the caller's job group and properties, so the stage is the fit's job.
-        self.thread = InheritableThread(target=act, name=f"spark_gmm-resident-{run}", daemon=True)
-        self.thread.start()
-
-    def reason(self) -> str:
-        if self.error is None:
-            return "the stage ended before the fit did"
-        text = str(self.error)
-        return next((line.strip() for line in text.splitlines() if UNREACHABLE in line), _reason(text))
 
 
 class ResidentEngine:
@@ -125,7 +86,7 @@ class ResidentEngine:
         self.ready = threading.Condition()
         self.run, self.expected, self.members = 0, 0, {}
         self.accepting = False  # whether tasks of the current run may still connect
-        self.stage: _Stage | None = None
+        self.stage: StageRun | None = None
         self.failures = 0
         try:
             self.listener = channel.Listener(
@@ -162,7 +123,7 @@ class ResidentEngine:
                     raise BarrierUnavailable(f"{ATTEMPTS} runs of the barrier stage failed; last: {failure}")
 
     def _start_run(self) -> None:
-        self._await_slots()
+        await_slots(self.spark, self.plan.tasks)
         with self.ready:
             self.run += 1
             self.members, self.expected, self.accepting = {}, 0, True
@@ -176,7 +137,7 @@ class ResidentEngine:
                 self.listener.address, self.key, self.run, self.cache.shift, self.cache.has_weight,
                 self.cache.dtype, self.read_seconds, self.handshake_seconds,
             )
-        self.stage = _Stage(self.spark, self.blocks, task, self.tag, self.run)
+        self.stage = StageRun(self.spark, self.blocks, task, self.tag, self.run)
         with self.ready:
             while not (self.expected and len(self.members) == self.expected):
                 if self.stage.done.is_set():
@@ -191,23 +152,6 @@ class ResidentEngine:
                 self.ready.wait(0.2)
         if self.packing:
             self._take_summaries()
-
-    def _await_slots(self) -> None:
-        """A barrier stage runs all its tasks at once: with fewer task slots than that (an executor
-        was lost), wait a while for replacements, then give up to the driver engine."""
-        deadline, told = time.monotonic() + SLOT_WAIT_SECONDS, False
-        while (slots := task_slots(self.spark)) < self.plan.tasks:
-            if not told:
-                log.warning("resident engine: %d task slot(s) left of the %d its barrier stage needs; waiting up "
-                            "to %.0f s for executors", slots, self.plan.tasks, SLOT_WAIT_SECONDS)
-                told = True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BarrierUnavailable(
-                    f"{slots} task slot(s) left of the {self.plan.tasks} its barrier stage needs "
-                    f"(executors lost), after {SLOT_WAIT_SECONDS:.0f} s"
-                )
-            time.sleep(min(1.0, left))
 
     def _take_summaries(self) -> None:
         """Read every packing task's summary rows; on a rerun they must match the first run's,
@@ -411,12 +355,3 @@ def reducer(engine: str, cache: BlockCache, summary, spark: SparkSession, spare_
         yield resident.reduce
     finally:
         resident.close()
-
-
-def _reason(text: str) -> str:
-    """The informative line of a Py4J/Spark error (its first line is often just 'An error occurred')."""
-    lines = [line.strip().removeprefix(": ") for line in text.splitlines() if line.strip()]  # Py4J's ": org…"
-    for line in lines:
-        if "Exception:" in line or "Job aborted" in line:
-            return line
-    return lines[0] if lines else "unknown error"

@@ -353,9 +353,9 @@ def test_a_task_killed_mid_fit_changes_nothing(spark, blobs, caplog):
 def losing_a_slot_with_the_kill(monkeypatch, killer, back_after: int | None = None):
     """Once `killer` has killed a task, the session reports one task slot fewer (as if the task's
     executor was lost), for `back_after` asks or for good; the resident engine waits 2 s at most."""
-    from spark_gmm import barrier
+    from spark_gmm import barrier_stage
 
-    spark_slots, short = barrier.task_slots, []
+    spark_slots, short = barrier_stage.task_slots, []
 
     def slots(session):
         if not killer.killed or (back_after is not None and len(short) >= back_after):
@@ -363,8 +363,8 @@ def losing_a_slot_with_the_kill(monkeypatch, killer, back_after: int | None = No
         short.append(spark_slots(session) - 1)
         return short[-1]
 
-    monkeypatch.setattr(barrier, "task_slots", slots)
-    monkeypatch.setattr(barrier, "SLOT_WAIT_SECONDS", 2.0)
+    monkeypatch.setattr(barrier_stage, "task_slots", slots)
+    monkeypatch.setattr(barrier_stage, "SLOT_WAIT_SECONDS", 2.0)
 
 
 #: The log lines of a rerun short of one of its 2 task slots: waiting, and giving up to the driver engine.
