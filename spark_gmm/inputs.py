@@ -344,7 +344,8 @@ def require_executor_python(spark) -> None:
         if (explained := _unstartable_python(error)) is None:
             raise
         raise explained from None
-    for interpreter, missing, version in sorted({tuple(json.loads(row[0])) for row in found}):
+    reports = {tuple(json.loads(row[0])) for row in found}  # executors may differ: each is checked
+    for interpreter, missing, version in sorted(reports, key=lambda report: [str(part) for part in report]):
         if missing is not None:
             raise executor_module_error(missing, f"the executors' Python ({interpreter})")
         if version != __version__:
@@ -369,7 +370,7 @@ def _import_probe(modules: tuple[str, ...]):
             return json.dumps([sys.executable, missing, None])
         import spark_gmm  # light: its modules load on first use
 
-        return json.dumps([sys.executable, None, spark_gmm.__version__])
+        return json.dumps([sys.executable, None, getattr(spark_gmm, "__version__", "without a version")])
 
     return probe
 

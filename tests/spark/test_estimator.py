@@ -811,6 +811,26 @@ def test_executors_missing_a_module_are_refused_before_any_pass(spark, unchecked
     assert not [r for r in caplog.records if "input" in r.getMessage()]  # no pass over the input began
 
 
+def test_executors_that_differ_are_each_checked(spark, unchecked_executors, monkeypatch):
+    """Executors of one interpreter path where only some lack pandas (nodes set up unevenly)."""
+    import json
+
+    from spark_gmm import ExecutorEnvironmentError, __version__
+
+    def uneven(modules):
+        def probe(row_id) -> str:
+            return json.dumps(["/opt/py/bin/python3", "pandas", None] if row_id % 2 else
+                              ["/opt/py/bin/python3", None, __version__])
+
+        return probe
+
+    monkeypatch.setattr(unchecked_executors, "_import_probe", uneven)
+    with pytest.raises(ExecutorEnvironmentError, match=r"^the executors' Python \(/opt/py/bin/python3\) cannot "
+                                                       r"import 'pandas'"):
+        unchecked_executors.require_executor_python(spark)
+    assert spark not in unchecked_executors._PYTHON_CHECKED
+
+
 def test_executors_with_another_spark_gmm_are_refused(spark, unchecked_executors, monkeypatch):
     import spark_gmm
     from spark_gmm import ExecutorEnvironmentError
