@@ -35,7 +35,7 @@ from . import channel, wire
 from .blocks import BlockCache, combine_in_order, tree_fanout
 from .barrier_stage import BarrierUnavailable, StageRun, await_slots
 from .engine_choice import Plan, barrier_partitions, choose, network_timeout_seconds, packing_plan
-from .exceptions import InvalidInputError, missing_executor_module
+from .exceptions import InvalidInputError, executor_environment_error
 from .resident_tasks import (
     FINISH, PASS, SUMMARY, TOO_LARGE, UNREACHABLE, encode_go, make_packing_task, make_task, read_summary,
 )
@@ -141,8 +141,8 @@ class ResidentEngine:
         with self.ready:
             while not (self.expected and len(self.members) == self.expected):
                 if self.stage.done.is_set():
-                    if (missing := missing_executor_module(self.stage.error)) is not None:
-                        raise missing  # every stage would fail alike: no second try
+                    if (unfit := executor_environment_error(self.stage.error)) is not None:
+                        raise unfit  # every stage would fail alike: no second try
                     text = str(self.stage.error)
                     if UNREACHABLE in text or any(name in text for name in REFUSALS):
                         raise BarrierUnavailable(self.stage.reason())

@@ -43,13 +43,27 @@ class ExecutorEnvironmentError(RuntimeError):
 EXECUTOR_MODULES = ("numpy", "pandas", "pyarrow", "spark_gmm")
 
 
-def missing_executor_module(error: BaseException | None) -> ExecutorEnvironmentError | None:
-    """The one-line error for a Spark failure caused by the executors' Python lacking a module
-    spark_gmm needs, or None for any other failure."""
-    missing = re.search(r"No module named '([\w.]+)'", str(error))
-    if error is None or not missing or missing.group(1).split(".")[0] not in EXECUTOR_MODULES:
+def executor_environment_error(error: BaseException | None) -> ExecutorEnvironmentError | None:
+    """The one-line error for a Spark failure caused by the executors' Python (it lacks a module
+    spark_gmm needs, does not start, or is another minor version than the driver's), or None for
+    any other failure."""
+    if error is None:
         return None
-    return executor_module_error(missing.group(1), "the executors' Python")
+    text = str(error)
+    missing = re.search(r"No module named '([\w.]+)'", text)
+    if missing and missing.group(1).split(".")[0] in EXECUTOR_MODULES:
+        return executor_module_error(missing.group(1), "the executors' Python")
+    if mismatch := re.search(r"different version:? (\d+\.\d+) than that in driver:? (\d+\.\d+)", text):
+        return ExecutorEnvironmentError(
+            f"the executors run Python {mismatch.group(1)}, this driver {mismatch.group(2)}: point "
+            "PYSPARK_PYTHON (or spark.pyspark.python) at an interpreter of the driver's version"
+        )
+    if unstartable := re.search(r'Cannot run program "([^"]+)"', text):
+        return ExecutorEnvironmentError(
+            f"the executors cannot start Python '{unstartable.group(1)}': point PYSPARK_PYTHON (or "
+            "spark.pyspark.python) at an interpreter installed on every executor"
+        )
+    return None
 
 
 def executor_module_error(module: str, interpreter: str) -> ExecutorEnvironmentError:

@@ -18,8 +18,8 @@ from .exceptions import (
     EXECUTOR_MODULES,
     ExecutorEnvironmentError,
     InvalidInputError,
+    executor_environment_error,
     executor_module_error,
-    missing_executor_module,
     warn,
 )
 from .options import OPTIONS
@@ -309,12 +309,12 @@ def check_executor_memory(k: int, d: int, spark) -> None:
 
 
 def executor_errors_explained(action):
-    """Run the first Spark action of a fit; if the executors' Python lacks a module spark_gmm needs,
-    say so in one line instead of a worker traceback."""
+    """Run a Spark action; if it fails for the executors' Python (a missing module, a Python that
+    does not start or is another version), say so in one line instead of a worker traceback."""
     try:
         return action()
     except Exception as error:
-        if (explained := missing_executor_module(error)) is None:
+        if (explained := executor_environment_error(error)) is None:
             raise
         raise explained from None
 
@@ -331,19 +331,13 @@ def require_executor_python(spark) -> None:
     if spark in _PYTHON_CHECKED:
         return
     from . import __version__
-    from .engine_choice import task_slots
+    from .engine_choice import pass_tasks
 
-    try:
-        tasks = max(1, task_slots(spark))
-    except Exception:  # Spark Connect: no SparkContext to ask
-        tasks = 1
+    tasks = pass_tasks(spark) or 1  # a task per slot; one under Spark Connect or dynamic allocation
     probe = F.udf(_import_probe(EXECUTOR_MODULES), "string", useArrow=False)
-    try:
-        found = spark.range(0, tasks, numPartitions=tasks).select(probe("id")).collect()
-    except Exception as error:
-        if (explained := _unstartable_python(error)) is None:
-            raise
-        raise explained from None
+    found = executor_errors_explained(
+        lambda: spark.range(0, tasks, numPartitions=tasks).select(probe("id")).collect()
+    )
     reports = {tuple(json.loads(row[0])) for row in found}  # executors may differ: each is checked
     for interpreter, missing, version in sorted(reports, key=lambda report: [str(part) for part in report]):
         if missing is not None:
@@ -374,19 +368,3 @@ def _import_probe(modules: tuple[str, ...]):
 
     return probe
 
-
-def _unstartable_python(error: BaseException) -> ExecutorEnvironmentError | None:
-    """The one-line error for executors that cannot start their Python or run another minor
-    version of it than the driver's (Spark's own checks, before the probe runs), else None."""
-    text = str(error)
-    if mismatch := re.search(r"different version:? (\d+\.\d+) than that in driver:? (\d+\.\d+)", text):
-        return ExecutorEnvironmentError(
-            f"the executors run Python {mismatch.group(1)}, this driver {mismatch.group(2)}: point "
-            "PYSPARK_PYTHON (or spark.pyspark.python) at an interpreter of the driver's version"
-        )
-    if unstartable := re.search(r'Cannot run program "([^"]+)"', text):
-        return ExecutorEnvironmentError(
-            f"the executors cannot start Python '{unstartable.group(1)}': point PYSPARK_PYTHON (or "
-            "spark.pyspark.python) at an interpreter installed on every executor"
-        )
-    return None

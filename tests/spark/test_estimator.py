@@ -860,7 +860,7 @@ def test_executors_that_pass_the_check_are_not_checked_again(spark, unchecked_ex
      "^the executors cannot start Python '/opt/py/bin/python3': "),
 ])
 def test_executors_whose_python_does_not_start_are_one_clear_line(text, message):
-    from spark_gmm.inputs import _unstartable_python
+    from spark_gmm.exceptions import executor_environment_error
 
-    assert re.match(message, str(_unstartable_python(RuntimeError(text))))
-    assert _unstartable_python(RuntimeError("Task 0 in stage 1.0 failed: something else")) is None
+    assert re.match(message, str(executor_environment_error(RuntimeError(text))))
+    assert executor_environment_error(RuntimeError("Task 0 in stage 1.0 failed: something else")) is None
